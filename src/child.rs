@@ -1,0 +1,110 @@
+//! A child: forked by the dispatcher, it opens its own database connection
+//! and HTTP client (nothing of either crosses the fork), leases ONE delivery,
+//! POSTs it, records the outcome and exits. Its exit code tells the parent
+//! what happened, so the parent needs no database read per child.
+
+use std::time::Instant;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::lease;
+use crate::store::{FinishAttempt, LeaseParams, SqliteStore, Store, ms, now_ms};
+
+/// What a child's exit code says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildExit {
+    /// The delivery was delivered (or handed over).
+    Delivered = 0,
+    /// The attempt failed; the delivery waits to be retried.
+    Retry = 10,
+    /// The delivery went dead.
+    Dead = 11,
+    /// Nothing was ready to lease.
+    Empty = 12,
+    /// The lease ran out before the outcome could be recorded.
+    LeaseLost = 13,
+    /// The child failed (database error, bad state); see its log line.
+    Failed = 70,
+}
+
+impl ChildExit {
+    /// The meaning of an exit code.
+    pub fn from_code(code: i32) -> ChildExit {
+        match code {
+            0 => ChildExit::Delivered,
+            10 => ChildExit::Retry,
+            11 => ChildExit::Dead,
+            12 => ChildExit::Empty,
+            13 => ChildExit::LeaseLost,
+            _ => ChildExit::Failed,
+        }
+    }
+}
+
+/// Who a child is: its lease token and its run.
+#[derive(Clone, Debug)]
+pub struct ChildContext {
+    /// Lease token, unique to this child.
+    pub owner: String,
+    /// The parent's run id.
+    pub run_id: i64,
+}
+
+/// The whole life of a child; returns its exit code.
+pub fn main(config: &Config, ctx: &ChildContext) -> ChildExit {
+    match deliver_one(config, ctx) {
+        Ok(exit) => exit,
+        Err(e) => {
+            log::error!("child {}: {e}", std::process::id());
+            ChildExit::Failed
+        }
+    }
+}
+
+fn deliver_one(config: &Config, ctx: &ChildContext) -> Result<ChildExit, Error> {
+    let mut store = SqliteStore::open_existing(&config.database, config.busy_timeout)?;
+    let now = now_ms();
+    let params = LeaseParams {
+        owner: ctx.owner.clone(),
+        pid: std::process::id(),
+        run_id: Some(ctx.run_id),
+        now,
+        lease_timeout_ms: ms(config.run.lease_timeout),
+    };
+    let Some(lease) = store.delivery_lease_next(&params)? else {
+        return Ok(ChildExit::Empty);
+    };
+    let finish = match config.endpoint(&lease.endpoint) {
+        // Its endpoint left the config: keep the delivery for when it returns.
+        None => FinishAttempt::retry(
+            &lease,
+            now,
+            now + ms(config.run.lease_timeout),
+            format!(
+                "endpoint {:?} is not in {}",
+                lease.endpoint,
+                config.path.display()
+            ),
+        ),
+        Some(endpoint) => {
+            let client = crate::delivery::client(endpoint).map_err(Error::software)?;
+            let started = Instant::now();
+            let result = crate::delivery::post(&client, endpoint, &lease, now / 1000);
+            let finished = now_ms();
+            lease::decide(endpoint, &lease, &result, finished, ms(started.elapsed()))
+        }
+    };
+    if !store.attempt_finish(&finish)? {
+        log::warn!(
+            "child {}: delivery {} was taken back before its outcome was recorded (lease_timeout too short?)",
+            std::process::id(),
+            lease.delivery_id
+        );
+        return Ok(ChildExit::LeaseLost);
+    }
+    Ok(match finish.next {
+        crate::store::NextState::Delivered => ChildExit::Delivered,
+        crate::store::NextState::Retry { .. } => ChildExit::Retry,
+        crate::store::NextState::Dead => ChildExit::Dead,
+    })
+}

@@ -1,0 +1,306 @@
+//! The `cronpost` command line: parses arguments with clap, runs one command,
+//! and turns its outcome into output and a sysexits exit code.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::config::{self, Config, Secret};
+use crate::error::{Error, ExitCode, Result};
+use crate::store::{DeliveryState, SqliteStore, Stats, Store, now_ms};
+use crate::{demo, dispatcher, enqueue, receiver};
+
+/// cronpost: a SQLite-backed webhook dispatcher.
+#[derive(Parser, Debug)]
+#[command(name = "cronpost", version, about)]
+struct Cli {
+    /// The config file.
+    #[arg(long, global = true, env = "CRONPOST_CONFIG", default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// One dispatcher run: route, fork children, deliver, exit.
+    Run,
+    /// Publish one message (payload from --data or stdin), or many with --ndjson.
+    Enqueue(EnqueueArgs),
+    /// Queue depth per endpoint and state, oldest ready age, the last run.
+    Stats {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the config file and exit.
+    CheckConfig,
+    /// Create or migrate the database and exit.
+    Migrate,
+    /// A webhook receiver on 127.0.0.1 that prints what arrives.
+    Receive {
+        /// Port (0: any free port; the address is printed first).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Verify signatures with this secret (whsec_... or raw).
+        #[arg(long)]
+        secret: Option<String>,
+        /// The status to answer with.
+        #[arg(long, default_value_t = 200)]
+        status: u16,
+        /// Exit after this many requests.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// A demo in a temporary directory: receiver, config, messages, one run.
+    Demo,
+}
+
+#[derive(Args, Debug)]
+struct EnqueueArgs {
+    /// Topic (routed to the endpoints subscribing to it).
+    #[arg(long, required_unless_present = "ndjson")]
+    topic: Option<String>,
+    /// The account publishing it.
+    #[arg(long, required_unless_present = "ndjson")]
+    account: Option<String>,
+    /// Priority, higher first (-1000..=1000).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    priority: i64,
+    /// Do not deliver before this delay, e.g. 30s, 5m.
+    #[arg(long)]
+    delay: Option<String>,
+    /// A message with a key already enqueued is skipped.
+    #[arg(long)]
+    dedup_key: Option<String>,
+    /// The JSON payload (else read from stdin).
+    #[arg(long)]
+    data: Option<String>,
+    /// Read many messages from stdin, one JSON object per line:
+    /// {"topic":..,"account":..,"payload":..,"priority":..,"delay":"30s","dedup_key":..}.
+    #[arg(long, conflicts_with_all = ["topic", "account", "priority", "delay", "dedup_key", "data"])]
+    ndjson: bool,
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> i32 {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::Usage as i32
+            } else {
+                0
+            };
+        }
+    };
+    match execute(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("cronpost: {e}");
+            e.code as i32
+        }
+    }
+}
+
+fn execute(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Receive {
+            port,
+            secret,
+            status,
+            count,
+        } => {
+            let secret = secret
+                .map(|s| Secret::parse(&s).map_err(|e| Error::usage(format!("--secret {e}"))))
+                .transpose()?;
+            receiver::serve(port, secret.as_ref(), status, count)
+        }
+        Command::Demo => demo::run(),
+        command => {
+            let config = Config::load(&cli.config)?;
+            match command {
+                Command::Run => dispatcher::run_once(&config).map(drop),
+                Command::Enqueue(args) => enqueue(&config, args),
+                Command::Stats { json } => stats(&config, json),
+                Command::CheckConfig => check_config(&config),
+                Command::Migrate => {
+                    let store = SqliteStore::open(&config.database, config.busy_timeout)?;
+                    println!(
+                        "database {} is at schema version {}",
+                        config.database.display(),
+                        store.schema_version()?
+                    );
+                    Ok(())
+                }
+                Command::Receive { .. } | Command::Demo => unreachable!("handled above"),
+            }
+        }
+    }
+}
+
+fn enqueue(config: &Config, args: EnqueueArgs) -> Result<()> {
+    let now = now_ms();
+    let messages = if args.ndjson {
+        enqueue::read_ndjson(config, std::io::stdin().lock(), now)?
+    } else {
+        let payload = match args.data {
+            Some(data) => data,
+            None => read_payload_from_stdin()?,
+        };
+        let draft = enqueue::Draft {
+            topic: args.topic.unwrap_or_default(),
+            account: args.account.unwrap_or_default(),
+            payload,
+            priority: args.priority,
+            delay: args
+                .delay
+                .as_deref()
+                .map(enqueue::parse_delay)
+                .transpose()?,
+            dedup_key: args.dedup_key,
+        };
+        vec![draft.validate(config, now)?]
+    };
+    let mut store = SqliteStore::open(&config.database, config.busy_timeout)?;
+    let report = store.messages_insert(&messages)?;
+    println!(
+        "enqueued {} message{}{}",
+        report.inserted,
+        if report.inserted == 1 { "" } else { "s" },
+        if report.duplicates > 0 {
+            format!(
+                " ({} skipped: dedup key already enqueued)",
+                report.duplicates
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+/// The payload from stdin, less the newline a shell pipe adds.
+fn read_payload_from_stdin() -> Result<String> {
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .lock()
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io("stdin", e))?;
+    let mut text = String::from_utf8(bytes)
+        .map_err(|e| Error::data(format!("payload on stdin is not UTF-8: {e}")))?;
+    while text.ends_with(['\n', '\r']) {
+        text.pop();
+    }
+    Ok(text)
+}
+
+fn check_config(config: &Config) -> Result<()> {
+    println!("config {} is valid", config.path.display());
+    println!("database: {}", config.database.display());
+    for e in &config.endpoints {
+        println!(
+            "endpoint {}: {} ({:?}), topics: {}",
+            e.name,
+            e.url,
+            e.mode,
+            e.topics.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn stats(config: &Config, as_json: bool) -> Result<()> {
+    let mut store = SqliteStore::open(&config.database, config.busy_timeout)?;
+    let stats = store.stats(now_ms())?;
+    let mut out = std::io::stdout().lock();
+    let written = if as_json {
+        writeln!(out, "{}", stats_json(&stats))
+    } else {
+        write_stats_table(&mut out, &stats)
+    };
+    written.map_err(|e| Error::io("stdout", e))
+}
+
+fn stats_json(stats: &Stats) -> serde_json::Value {
+    let endpoints: Vec<_> = stats
+        .endpoints
+        .iter()
+        .map(|e| {
+            let mut row = serde_json::Map::new();
+            row.insert("endpoint".into(), json!(e.endpoint));
+            for (state, n) in DeliveryState::ALL.iter().zip(e.by_state) {
+                row.insert(state.as_str().into(), json!(n));
+            }
+            serde_json::Value::Object(row)
+        })
+        .collect();
+    let last_run = stats.last_run.as_ref().map(|r| {
+        json!({
+            "id": r.id, "pid": r.pid, "started_at_ms": r.started_at, "finished_at_ms": r.finished_at,
+            "routed": r.routed, "reclaimed": r.reclaimed, "forked": r.forked, "delivered": r.delivered,
+            "retried": r.retried, "dead": r.dead, "failed": r.failed,
+        })
+    });
+    let attempts: serde_json::Map<_, _> = stats
+        .last_run_attempts
+        .iter()
+        .map(|(outcome, n)| (outcome.clone(), json!(n)))
+        .collect();
+    json!({
+        "endpoints": endpoints,
+        "oldest_ready_age_seconds": stats.oldest_ready_age_ms.map(|ms| ms as f64 / 1000.0),
+        "unrouted_messages": stats.unrouted_messages,
+        "last_run": last_run,
+        "last_run_attempts": attempts,
+    })
+}
+
+fn write_stats_table(out: &mut impl Write, stats: &Stats) -> std::io::Result<()> {
+    write!(out, "{:<20}", "endpoint")?;
+    for state in DeliveryState::ALL {
+        write!(out, " {:>10}", state.as_str())?;
+    }
+    writeln!(out)?;
+    for e in &stats.endpoints {
+        write!(out, "{:<20}", e.endpoint)?;
+        for n in e.by_state {
+            write!(out, " {n:>10}")?;
+        }
+        writeln!(out)?;
+    }
+    match stats.oldest_ready_age_ms {
+        Some(age) => writeln!(out, "oldest ready: {:.1}s old", age as f64 / 1000.0)?,
+        None => writeln!(out, "oldest ready: none ready")?,
+    }
+    writeln!(out, "unrouted messages: {}", stats.unrouted_messages)?;
+    if let Some(r) = &stats.last_run {
+        let took = r.finished_at.map_or("still running".to_string(), |f| {
+            format!("{:.2}s", (f - r.started_at) as f64 / 1000.0)
+        });
+        writeln!(
+            out,
+            "last run {} (pid {}, {took}): forked {}, delivered {}, retried {}, dead {}, failed {}",
+            r.id, r.pid, r.forked, r.delivered, r.retried, r.dead, r.failed
+        )?;
+        let attempts: Vec<String> = stats
+            .last_run_attempts
+            .iter()
+            .map(|(o, n)| format!("{o} {n}"))
+            .collect();
+        writeln!(
+            out,
+            "attempts in last run: {}",
+            if attempts.is_empty() {
+                "none".into()
+            } else {
+                attempts.join(", ")
+            }
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,509 @@
+//! The TOML configuration: parsed once, validated whole, and turned into plain
+//! typed values. Every rejection names the key and its line in the file, so an
+//! admin can fix it without guessing; nothing downstream re-checks it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::error::{Error, ExitCode, Result};
+
+/// Where the config is read from when neither `--config` nor `CRONPOST_CONFIG` says.
+pub const DEFAULT_PATH: &str = "/etc/cronpost/cronpost.toml";
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// The SQLite database (relative paths are relative to the config file).
+    pub database: PathBuf,
+    /// How long a statement waits for a lock held by another process.
+    pub busy_timeout: Duration,
+    /// The largest payload `enqueue` accepts, in bytes.
+    pub max_payload_bytes: usize,
+    /// Limits of one dispatcher run.
+    pub run: RunLimits,
+    /// The endpoints, sorted by name.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Limits of one dispatcher run (`[run]`).
+#[derive(Clone, Debug)]
+pub struct RunLimits {
+    /// Children alive at once.
+    pub max_children: usize,
+    /// Children forked in one run at most (each delivers at most one message).
+    pub max_messages: u64,
+    /// After this, the run forks no more children and waits for those alive.
+    pub max_runtime: Duration,
+    /// How long a lease hides a delivery from other children (visibility timeout).
+    pub lease_timeout: Duration,
+    /// A child alive longer than this is killed with SIGKILL.
+    pub child_deadline: Duration,
+}
+
+/// How a child decides that a POST was handed over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryMode {
+    /// Delivered once the request is written; an answer is awaited only for
+    /// `answer_window` (no answer in that window also counts as delivered).
+    FireAndForget,
+    /// Delivered only on a 2xx received within `timeout`.
+    Confirm,
+}
+
+/// An endpoint's HMAC key. Its Debug form never shows the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    /// Reads a secret as Standard Webhooks writes it: `whsec_<base64 key>`, or
+    /// else the raw bytes of the string are the key.
+    pub fn parse(text: &str) -> std::result::Result<Secret, String> {
+        if text.is_empty() {
+            return Err("must not be empty".into());
+        }
+        match text.strip_prefix("whsec_") {
+            Some(b64) => base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map(Secret)
+                .map_err(|e| format!("whsec_ secret is not valid base64 ({e})")),
+            None => Ok(Secret(text.as_bytes().to_vec())),
+        }
+    }
+
+    /// The key bytes.
+    pub fn key(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// One webhook endpoint (`[endpoints.NAME]`).
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    /// Its name, the key of its table.
+    pub name: String,
+    /// Where deliveries are POSTed (http or https).
+    pub url: reqwest::Url,
+    /// The topics it subscribes to.
+    pub topics: Vec<String>,
+    /// The HMAC-SHA256 key for `webhook-signature`.
+    pub secret: Secret,
+    /// Fire-and-forget or confirm.
+    pub mode: DeliveryMode,
+    /// Fire-and-forget: how long to wait for an early answer.
+    pub answer_window: Duration,
+    /// Confirm: how long to wait for the answer.
+    pub timeout: Duration,
+    /// How long to wait for the TCP (and TLS) connection.
+    pub connect_timeout: Duration,
+    /// Attempts before a delivery goes dead.
+    pub max_attempts: u32,
+    /// First retry delay before jitter; doubles on each attempt.
+    pub backoff_base: Duration,
+    /// Largest retry delay.
+    pub backoff_cap: Duration,
+}
+
+impl Endpoint {
+    /// How long a child may wait on this endpoint after connecting.
+    pub fn answer_wait(&self) -> Duration {
+        match self.mode {
+            DeliveryMode::FireAndForget => self.answer_window,
+            DeliveryMode::Confirm => self.timeout,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("config {}", path.display()), e))
+            .map_err(|e| Error::new(ExitCode::Config, e.message))?;
+        Config::parse(&text, path)
+    }
+
+    /// Validates config text; `path` names it in errors and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config> {
+        let at = Locator { text, path };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| at.line(s.start)).unwrap_or(1);
+            at.error_at_line(line, e.message().trim())
+        })?;
+        raw.validate(&at)
+    }
+
+    /// The endpoint named `name`.
+    pub fn endpoint(&self, name: &str) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| e.name == name)
+    }
+}
+
+/// Turns byte offsets into "config FILE line N: ..." errors.
+struct Locator<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Locator<'_> {
+    fn line(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn error_at_line(&self, line: usize, message: impl fmt::Display) -> Error {
+        Error::config(format!(
+            "config {} line {line}: {message}",
+            self.path.display()
+        ))
+    }
+
+    fn error(&self, span: Range<usize>, key: &str, message: impl fmt::Display) -> Error {
+        self.error_at_line(self.line(span.start), format!("{key} {message}"))
+    }
+
+    fn duration(&self, value: &Spanned<String>, key: &str) -> Result<Duration> {
+        humantime::parse_duration(value.get_ref()).map_err(|e| {
+            self.error(
+                value.span(),
+                key,
+                format!(
+                    "= {:?} is not a duration like \"30s\" or \"500ms\" ({e})",
+                    value.get_ref()
+                ),
+            )
+        })
+    }
+
+    fn duration_or(
+        &self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Result<Duration> {
+        value
+            .as_ref()
+            .map_or(Ok(default), |v| self.duration(v, key))
+    }
+
+    fn positive(
+        &self,
+        value: &Option<Spanned<i64>>,
+        key: &str,
+        default: i64,
+        max: i64,
+    ) -> Result<i64> {
+        match value {
+            None => Ok(default),
+            Some(v) if (1..=max).contains(v.get_ref()) => Ok(*v.get_ref()),
+            Some(v) => Err(self.error(
+                v.span(),
+                key,
+                format!("= {} must be between 1 and {max}", v.get_ref()),
+            )),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    database: Spanned<String>,
+    busy_timeout: Option<Spanned<String>>,
+    max_payload_bytes: Option<Spanned<i64>>,
+    #[serde(default)]
+    run: RawRun,
+    endpoints: Option<Spanned<BTreeMap<String, Spanned<RawEndpoint>>>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRun {
+    max_children: Option<Spanned<i64>>,
+    max_messages: Option<Spanned<i64>>,
+    max_runtime: Option<Spanned<String>>,
+    lease_timeout: Option<Spanned<String>>,
+    child_deadline: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    url: Spanned<String>,
+    topics: Spanned<Vec<Spanned<String>>>,
+    secret: Spanned<String>,
+    mode: Option<DeliveryMode>,
+    answer_window: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<String>>,
+    max_attempts: Option<Spanned<i64>>,
+    backoff_base: Option<Spanned<String>>,
+    backoff_cap: Option<Spanned<String>>,
+}
+
+impl RawConfig {
+    fn validate(self, at: &Locator) -> Result<Config> {
+        if self.database.get_ref().trim().is_empty() {
+            return Err(at.error(self.database.span(), "database", "must not be empty"));
+        }
+        let base = at.path.parent().unwrap_or(Path::new("."));
+        let database = base.join(self.database.get_ref());
+        let busy_timeout =
+            at.duration_or(&self.busy_timeout, "busy_timeout", Duration::from_secs(5))?;
+        let max_payload_bytes = at.positive(
+            &self.max_payload_bytes,
+            "max_payload_bytes",
+            256 * 1024,
+            64 << 20,
+        )? as usize;
+        let run = self.run.validate(at)?;
+        let Some(endpoints) = self.endpoints else {
+            return Err(at.error_at_line(1, "[endpoints] must define at least one endpoint"));
+        };
+        if endpoints.get_ref().is_empty() {
+            return Err(at.error(
+                endpoints.span(),
+                "endpoints",
+                "must define at least one endpoint",
+            ));
+        }
+        let endpoints = endpoints
+            .into_inner()
+            .into_iter()
+            .map(|(name, raw)| raw.into_inner().validate(at, name, &run))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Config {
+            path: at.path.to_path_buf(),
+            database,
+            busy_timeout,
+            max_payload_bytes,
+            run,
+            endpoints,
+        })
+    }
+}
+
+impl RawRun {
+    fn validate(self, at: &Locator) -> Result<RunLimits> {
+        let max_children = at.positive(&self.max_children, "run.max_children", 4, 1024)? as usize;
+        let max_messages =
+            at.positive(&self.max_messages, "run.max_messages", 10_000, i64::MAX)? as u64;
+        let max_runtime = at.duration_or(
+            &self.max_runtime,
+            "run.max_runtime",
+            Duration::from_secs(50),
+        )?;
+        let lease_timeout = at.duration_or(
+            &self.lease_timeout,
+            "run.lease_timeout",
+            Duration::from_secs(60),
+        )?;
+        let child_deadline = at.duration_or(
+            &self.child_deadline,
+            "run.child_deadline",
+            Duration::from_secs(30),
+        )?;
+        if lease_timeout <= child_deadline {
+            // A lease that can expire while its child may still be alive lets a
+            // second child deliver the same message while the first still posts.
+            let (span, key) = match (&self.lease_timeout, &self.child_deadline) {
+                (Some(v), _) => (v.span(), "run.lease_timeout"),
+                (None, Some(v)) => (v.span(), "run.child_deadline"),
+                (None, None) => unreachable!("the defaults are consistent"),
+            };
+            return Err(at.error(
+                span,
+                key,
+                format!(
+                    "is invalid: run.lease_timeout ({}) must be longer than run.child_deadline ({})",
+                    humantime::format_duration(lease_timeout),
+                    humantime::format_duration(child_deadline)
+                ),
+            ));
+        }
+        Ok(RunLimits {
+            max_children,
+            max_messages,
+            max_runtime,
+            lease_timeout,
+            child_deadline,
+        })
+    }
+}
+
+impl RawEndpoint {
+    fn validate(self, at: &Locator, name: String, run: &RunLimits) -> Result<Endpoint> {
+        let prefix = format!("endpoints.{name}");
+        let key = |field: &str| format!("{prefix}.{field}");
+        let url = reqwest::Url::parse(self.url.get_ref())
+            .map_err(|e| e.to_string())
+            .and_then(|u| match (u.scheme(), u.host_str()) {
+                ("http" | "https", Some(_)) => Ok(u),
+                (scheme, _) => Err(format!(
+                    "needs an http:// or https:// URL with a host, not {scheme}:"
+                )),
+            })
+            .map_err(|e| {
+                at.error(
+                    self.url.span(),
+                    &key("url"),
+                    format!("= {:?} is not a valid URL: {e}", self.url.get_ref()),
+                )
+            })?;
+        if self.topics.get_ref().is_empty() {
+            return Err(at.error(
+                self.topics.span(),
+                &key("topics"),
+                "must list at least one topic",
+            ));
+        }
+        let mut topics = Vec::new();
+        for topic in self.topics.into_inner() {
+            if topic.get_ref().trim().is_empty() {
+                return Err(at.error(topic.span(), &key("topics"), "has an empty topic"));
+            }
+            topics.push(topic.into_inner());
+        }
+        let secret = Secret::parse(self.secret.get_ref())
+            .map_err(|e| at.error(self.secret.span(), &key("secret"), e))?;
+        let endpoint = Endpoint {
+            url,
+            topics,
+            secret,
+            mode: self.mode.unwrap_or(DeliveryMode::FireAndForget),
+            answer_window: at.duration_or(
+                &self.answer_window,
+                &key("answer_window"),
+                Duration::from_millis(200),
+            )?,
+            timeout: at.duration_or(&self.timeout, &key("timeout"), Duration::from_secs(10))?,
+            connect_timeout: at.duration_or(
+                &self.connect_timeout,
+                &key("connect_timeout"),
+                Duration::from_secs(2),
+            )?,
+            max_attempts: at.positive(&self.max_attempts, &key("max_attempts"), 8, 1000)? as u32,
+            backoff_base: at.duration_or(
+                &self.backoff_base,
+                &key("backoff_base"),
+                Duration::from_secs(1),
+            )?,
+            backoff_cap: at.duration_or(
+                &self.backoff_cap,
+                &key("backoff_cap"),
+                Duration::from_secs(3600),
+            )?,
+            name,
+        };
+        if endpoint.connect_timeout + endpoint.answer_wait() >= run.child_deadline {
+            // The child would be killed before it could see the answer it waits for.
+            let (field, value) = match endpoint.mode {
+                DeliveryMode::FireAndForget => ("answer_window", &self.answer_window),
+                DeliveryMode::Confirm => ("timeout", &self.timeout),
+            };
+            let span = value.as_ref().map_or(0..0, |v| v.span());
+            return Err(at.error(
+                span,
+                &key(field),
+                format!(
+                    "plus connect_timeout ({}) must be shorter than run.child_deadline ({})",
+                    humantime::format_duration(endpoint.connect_timeout + endpoint.answer_wait()),
+                    humantime::format_duration(run.child_deadline)
+                ),
+            ));
+        }
+        if endpoint.backoff_cap < endpoint.backoff_base {
+            let span = self.backoff_cap.as_ref().map_or(0..0, |v| v.span());
+            return Err(at.error(
+                span,
+                &key("backoff_cap"),
+                "must not be shorter than backoff_base",
+            ));
+        }
+        Ok(endpoint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+database = "q.db"
+[run]
+max_children = 2
+[endpoints.a]
+url = "http://127.0.0.1:9/hook"
+topics = ["t"]
+secret = "whsec_c2VjcmV0"
+"#;
+
+    fn parse(text: &str) -> Result<Config> {
+        Config::parse(text, Path::new("/etc/cronpost/c.toml"))
+    }
+
+    #[test]
+    fn a_minimal_config_gets_defaults() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.database, Path::new("/etc/cronpost/q.db"));
+        assert_eq!(config.run.max_children, 2);
+        assert_eq!(config.endpoints[0].secret.key(), b"secret");
+        assert_eq!(config.endpoints[0].mode, DeliveryMode::FireAndForget);
+        assert!(!format!("{config:?}").contains("secret\""));
+    }
+
+    #[test]
+    fn errors_name_the_key_and_line() {
+        let err = parse(&GOOD.replace(
+            "max_children = 2",
+            "max_children = 2\nlease_timeout = \"10s\"",
+        ))
+        .unwrap_err();
+        assert_eq!(err.code, ExitCode::Config);
+        assert!(
+            err.message.contains("line 5: run.lease_timeout"),
+            "{}",
+            err.message
+        );
+
+        let err = parse(&GOOD.replace("topics", "topix")).unwrap_err();
+        assert!(
+            err.message.contains("line 7") && err.message.contains("topix"),
+            "{}",
+            err.message
+        );
+
+        let err = parse(&GOOD.replace("http://127.0.0.1:9/hook", "ftp:/x")).unwrap_err();
+        assert!(
+            err.message.contains("line 6: endpoints.a.url"),
+            "{}",
+            err.message
+        );
+
+        let err = parse(&GOOD.replace("whsec_c2VjcmV0", "whsec_%%%")).unwrap_err();
+        assert!(
+            err.message.contains("endpoints.a.secret"),
+            "{}",
+            err.message
+        );
+    }
+}

@@ -1,0 +1,368 @@
+//! The dispatcher parent: one run. It prepares the queue (migrate, route,
+//! reclaim expired leases, promote due retries), then forks up to
+//! `max_children` children at a time, each delivering one message, reaps
+//! them, kills any past its deadline, and settles the leases of children that
+//! died. It stays single-threaded and holds no database connection while it
+//! forks: it opens one only for short bookkeeping steps between forks, and
+//! children open their own. SIGCHLD wakes it through a self-pipe
+//! (signal-hook), so it waits in poll(2) and never sleeps blindly.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigHandler, Signal, kill, signal};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid, fork};
+
+use crate::child::{self, ChildContext, ChildExit};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::lease;
+use crate::routing;
+use crate::store::{RouteParams, RunRecord, SqliteStore, Store, now_ms};
+
+/// Messages routed per transaction.
+const ROUTE_BATCH: usize = 5_000;
+
+struct Child {
+    owner: String,
+    started: Instant,
+    killed: bool,
+}
+
+/// One dispatcher run, from preparation to the last reaped child.
+pub fn run_once(config: &Config) -> Result<RunRecord> {
+    let started = Instant::now();
+    let mut run = prepare(config)?;
+    let mut parent = Parent::new(config, &run)?;
+    let loop_result = parent.fork_until_done(&mut run);
+    // Whatever happened, no child is left behind.
+    parent.kill_all_and_reap(&mut run);
+    parent.settle_dead_children(&mut run)?;
+    loop_result?;
+
+    run.finished_at = Some(now_ms());
+    open(config)?.run_finish(&run)?;
+    log::info!(
+        "run {}: routed {} messages, reclaimed {} leases, forked {} children: {} delivered, {} retried, {} dead, {} failed in {:.2}s",
+        run.id,
+        run.routed,
+        run.reclaimed,
+        run.forked,
+        run.delivered,
+        run.retried,
+        run.dead,
+        run.failed,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(run)
+}
+
+fn open(config: &Config) -> Result<SqliteStore> {
+    SqliteStore::open(&config.database, config.busy_timeout)
+}
+
+/// Migrates, routes new messages, takes back expired leases, promotes due
+/// retries and opens the run record; the connection is closed on return.
+fn prepare(config: &Config) -> Result<RunRecord> {
+    let mut store = open(config)?;
+    let now = now_ms();
+    store.subscriptions_replace(&routing::subscriptions(config))?;
+    let routed = store.messages_route(RouteParams {
+        now,
+        batch_size: ROUTE_BATCH,
+    })?;
+    if routed.unroutable > 0 {
+        log::warn!(
+            "{} messages wait unrouted: no endpoint subscribes to {}",
+            routed.unroutable,
+            routed.unroutable_topics.join(", ")
+        );
+    }
+    let reclaimed = store.leases_reclaim_expired(now)?;
+    if reclaimed > 0 {
+        log::warn!(
+            "{reclaimed} expired leases returned to the queue (their children died or hung)"
+        );
+    }
+    store.delayed_promote_due(now)?;
+    let pid = std::process::id();
+    Ok(RunRecord {
+        id: store.run_begin(pid, now)?,
+        pid,
+        started_at: now,
+        routed: routed.messages as u64,
+        reclaimed: reclaimed as u64,
+        ..RunRecord::default()
+    })
+}
+
+struct Parent<'c> {
+    config: &'c Config,
+    run_id: i64,
+    token: u64,
+    children: HashMap<Pid, Child>,
+    /// Owners of children that died holding (maybe) a lease, with how they died.
+    dead_children: Vec<(String, String)>,
+    /// Children to fork before the queue is checked again: the ready count
+    /// seen at the last check, less the children forked since. Zero too when a
+    /// child found nothing to lease.
+    budget: u64,
+    sigchld: UnixStream,
+    sigchld_id: signal_hook::SigId,
+    deadline: Instant,
+}
+
+impl<'c> Parent<'c> {
+    fn new(config: &'c Config, run: &RunRecord) -> Result<Parent<'c>> {
+        let (sigchld, write_end) =
+            UnixStream::pair().map_err(|e| Error::io("cannot make the SIGCHLD pipe", e))?;
+        sigchld
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("cannot make the SIGCHLD pipe", e))?;
+        let sigchld_id =
+            signal_hook::low_level::pipe::register(signal_hook::consts::SIGCHLD, write_end)
+                .map_err(|e| Error::io("cannot handle SIGCHLD", e))?;
+        Ok(Parent {
+            config,
+            run_id: run.id,
+            token: rand::random(),
+            children: HashMap::new(),
+            dead_children: Vec::new(),
+            budget: 0,
+            sigchld,
+            sigchld_id,
+            deadline: Instant::now() + config.run.max_runtime,
+        })
+    }
+
+    fn fork_until_done(&mut self, run: &mut RunRecord) -> Result<()> {
+        self.count_ready(&mut open(self.config)?, run)?;
+        loop {
+            self.reap(run);
+            self.settle_dead_children(run)?;
+            self.kill_overdue();
+            let may_fork =
+                run.forked < self.config.run.max_messages && Instant::now() < self.deadline;
+            if may_fork && self.budget > 0 && self.children.len() < self.config.run.max_children {
+                self.fork_child(run)?;
+                continue;
+            }
+            if self.children.is_empty() {
+                if !may_fork || !self.more_work(run)? {
+                    return Ok(());
+                }
+                continue;
+            }
+            self.wait();
+        }
+    }
+
+    /// Whether work came up since a child found the queue empty: retries
+    /// whose backoff ended, leases that expired.
+    fn more_work(&mut self, run: &mut RunRecord) -> Result<bool> {
+        let mut store = open(self.config)?;
+        let now = now_ms();
+        run.reclaimed += store.leases_reclaim_expired(now)? as u64;
+        store.delayed_promote_due(now)?;
+        self.count_ready(&mut store, run)?;
+        Ok(self.budget > 0)
+    }
+
+    fn count_ready(&mut self, store: &mut SqliteStore, run: &RunRecord) -> Result<()> {
+        self.budget = store.ready_count(self.config.run.max_messages - run.forked)?;
+        Ok(())
+    }
+
+    fn fork_child(&mut self, run: &mut RunRecord) -> Result<()> {
+        let owner = format!("{:016x}.{}", self.token, run.forked);
+        // SAFETY: the parent is single-threaded and holds no database
+        // connection, HTTP client or lock here; the child only calls
+        // `child::main` and then `_exit`.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                reset_signals_in_child();
+                let ctx = ChildContext {
+                    owner,
+                    run_id: self.run_id,
+                };
+                let code = child::main(self.config, &ctx) as i32;
+                // _exit: no destructors or atexit handlers of the parent's state.
+                unsafe { nix::libc::_exit(code) }
+            }
+            Ok(ForkResult::Parent { child }) => {
+                run.forked += 1;
+                self.budget -= 1;
+                self.children.insert(
+                    child,
+                    Child {
+                        owner,
+                        started: Instant::now(),
+                        killed: false,
+                    },
+                );
+                Ok(())
+            }
+            Err(e) if self.children.is_empty() => Err(Error::new(
+                crate::error::ExitCode::Unavailable,
+                format!("cannot fork a child: {e}"),
+            )),
+            Err(e) => {
+                // Out of processes: finish with the children we have.
+                log::warn!("cannot fork a child ({e}); waiting for those alive");
+                self.budget = 0;
+                Ok(())
+            }
+        }
+    }
+
+    /// Reaps every child that has exited, without blocking.
+    fn reap(&mut self, run: &mut RunRecord) {
+        loop {
+            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    log::error!("waitpid failed: {e}");
+                    return;
+                }
+                Ok(status) => status,
+            };
+            self.record_exit(status, run);
+        }
+    }
+
+    fn record_exit(&mut self, status: WaitStatus, run: &mut RunRecord) {
+        let (pid, exit) = match status {
+            WaitStatus::Exited(pid, code) => (pid, Ok(ChildExit::from_code(code))),
+            WaitStatus::Signaled(pid, signal, _) => (pid, Err(format!("was killed by {signal}"))),
+            _ => return,
+        };
+        let Some(child) = self.children.remove(&pid) else {
+            return;
+        };
+        match exit {
+            Ok(ChildExit::Delivered) => run.delivered += 1,
+            Ok(ChildExit::Retry) => run.retried += 1,
+            Ok(ChildExit::Dead) => run.dead += 1,
+            // Another run took what we counted: check again once ours are done.
+            Ok(ChildExit::Empty) => self.budget = 0,
+            Ok(ChildExit::LeaseLost) => run.failed += 1,
+            Ok(ChildExit::Failed) => {
+                run.failed += 1;
+                self.dead_children.push((child.owner, "failed".into()));
+            }
+            Err(how) => {
+                run.failed += 1;
+                let how = if child.killed {
+                    "was killed past its deadline".to_string()
+                } else {
+                    how
+                };
+                log::warn!("child {pid} {how}");
+                self.dead_children.push((child.owner, how));
+            }
+        }
+    }
+
+    /// A child that died may still hold a lease: count the attempt as failed
+    /// now (retry after backoff, or dead) instead of waiting for the lease to
+    /// expire.
+    fn settle_dead_children(&mut self, run: &mut RunRecord) -> Result<()> {
+        if self.dead_children.is_empty() {
+            return Ok(());
+        }
+        let mut store = open(self.config)?;
+        for (owner, how) in std::mem::take(&mut self.dead_children) {
+            let Some(lease) = store.lease_by_owner(&owner)? else {
+                continue;
+            };
+            // An endpoint gone from the config: the lease expires and is retried.
+            let Some(endpoint) = self.config.endpoint(&lease.endpoint) else {
+                continue;
+            };
+            let finish = lease::after_child_death(endpoint, &lease, now_ms(), &how);
+            if store.attempt_finish(&finish)? && finish.next == crate::store::NextState::Dead {
+                run.dead += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn kill_overdue(&mut self) {
+        let deadline = self.config.run.child_deadline;
+        for (pid, child) in &mut self.children {
+            if !child.killed && child.started.elapsed() >= deadline {
+                log::warn!("child {pid} passed its deadline of {deadline:?}; killing it");
+                let _ = kill(*pid, Signal::SIGKILL);
+                child.killed = true;
+            }
+        }
+    }
+
+    /// Sleeps in poll(2) until a child exits (SIGCHLD) or the next child
+    /// deadline or run deadline comes.
+    fn wait(&mut self) {
+        let next_deadline = self
+            .children
+            .values()
+            .filter(|c| !c.killed)
+            .map(|c| c.started + self.config.run.child_deadline)
+            .chain([self.deadline])
+            .min()
+            .unwrap_or(self.deadline);
+        // Killed children are reaped on SIGCHLD; cap the wait anyway so a
+        // lost wake-up can only delay us, never hang us.
+        let timeout = next_deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(1));
+        let timeout =
+            PollTimeout::try_from(timeout.as_millis() as u64 + 1).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(self.sigchld.as_fd(), PollFlags::POLLIN)];
+        let _ = poll(&mut fds, timeout);
+        let mut buf = [0u8; 256];
+        while matches!(self.sigchld.read(&mut buf), Ok(n) if n > 0) {}
+    }
+
+    fn kill_all_and_reap(&mut self, run: &mut RunRecord) {
+        for (pid, child) in &mut self.children {
+            if !child.killed {
+                let _ = kill(*pid, Signal::SIGKILL);
+                child.killed = true;
+            }
+        }
+        while !self.children.is_empty() {
+            match waitpid(Pid::from_raw(-1), None) {
+                Ok(status) => self.record_exit(status, run),
+                Err(Errno::EINTR) => continue,
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+impl Drop for Parent<'_> {
+    fn drop(&mut self) {
+        signal_hook::low_level::unregister(self.sigchld_id);
+    }
+}
+
+/// A child must not run the parent's signal handlers: back to the defaults.
+fn reset_signals_in_child() {
+    for sig in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        // SAFETY: setting SIG_DFL installs no Rust code as a handler.
+        unsafe {
+            let _ = signal(sig, SigHandler::SigDfl);
+        }
+    }
+}

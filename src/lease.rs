@@ -1,0 +1,222 @@
+//! Lease and acknowledgement: what an attempt's result means for its
+//! delivery. Pure decisions, no I/O: a [`PostResult`] (or a child's death)
+//! becomes one of the store's named transitions out of `leased`.
+//!
+//! - 2xx, or no answer in a fire-and-forget window: delivered.
+//! - 408, 429, 5xx, connection refused or timed out, a broken connection:
+//!   retry after exponential backoff with full jitter (Retry-After honoured,
+//!   up to the cap), dead once `max_attempts` attempts have failed.
+//! - any other status (4xx, 3xx): dead at once, the endpoint refused it.
+
+use std::time::Duration;
+
+use rand::RngExt;
+
+use crate::config::{DeliveryMode, Endpoint};
+use crate::delivery::PostResult;
+use crate::store::{AttemptOutcome, FinishAttempt, Lease, ms};
+
+/// The transition for the result of one POST.
+pub fn decide(
+    endpoint: &Endpoint,
+    lease: &Lease,
+    result: &PostResult,
+    now: i64,
+    duration_ms: i64,
+) -> FinishAttempt {
+    let failure = match result {
+        PostResult::Answered { status, .. } if (200..300).contains(status) => {
+            return FinishAttempt::delivered(lease, now, AttemptOutcome::Delivered)
+                .with_answer(Some(*status), duration_ms);
+        }
+        PostResult::NoAnswer if endpoint.mode == DeliveryMode::FireAndForget => {
+            return FinishAttempt::delivered(lease, now, AttemptOutcome::HandedOver)
+                .with_answer(None, duration_ms);
+        }
+        PostResult::Answered {
+            status,
+            retry_after,
+        } if is_retryable(*status) => Failure {
+            error: format!("HTTP {status}"),
+            status: Some(*status),
+            at_least: *retry_after,
+        },
+        PostResult::Answered { status, .. } => {
+            return FinishAttempt::dead(lease, now, format!("HTTP {status}: permanent failure"))
+                .with_answer(Some(*status), duration_ms);
+        }
+        PostResult::NoAnswer => Failure {
+            error: format!(
+                "no answer within {}",
+                humantime::format_duration(endpoint.timeout)
+            ),
+            status: None,
+            at_least: None,
+        },
+        PostResult::ConnectFailed(e) => Failure {
+            error: format!("connect failed: {e}"),
+            status: None,
+            at_least: None,
+        },
+        PostResult::Failed(e) => Failure {
+            error: e.clone(),
+            status: None,
+            at_least: None,
+        },
+    };
+    retry_or_dead(endpoint, lease, now, failure.error, failure.at_least)
+        .with_answer(failure.status, duration_ms)
+}
+
+/// The transition for a delivery whose child died holding its lease: a failed
+/// attempt like any other, so a message that kills its child cannot loop forever.
+pub fn after_child_death(endpoint: &Endpoint, lease: &Lease, now: i64, how: &str) -> FinishAttempt {
+    retry_or_dead(
+        endpoint,
+        lease,
+        now,
+        format!("child {how} before it finished"),
+        None,
+    )
+    .by_dead_child()
+}
+
+struct Failure {
+    error: String,
+    status: Option<u16>,
+    at_least: Option<Duration>,
+}
+
+fn is_retryable(status: u16) -> bool {
+    matches!(status, 408 | 429) || (500..600).contains(&status)
+}
+
+fn retry_or_dead(
+    endpoint: &Endpoint,
+    lease: &Lease,
+    now: i64,
+    error: String,
+    at_least: Option<Duration>,
+) -> FinishAttempt {
+    if lease.attempt >= endpoint.max_attempts {
+        return FinishAttempt::dead(
+            lease,
+            now,
+            format!(
+                "{error} (attempt {} of {})",
+                lease.attempt, endpoint.max_attempts
+            ),
+        );
+    }
+    let delay = backoff(endpoint, lease.attempt)
+        .max(at_least.unwrap_or_default().min(endpoint.backoff_cap));
+    FinishAttempt::retry(lease, now, now + ms(delay).max(1), error)
+}
+
+/// The delay before retrying after failed attempt number `attempt`: full
+/// jitter, uniform in [0, min(cap, base * 2^(attempt-1))].
+pub fn backoff(endpoint: &Endpoint, attempt: u32) -> Duration {
+    let exp = 2_u32.saturating_pow(attempt.saturating_sub(1));
+    let ceiling = endpoint
+        .backoff_base
+        .saturating_mul(exp)
+        .min(endpoint.backoff_cap);
+    Duration::from_millis(rand::rng().random_range(0..=ms(ceiling) as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::store::NextState;
+    use std::path::Path;
+
+    fn endpoint(mode: &str) -> Endpoint {
+        let text = format!(
+            "database = \"q.db\"\n[endpoints.e]\nurl = \"http://127.0.0.1:9/\"\ntopics = [\"t\"]\nsecret = \"s\"\nmode = \"{mode}\"\nmax_attempts = 3\nbackoff_base = \"1s\"\nbackoff_cap = \"10s\"\ntimeout = \"5s\"\n"
+        );
+        Config::parse(&text, Path::new("c.toml"))
+            .unwrap()
+            .endpoints
+            .remove(0)
+    }
+
+    fn lease(attempt: u32) -> Lease {
+        Lease {
+            delivery_id: 1,
+            attempt_id: 1,
+            attempt,
+            owner: "o".into(),
+            endpoint: "e".into(),
+            message_uid: "msg_1".into(),
+            topic: "t".into(),
+            account: "a".into(),
+            payload: "{}".into(),
+        }
+    }
+
+    fn answer(status: u16) -> PostResult {
+        PostResult::Answered {
+            status,
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn outcomes_map_to_transitions() {
+        let ff = endpoint("fire_and_forget");
+        let confirm = endpoint("confirm");
+        assert_eq!(
+            decide(&ff, &lease(1), &answer(204), 0, 0).next,
+            NextState::Delivered
+        );
+        assert_eq!(
+            decide(&ff, &lease(1), &PostResult::NoAnswer, 0, 0).outcome,
+            AttemptOutcome::HandedOver
+        );
+        assert!(matches!(
+            decide(&confirm, &lease(1), &PostResult::NoAnswer, 0, 0).next,
+            NextState::Retry { .. }
+        ));
+        assert_eq!(
+            decide(&ff, &lease(1), &answer(404), 0, 0).next,
+            NextState::Dead
+        );
+        for status in [408, 429, 500, 503] {
+            assert!(matches!(
+                decide(&ff, &lease(1), &answer(status), 0, 0).next,
+                NextState::Retry { .. }
+            ));
+        }
+        assert_eq!(
+            decide(&ff, &lease(3), &answer(500), 0, 0).next,
+            NextState::Dead
+        );
+        let refused = PostResult::ConnectFailed("refused".into());
+        assert!(matches!(
+            decide(&ff, &lease(2), &refused, 0, 0).next,
+            NextState::Retry { .. }
+        ));
+        assert_eq!(
+            after_child_death(&ff, &lease(3), 0, "killed").outcome,
+            AttemptOutcome::ChildDied
+        );
+    }
+
+    #[test]
+    fn backoff_is_jittered_under_a_doubling_ceiling_and_honours_retry_after() {
+        let e = endpoint("fire_and_forget");
+        for attempt in 1..=6 {
+            let ceiling = Duration::from_secs(1 << (attempt - 1)).min(Duration::from_secs(10));
+            assert!(backoff(&e, attempt) <= ceiling);
+        }
+        let slow = PostResult::Answered {
+            status: 429,
+            retry_after: Some(Duration::from_secs(7)),
+        };
+        match decide(&e, &lease(1), &slow, 1_000, 0).next {
+            NextState::Retry { not_before } => assert!(not_before >= 8_000),
+            other => panic!("{other:?}"),
+        }
+    }
+}

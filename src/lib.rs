@@ -1,0 +1,19 @@
+//! cronpost: a SQLite-backed webhook dispatcher. Producers publish messages
+//! into one SQLite file; a scheduled parent process forks short-lived
+//! children; each child leases one delivery and POSTs it to its endpoint.
+//!
+//! ARCHITECTURE.md maps the modules and the life of a delivery.
+
+pub mod child;
+pub mod cli;
+pub mod config;
+pub mod delivery;
+pub mod demo;
+pub mod dispatcher;
+pub mod enqueue;
+pub mod error;
+pub mod lease;
+pub mod receiver;
+pub mod routing;
+pub mod signature;
+pub mod store;

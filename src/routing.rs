@@ -1,0 +1,51 @@
+//! Routing: which endpoints a topic fans out to. The config's `topics` lists
+//! become the store's subscriptions; the store turns each new message into
+//! one delivery per subscribed endpoint (SNS-style fan-out), so one failing
+//! subscriber never holds back another.
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::store::Subscription;
+
+/// Every (topic, endpoint) pair the config subscribes.
+pub fn subscriptions(config: &Config) -> Vec<Subscription> {
+    config
+        .endpoints
+        .iter()
+        .flat_map(|e| {
+            e.topics.iter().map(|t| Subscription {
+                topic: t.clone(),
+                endpoint: e.name.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The endpoints subscribed to `topic`.
+pub fn subscribers<'c>(config: &'c Config, topic: &str) -> Vec<&'c str> {
+    config
+        .endpoints
+        .iter()
+        .filter(|e| e.topics.iter().any(|t| t == topic))
+        .map(|e| e.name.as_str())
+        .collect()
+}
+
+/// Rejects a topic nobody subscribes to: publishing it would be a silent drop.
+pub fn check_topic(config: &Config, topic: &str) -> Result<()> {
+    if subscribers(config, topic).is_empty() {
+        let mut known: Vec<&str> = config
+            .endpoints
+            .iter()
+            .flat_map(|e| e.topics.iter().map(String::as_str))
+            .collect();
+        known.sort_unstable();
+        known.dedup();
+        return Err(Error::data(format!(
+            "unknown topic {topic:?}: no endpoint in {} subscribes to it (known topics: {})",
+            config.path.display(),
+            known.join(", ")
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,469 @@
+//! The queue's storage, behind one trait. Every storage operation is a named
+//! verb taking a params value, and every state change of a delivery is one of
+//! the transitions below, applied atomically. The SQLite backend is the only
+//! code that speaks SQL; a PostgreSQL backend would implement the same trait
+//! and pass the same conformance suite (tests/store_conformance.rs).
+//!
+//! Times are Unix epoch milliseconds (`i64`), the unit the schema stores.
+
+mod migrations;
+pub mod sqlite;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::error::Result;
+
+pub use sqlite::SqliteStore;
+
+/// Now, in Unix epoch milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A duration in milliseconds, saturating.
+pub fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The state a delivery is in; always exactly one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DeliveryState {
+    /// In the priority queue, leasable now.
+    Ready,
+    /// In the delayed queue until `not_before`, for `reason`.
+    Delayed,
+    /// Held by a child until its lease expires.
+    Leased,
+    /// Handed over to the endpoint.
+    Delivered,
+    /// Given up on; `last_error` says why.
+    Dead,
+}
+
+impl DeliveryState {
+    /// Every state, in queue order.
+    pub const ALL: [DeliveryState; 5] = [
+        DeliveryState::Ready,
+        DeliveryState::Delayed,
+        DeliveryState::Leased,
+        DeliveryState::Delivered,
+        DeliveryState::Dead,
+    ];
+
+    /// The name stored in the `state` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Ready => "ready",
+            DeliveryState::Delayed => "delayed",
+            DeliveryState::Leased => "leased",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Dead => "dead",
+        }
+    }
+
+    /// The state named `name`, as stored.
+    pub fn parse(name: &str) -> Option<DeliveryState> {
+        DeliveryState::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+/// Why a delivery sits in the delayed queue.
+pub mod reason {
+    /// The message was published with a delay.
+    pub const SCHEDULED: &str = "scheduled";
+    /// A failed attempt waits for its backoff.
+    pub const RETRY_BACKOFF: &str = "retry_backoff";
+}
+
+/// What an attempt came to; stored in `attempts.outcome`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// The endpoint answered 2xx.
+    Delivered,
+    /// Fire-and-forget: the request was written and no answer came in the window.
+    HandedOver,
+    /// A retryable failure; the delivery waits for its backoff.
+    Retry,
+    /// A permanent failure, or the last attempt failed.
+    Dead,
+    /// The child died (killed, crashed) before it recorded an outcome.
+    ChildDied,
+}
+
+impl AttemptOutcome {
+    /// The name stored in `attempts.outcome`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Delivered => "delivered",
+            AttemptOutcome::HandedOver => "handed_over",
+            AttemptOutcome::Retry => "retry",
+            AttemptOutcome::Dead => "dead",
+            AttemptOutcome::ChildDied => "child_died",
+        }
+    }
+}
+
+/// Outcomes the store writes itself, besides [`AttemptOutcome`].
+pub mod outcome {
+    /// The attempt is still going (or its child vanished unseen).
+    pub const IN_FLIGHT: &str = "in_flight";
+    /// The lease ran out before the child recorded an outcome.
+    pub const LEASE_EXPIRED: &str = "lease_expired";
+    /// The child recorded an outcome after its lease had been taken back.
+    pub const LEASE_LOST: &str = "lease_lost";
+}
+
+/// A message to insert (`MessageInsertMany`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewMessage {
+    /// Topic, routed to its subscribers.
+    pub topic: String,
+    /// The account that published it.
+    pub account: String,
+    /// JSON text, sent byte for byte as the body.
+    pub payload: String,
+    /// Higher goes first.
+    pub priority: i64,
+    /// Insert time.
+    pub created_at: i64,
+    /// Not delivered before this time.
+    pub available_at: Option<i64>,
+    /// A second message with the same key is not inserted.
+    pub dedup_key: Option<String>,
+}
+
+/// What `messages_insert` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InsertReport {
+    /// Messages written.
+    pub inserted: usize,
+    /// Messages skipped because their dedup key was already there.
+    pub duplicates: usize,
+}
+
+/// One endpoint subscribing to one topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscription {
+    /// The topic.
+    pub topic: String,
+    /// The endpoint's name.
+    pub endpoint: String,
+}
+
+/// Params of `messages_route`.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteParams {
+    /// Now.
+    pub now: i64,
+    /// Messages routed per transaction, so a large backlog never holds the
+    /// write lock for long.
+    pub batch_size: usize,
+}
+
+/// What `messages_route` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteReport {
+    /// Messages given their deliveries.
+    pub messages: usize,
+    /// Deliveries created (fan-out: one per subscribed endpoint).
+    pub deliveries: usize,
+    /// Messages left unrouted because no endpoint subscribes to their topic.
+    pub unroutable: usize,
+    /// Their topics.
+    pub unroutable_topics: Vec<String>,
+}
+
+/// Params of `delivery_lease_next`.
+#[derive(Clone, Debug)]
+pub struct LeaseParams {
+    /// A token unique to the leasing child.
+    pub owner: String,
+    /// The child's pid, recorded on the attempt.
+    pub pid: u32,
+    /// The run the child belongs to.
+    pub run_id: Option<i64>,
+    /// Now.
+    pub now: i64,
+    /// How long the lease holds.
+    pub lease_timeout_ms: i64,
+}
+
+/// A leased delivery with what its POST needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The delivery.
+    pub delivery_id: i64,
+    /// The attempt row opened by the lease.
+    pub attempt_id: i64,
+    /// This attempt's number (1 for the first).
+    pub attempt: u32,
+    /// The lease token.
+    pub owner: String,
+    /// The endpoint's name.
+    pub endpoint: String,
+    /// The message's stable id (`webhook-id`).
+    pub message_uid: String,
+    /// The message's topic.
+    pub topic: String,
+    /// The message's account.
+    pub account: String,
+    /// The body.
+    pub payload: String,
+}
+
+/// Where a finished attempt leaves its delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NextState {
+    /// `delivered`.
+    Delivered,
+    /// `delayed` with reason `retry_backoff` until `not_before`.
+    Retry {
+        /// When the delivery may be tried again.
+        not_before: i64,
+    },
+    /// `dead`.
+    Dead,
+}
+
+/// Params of `attempt_finish`: records an attempt and moves its delivery out
+/// of `leased`, if and only if the lease is still held by `owner`. Built by
+/// one constructor per transition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FinishAttempt {
+    /// The delivery.
+    pub delivery_id: i64,
+    /// The attempt row.
+    pub attempt_id: i64,
+    /// The lease token that must still hold the delivery.
+    pub owner: String,
+    /// Now.
+    pub now: i64,
+    /// What the attempt came to.
+    pub outcome: AttemptOutcome,
+    /// Where the delivery goes.
+    pub next: NextState,
+    /// The HTTP status, when an answer came.
+    pub http_status: Option<u16>,
+    /// What went wrong, when something did.
+    pub error: Option<String>,
+    /// How long the attempt took.
+    pub duration_ms: i64,
+}
+
+impl FinishAttempt {
+    fn new(lease: &Lease, now: i64, outcome: AttemptOutcome, next: NextState) -> FinishAttempt {
+        FinishAttempt {
+            delivery_id: lease.delivery_id,
+            attempt_id: lease.attempt_id,
+            owner: lease.owner.clone(),
+            now,
+            outcome,
+            next,
+            http_status: None,
+            error: None,
+            duration_ms: 0,
+        }
+    }
+
+    /// leased → delivered (a 2xx, or handed over when `outcome` says so).
+    pub fn delivered(lease: &Lease, now: i64, outcome: AttemptOutcome) -> FinishAttempt {
+        FinishAttempt::new(lease, now, outcome, NextState::Delivered)
+    }
+
+    /// leased → delayed (`retry_backoff`) until `not_before`.
+    pub fn retry(lease: &Lease, now: i64, not_before: i64, error: String) -> FinishAttempt {
+        FinishAttempt {
+            error: Some(error),
+            ..FinishAttempt::new(
+                lease,
+                now,
+                AttemptOutcome::Retry,
+                NextState::Retry { not_before },
+            )
+        }
+    }
+
+    /// leased → dead.
+    pub fn dead(lease: &Lease, now: i64, error: String) -> FinishAttempt {
+        FinishAttempt {
+            error: Some(error),
+            ..FinishAttempt::new(lease, now, AttemptOutcome::Dead, NextState::Dead)
+        }
+    }
+
+    /// Sets the attempt's HTTP status and duration.
+    pub fn with_answer(mut self, http_status: Option<u16>, duration_ms: i64) -> FinishAttempt {
+        self.http_status = http_status;
+        self.duration_ms = duration_ms;
+        self
+    }
+
+    /// Records that the child died before it finished, whatever `next` says.
+    pub fn by_dead_child(mut self) -> FinishAttempt {
+        self.outcome = AttemptOutcome::ChildDied;
+        self
+    }
+}
+
+/// A dispatcher run's counters (`run_begin` / `run_finish`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunRecord {
+    /// The run's id.
+    pub id: i64,
+    /// The parent's pid.
+    pub pid: u32,
+    /// Start.
+    pub started_at: i64,
+    /// End, once finished.
+    pub finished_at: Option<i64>,
+    /// Messages routed.
+    pub routed: u64,
+    /// Expired leases taken back.
+    pub reclaimed: u64,
+    /// Children forked.
+    pub forked: u64,
+    /// Deliveries delivered.
+    pub delivered: u64,
+    /// Attempts that will be retried.
+    pub retried: u64,
+    /// Deliveries gone dead.
+    pub dead: u64,
+    /// Children that died or failed without an outcome.
+    pub failed: u64,
+}
+
+/// A delivery as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliveryRow {
+    /// Its id.
+    pub id: i64,
+    /// Its message.
+    pub message_id: i64,
+    /// Its endpoint.
+    pub endpoint: String,
+    /// Its message's account.
+    pub account: String,
+    /// Its state.
+    pub state: DeliveryState,
+    /// Its priority.
+    pub priority: i64,
+    /// Delayed: when it is eligible; else when it last changed queue.
+    pub not_before: i64,
+    /// Why it is delayed.
+    pub reason: Option<String>,
+    /// The lease token, while leased.
+    pub lease_owner: Option<String>,
+    /// When the lease expires, while leased.
+    pub lease_expires_at: Option<i64>,
+    /// Attempts started.
+    pub attempts: u32,
+    /// Last HTTP status seen.
+    pub last_status: Option<u16>,
+    /// Last error seen.
+    pub last_error: Option<String>,
+}
+
+/// An attempt as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttemptRow {
+    /// Its id.
+    pub id: i64,
+    /// Its delivery.
+    pub delivery_id: i64,
+    /// Its number (1 for the first).
+    pub number: u32,
+    /// The run it belongs to.
+    pub run_id: Option<i64>,
+    /// The child's pid.
+    pub pid: u32,
+    /// Start.
+    pub started_at: i64,
+    /// End.
+    pub finished_at: Option<i64>,
+    /// Outcome name (see [`AttemptOutcome`] and [`outcome`]).
+    pub outcome: String,
+    /// HTTP status, when an answer came.
+    pub http_status: Option<u16>,
+    /// What went wrong.
+    pub error: Option<String>,
+    /// Duration.
+    pub duration_ms: Option<i64>,
+}
+
+/// Delivery counts of one endpoint, by state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointCounts {
+    /// The endpoint.
+    pub endpoint: String,
+    /// Count per state, in [`DeliveryState::ALL`] order.
+    pub by_state: [u64; 5],
+}
+
+/// A picture of the queue (`cronpost stats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// When it was taken.
+    pub now: i64,
+    /// Counts per endpoint and state.
+    pub endpoints: Vec<EndpointCounts>,
+    /// How long the oldest ready delivery has waited.
+    pub oldest_ready_age_ms: Option<i64>,
+    /// Messages not routed yet (new, or no subscriber).
+    pub unrouted_messages: u64,
+    /// The latest run.
+    pub last_run: Option<RunRecord>,
+    /// Attempts of the latest run, by outcome.
+    pub last_run_attempts: Vec<(String, u64)>,
+}
+
+/// The storage operations of the queue.
+pub trait Store {
+    /// Replaces the topic → endpoint subscriptions.
+    fn subscriptions_replace(&mut self, subscriptions: &[Subscription]) -> Result<()>;
+
+    /// Inserts messages in one transaction: all or none.
+    fn messages_insert(&mut self, messages: &[NewMessage]) -> Result<InsertReport>;
+
+    /// Gives each unrouted message one delivery per subscribed endpoint.
+    fn messages_route(&mut self, params: RouteParams) -> Result<RouteReport>;
+
+    /// leased (lease expired) → ready; the open attempt becomes `lease_expired`.
+    fn leases_reclaim_expired(&mut self, now: i64) -> Result<usize>;
+
+    /// delayed (time has come) → ready.
+    fn delayed_promote_due(&mut self, now: i64) -> Result<usize>;
+
+    /// How many deliveries are ready now, counting no further than `limit`.
+    fn ready_count(&mut self, limit: u64) -> Result<u64>;
+
+    /// ready → leased for the next delivery (highest priority, then oldest),
+    /// opening its attempt; atomically, so two children never get the same one.
+    fn delivery_lease_next(&mut self, params: &LeaseParams) -> Result<Option<Lease>>;
+
+    /// The delivery currently leased by `owner`.
+    fn lease_by_owner(&mut self, owner: &str) -> Result<Option<Lease>>;
+
+    /// Applies a transition out of `leased`. Returns false, and records the
+    /// attempt as `lease_lost`, when the lease is no longer held by its owner.
+    fn attempt_finish(&mut self, finish: &FinishAttempt) -> Result<bool>;
+
+    /// Opens a run record; returns its id.
+    fn run_begin(&mut self, pid: u32, now: i64) -> Result<i64>;
+
+    /// Writes a run's final counters.
+    fn run_finish(&mut self, run: &RunRecord) -> Result<()>;
+
+    /// One delivery.
+    fn delivery_get(&mut self, id: i64) -> Result<Option<DeliveryRow>>;
+
+    /// The deliveries of one message, by endpoint name.
+    fn deliveries_of_message(&mut self, message_id: i64) -> Result<Vec<DeliveryRow>>;
+
+    /// The attempts of one delivery, oldest first.
+    fn attempts_of_delivery(&mut self, delivery_id: i64) -> Result<Vec<AttemptRow>>;
+
+    /// Counts for `cronpost stats`.
+    fn stats(&mut self, now: i64) -> Result<Stats>;
+}

@@ -32,6 +32,8 @@ pub struct Config {
     pub run: RunLimits,
     /// The endpoints, sorted by name.
     pub endpoints: Vec<Endpoint>,
+    /// Settings that are allowed but probably wrong, one line each.
+    pub warnings: Vec<String>,
 }
 
 /// Limits of one dispatcher run (`[run]`).
@@ -135,7 +137,11 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::io(format!("config {}", path.display()), e))
             .map_err(|e| Error::new(ExitCode::Config, e.message))?;
-        Config::parse(&text, path)
+        let config = Config::parse(&text, path)?;
+        for warning in &config.warnings {
+            log::warn!("{warning}");
+        }
+        Ok(config)
     }
 
     /// Validates config text; `path` names it in errors and anchors relative paths.
@@ -286,10 +292,11 @@ impl RawConfig {
                 "must define at least one endpoint",
             ));
         }
+        let mut warnings = Vec::new();
         let endpoints = endpoints
             .into_inner()
             .into_iter()
-            .map(|(name, raw)| raw.into_inner().validate(at, name, &run))
+            .map(|(name, raw)| raw.into_inner().validate(at, name, &run, &mut warnings))
             .collect::<Result<Vec<_>>>()?;
         Ok(Config {
             path: at.path.to_path_buf(),
@@ -298,6 +305,7 @@ impl RawConfig {
             max_payload_bytes,
             run,
             endpoints,
+            warnings,
         })
     }
 }
@@ -351,7 +359,13 @@ impl RawRun {
 }
 
 impl RawEndpoint {
-    fn validate(self, at: &Locator, name: String, run: &RunLimits) -> Result<Endpoint> {
+    fn validate(
+        self,
+        at: &Locator,
+        name: String,
+        run: &RunLimits,
+        warnings: &mut Vec<String>,
+    ) -> Result<Endpoint> {
         let prefix = format!("endpoints.{name}");
         let key = |field: &str| format!("{prefix}.{field}");
         let url = reqwest::Url::parse(self.url.get_ref())
@@ -415,20 +429,20 @@ impl RawEndpoint {
             name,
         };
         if endpoint.connect_timeout + endpoint.answer_wait() >= run.child_deadline {
-            // The child would be killed before it could see the answer it waits for.
+            // Allowed (the deadline is the hard bound), but every slow answer
+            // then costs a killed child instead of a clean timeout.
             let (field, value) = match endpoint.mode {
                 DeliveryMode::FireAndForget => ("answer_window", &self.answer_window),
                 DeliveryMode::Confirm => ("timeout", &self.timeout),
             };
-            let span = value.as_ref().map_or(0..0, |v| v.span());
-            return Err(at.error(
-                span,
-                &key(field),
-                format!(
-                    "plus connect_timeout ({}) must be shorter than run.child_deadline ({})",
-                    humantime::format_duration(endpoint.connect_timeout + endpoint.answer_wait()),
-                    humantime::format_duration(run.child_deadline)
-                ),
+            let line = at.line(value.as_ref().map_or(0, |v| v.span().start));
+            warnings.push(format!(
+                "config {} line {line}: {} plus connect_timeout ({}) is not shorter than run.child_deadline ({}): \
+                 children waiting that long are killed at the deadline",
+                at.path.display(),
+                key(field),
+                humantime::format_duration(endpoint.connect_timeout + endpoint.answer_wait()),
+                humantime::format_duration(run.child_deadline)
             ));
         }
         if endpoint.backoff_cap < endpoint.backoff_base {

@@ -1,0 +1,341 @@
+//! Shared test fixtures: a real HTTP receiver on 127.0.0.1 that records what
+//! arrives and answers as scripted, a temporary directory with a config and a
+//! database, the real `cronpost` binary, and polling with a deadline.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The secret every test endpoint uses.
+pub const SECRET: &str = "whsec_dGVzdCBzZWNyZXQ=";
+
+/// What the receiver does with a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// Answer with this status.
+    Status(u16),
+    /// Wait, then answer with this status.
+    Delayed(Duration, u16),
+    /// Never answer (the request is held until the receiver is dropped).
+    Hang,
+}
+
+/// One request as it arrived.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub path: String,
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map(String::as_str).unwrap_or("")
+    }
+}
+
+#[derive(Default)]
+struct Script {
+    /// Replies to use first, per path, in order.
+    queued: HashMap<String, VecDeque<Reply>>,
+    /// The reply once the queue is empty, per path (default 200).
+    default: HashMap<String, Reply>,
+}
+
+/// A real HTTP server on 127.0.0.1:0, answering on several threads.
+pub struct Receiver {
+    server: Arc<tiny_http::Server>,
+    pub port: u16,
+    received: Arc<Mutex<Vec<Received>>>,
+    script: Arc<Mutex<Script>>,
+    held: Arc<Mutex<Vec<tiny_http::Request>>>,
+    stop: Arc<AtomicBool>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Receiver {
+    pub fn start() -> Receiver {
+        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("bind 127.0.0.1:0"));
+        let port = server.server_addr().to_ip().unwrap().port();
+        let mut receiver = Receiver {
+            server,
+            port,
+            received: Arc::default(),
+            script: Arc::default(),
+            held: Arc::default(),
+            stop: Arc::default(),
+            workers: Vec::new(),
+        };
+        for _ in 0..16 {
+            let (server, received, script, held, stop) = (
+                receiver.server.clone(),
+                receiver.received.clone(),
+                receiver.script.clone(),
+                receiver.held.clone(),
+                receiver.stop.clone(),
+            );
+            receiver.workers.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok(Some(mut request)) = server.recv_timeout(Duration::from_millis(100))
+                    else {
+                        continue;
+                    };
+                    let mut body = Vec::new();
+                    let _ = request.as_reader().read_to_end(&mut body);
+                    let path = request.url().to_string();
+                    let headers = request
+                        .headers()
+                        .iter()
+                        .map(|h| {
+                            (
+                                h.field.as_str().as_str().to_ascii_lowercase(),
+                                h.value.as_str().to_string(),
+                            )
+                        })
+                        .collect();
+                    received.lock().unwrap().push(Received {
+                        path: path.clone(),
+                        headers,
+                        body,
+                        at: Instant::now(),
+                    });
+                    let reply = {
+                        let mut script = script.lock().unwrap();
+                        match script.queued.get_mut(&path).and_then(VecDeque::pop_front) {
+                            Some(reply) => reply,
+                            None => script
+                                .default
+                                .get(&path)
+                                .copied()
+                                .unwrap_or(Reply::Status(200)),
+                        }
+                    };
+                    match reply {
+                        Reply::Status(code) => {
+                            let _ = request.respond(tiny_http::Response::empty(code));
+                        }
+                        Reply::Delayed(wait, code) => {
+                            std::thread::sleep(wait);
+                            let _ = request.respond(tiny_http::Response::empty(code));
+                        }
+                        Reply::Hang => held.lock().unwrap().push(request),
+                    }
+                }
+            }));
+        }
+        receiver
+    }
+
+    /// The URL of `path` on this receiver.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Replies for the next requests to `path`, in order.
+    pub fn queue(&self, path: &str, replies: &[Reply]) {
+        self.script
+            .lock()
+            .unwrap()
+            .queued
+            .entry(path.to_string())
+            .or_default()
+            .extend(replies.iter().copied());
+    }
+
+    /// The reply to `path` once its queue is empty.
+    pub fn set_default(&self, path: &str, reply: Reply) {
+        self.script
+            .lock()
+            .unwrap()
+            .default
+            .insert(path.to_string(), reply);
+    }
+
+    /// Everything received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Requests received on `path`.
+    pub fn received_on(&self, path: &str) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.server.unblock();
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// A temporary directory with a config and a database, and the real binary.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub db: PathBuf,
+}
+
+impl Env {
+    /// A new environment whose config is `[run]` settings plus `endpoints`
+    /// (TOML tables), with the database `q.db` beside it.
+    pub fn new(run: &str, endpoints: &str) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("cronpost.toml");
+        let db = dir.path().join("q.db");
+        let env = Env { dir, config, db };
+        env.write_config(&format!(
+            "database = \"q.db\"\n\n[run]\n{run}\n\n{endpoints}"
+        ));
+        env
+    }
+
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// The binary with this environment's config, not yet run.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cronpost"));
+        cmd.args(args)
+            .env("CRONPOST_CONFIG", &self.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs the binary to completion.
+    pub fn cronpost(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// Runs the binary with `input` on stdin.
+    pub fn cronpost_with_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// Runs the binary and asserts it succeeded; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cronpost(args);
+        assert!(
+            out.status.success(),
+            "cronpost {args:?} failed with {}\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// One dispatcher run, which must succeed.
+    pub fn run(&self) -> String {
+        self.ok(&["run"])
+    }
+
+    /// Enqueues one message with `--data`.
+    pub fn enqueue(&self, topic: &str, account: &str, data: &str) {
+        self.ok(&[
+            "enqueue",
+            "--topic",
+            topic,
+            "--account",
+            account,
+            "--data",
+            data,
+        ]);
+    }
+
+    /// A read-only connection to the database, for checking what it holds.
+    pub fn db(&self) -> rusqlite::Connection {
+        let conn = rusqlite::Connection::open_with_flags(
+            &self.db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        conn
+    }
+
+    /// The first column of the first row of `sql`.
+    pub fn query_i64(&self, sql: &str) -> i64 {
+        self.db().query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    /// Count of deliveries in `state`.
+    pub fn count_state(&self, state: &str) -> i64 {
+        self.db()
+            .query_row(
+                "SELECT count(*) FROM deliveries WHERE state = ?1",
+                [state],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// An `[endpoints.NAME]` table.
+pub fn endpoint(name: &str, url: &str, topics: &[&str], extra: &str) -> String {
+    let topics: Vec<String> = topics.iter().map(|t| format!("{t:?}")).collect();
+    format!(
+        "[endpoints.{name}]\nurl = \"{url}\"\ntopics = [{}]\nsecret = \"{SECRET}\"\n{extra}\n",
+        topics.join(", ")
+    )
+}
+
+/// Polls `cond` until it holds, failing the test after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `cronpost run` until `cond` holds, failing after `limit`.
+pub fn run_until(env: &Env, limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    loop {
+        env.run();
+        if cond() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} running until: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// stderr as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

@@ -1,0 +1,321 @@
+//! End to end: the real binary, a real SQLite file, real forked children and
+//! a real HTTP receiver on 127.0.0.1.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use cronpost::config::Secret;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn verify(r: &Received) -> bool {
+    let secret = Secret::parse(SECRET).unwrap();
+    let ts: i64 = r.header("webhook-timestamp").parse().unwrap();
+    cronpost::signature::verify(
+        &secret,
+        r.header("webhook-id"),
+        ts,
+        &r.body,
+        r.header("webhook-signature"),
+    )
+}
+
+#[test]
+fn one_message_is_delivered_once_signed_and_byte_identical_with_a_stable_id_across_retries() {
+    let rx = Receiver::start();
+    let env = Env::new(
+        "",
+        &endpoint(
+            "crm",
+            &rx.url("/hook"),
+            &["customer.updated"],
+            "backoff_base = \"10ms\"\nbackoff_cap = \"20ms\"",
+        ),
+    );
+    rx.queue("/hook", &[Reply::Status(500)]);
+    let payload = r#"{"id": 42, "name": "Zoë", "tags": ["a", "b"]}"#;
+    env.enqueue("customer.updated", "acme", payload);
+
+    run_until(&env, LIMIT, "delivered", || {
+        env.count_state("delivered") == 1
+    });
+
+    let got = rx.received_on("/hook");
+    assert_eq!(got.len(), 2, "one failed attempt, one delivery");
+    for (attempt, r) in got.iter().enumerate() {
+        assert_eq!(r.body, payload.as_bytes(), "body byte-identical");
+        assert!(verify(r), "signature verifies");
+        assert_eq!(r.header("content-type"), "application/json");
+        assert_eq!(r.header("cronpost-topic"), "customer.updated");
+        assert_eq!(r.header("cronpost-account"), "acme");
+        assert_eq!(r.header("cronpost-attempt"), (attempt + 1).to_string());
+        assert!(r.header("webhook-signature").starts_with("v1,"));
+    }
+    assert!(got[0].header("webhook-id").starts_with("msg_"));
+    assert_eq!(
+        got[0].header("webhook-id"),
+        got[1].header("webhook-id"),
+        "webhook-id stable across a retry"
+    );
+    let outcomes: Vec<String> = env
+        .db()
+        .prepare("SELECT outcome || ':' || http_status FROM attempts ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(outcomes, ["retry:500", "delivered:200"]);
+}
+
+#[test]
+fn fan_out_reaches_every_subscriber_and_a_failing_one_does_not_hold_back_the_other() {
+    let rx = Receiver::start();
+    let endpoints = endpoint("crm", &rx.url("/crm"), &["invoice.paid"], "")
+        + &endpoint(
+            "billing",
+            &rx.url("/billing"),
+            &["invoice.paid"],
+            "backoff_base = \"1h\"",
+        );
+    let env = Env::new("", &endpoints);
+    rx.set_default("/billing", Reply::Status(500));
+    env.enqueue("invoice.paid", "acme", r#"{"invoice":1}"#);
+
+    env.run();
+
+    assert_eq!(rx.received_on("/crm").len(), 1);
+    assert_eq!(rx.received_on("/billing").len(), 1);
+    let states: Vec<(String, String, Option<String>)> = env
+        .db()
+        .prepare("SELECT endpoint, state, reason FROM deliveries ORDER BY endpoint")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        states,
+        [
+            (
+                "billing".into(),
+                "delayed".into(),
+                Some("retry_backoff".into())
+            ),
+            ("crm".into(), "delivered".into(), None)
+        ]
+    );
+}
+
+#[test]
+fn two_thousand_messages_over_twenty_accounts_arrive_exactly_once_with_eight_children() {
+    let rx = Receiver::start();
+    let env = Env::new(
+        "max_children = 8",
+        &endpoint("bulk", &rx.url("/bulk"), &["t"], ""),
+    );
+    let ndjson: String = (0..2000)
+        .map(|i| {
+            format!(
+                "{{\"topic\":\"t\",\"account\":\"acct{}\",\"payload\":{{\"n\":{i}}}}}\n",
+                i % 20
+            )
+        })
+        .collect();
+    let out = env.cronpost_with_stdin(&["enqueue", "--ndjson"], ndjson.as_bytes());
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    run_until(&env, Duration::from_secs(180), "all delivered", || {
+        env.count_state("delivered") == 2000
+    });
+
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in rx.received_on("/bulk") {
+        *seen.entry(r.header("webhook-id").to_string()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 2000, "every id arrived");
+    assert!(seen.values().all(|&n| n == 1), "none twice");
+    // Attempts agree with deliveries: one finished, delivered attempt each.
+    assert_eq!(env.query_i64("SELECT count(*) FROM attempts"), 2000);
+    assert_eq!(
+        env.query_i64(
+            "SELECT count(*) FROM attempts WHERE outcome = 'delivered' AND finished_at IS NOT NULL"
+        ),
+        2000
+    );
+    assert_eq!(
+        env.query_i64("SELECT count(DISTINCT delivery_id) FROM attempts"),
+        2000
+    );
+    assert_eq!(
+        env.query_i64("SELECT count(*) FROM deliveries WHERE attempts != 1"),
+        0
+    );
+    assert_eq!(
+        env.query_i64("SELECT sum(forked) - sum(delivered) FROM runs"),
+        0,
+        "each forked child delivered one message"
+    );
+}
+
+#[test]
+fn retries_back_off_then_deliver_on_the_third_attempt() {
+    let rx = Receiver::start();
+    let env = Env::new(
+        "",
+        &endpoint(
+            "flaky",
+            &rx.url("/flaky"),
+            &["t"],
+            "backoff_base = \"300ms\"\nbackoff_cap = \"300ms\"",
+        ),
+    );
+    rx.queue("/flaky", &[Reply::Status(500), Reply::Status(500)]);
+    env.enqueue("t", "acme", "{}");
+
+    env.run();
+    // After the first failure the delivery waits in the delayed queue, its
+    // not_before after the failed attempt and within the backoff ceiling.
+    let (state, reason, wait): (String, String, i64) = env
+        .db()
+        .query_row(
+            "SELECT d.state, d.reason, d.not_before - a.finished_at FROM deliveries d JOIN attempts a ON a.delivery_id = d.id",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (state.as_str(), reason.as_str()),
+        ("delayed", "retry_backoff")
+    );
+    assert!(
+        (1..=300).contains(&wait),
+        "backoff {wait} ms within (0, 300]"
+    );
+
+    run_until(&env, LIMIT, "delivered", || {
+        env.count_state("delivered") == 1
+    });
+    assert_eq!(rx.received_on("/flaky").len(), 3);
+    assert_eq!(env.query_i64("SELECT attempts FROM deliveries"), 3);
+    assert_eq!(
+        env.query_i64(
+            "SELECT count(*) FROM attempts WHERE outcome = 'retry' AND http_status = 500"
+        ),
+        2
+    );
+}
+
+#[test]
+fn a_permanent_404_goes_dead_at_once_with_its_status() {
+    let rx = Receiver::start();
+    let env = Env::new("", &endpoint("gone", &rx.url("/gone"), &["t"], ""));
+    rx.set_default("/gone", Reply::Status(404));
+    env.enqueue("t", "acme", "{}");
+
+    env.run();
+
+    assert_eq!(rx.received_on("/gone").len(), 1);
+    let (state, status, error): (String, i64, String) = env
+        .db()
+        .query_row(
+            "SELECT state, last_status, last_error FROM deliveries",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!((state.as_str(), status), ("dead", 404));
+    assert!(error.contains("404"), "{error}");
+}
+
+#[test]
+fn a_closed_port_is_retried_then_dead_after_max_attempts() {
+    // A port that was just free: connections to it are refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env = Env::new(
+        "",
+        &endpoint(
+            "down",
+            &format!("http://127.0.0.1:{port}/x"),
+            &["t"],
+            "max_attempts = 3\nbackoff_base = \"10ms\"\nbackoff_cap = \"20ms\"",
+        ),
+    );
+    env.enqueue("t", "acme", "{}");
+
+    run_until(&env, LIMIT, "dead", || env.count_state("dead") == 1);
+
+    assert_eq!(env.query_i64("SELECT attempts FROM deliveries"), 3);
+    assert_eq!(
+        env.query_i64("SELECT count(*) FROM attempts WHERE outcome = 'retry'"),
+        2
+    );
+    assert_eq!(
+        env.query_i64("SELECT count(*) FROM attempts WHERE outcome = 'dead'"),
+        1
+    );
+    let error: String = env
+        .db()
+        .query_row("SELECT last_error FROM deliveries", [], |r| r.get(0))
+        .unwrap();
+    assert!(
+        error.contains("connect") && error.contains("attempt 3 of 3"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_child_killed_past_its_deadline_loses_its_lease_and_a_later_run_delivers() {
+    let rx = Receiver::start();
+    // confirm mode waits up to 30 s for an answer; the child deadline is 1 s.
+    let env = Env::new(
+        "child_deadline = \"1s\"\nlease_timeout = \"3s\"",
+        &endpoint(
+            "slow",
+            &rx.url("/slow"),
+            &["t"],
+            "mode = \"confirm\"\ntimeout = \"30s\"\nbackoff_base = \"10ms\"\nbackoff_cap = \"10ms\"",
+        ),
+    );
+    rx.queue("/slow", &[Reply::Hang]);
+    env.enqueue("t", "acme", r#"{"k":1}"#);
+
+    let out = env.cronpost(&["run"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("passed its deadline"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(rx.received_on("/slow").len(), 1);
+    let (state, outcome): (String, String) = env
+        .db()
+        .query_row(
+            "SELECT d.state, a.outcome FROM deliveries d JOIN attempts a ON a.delivery_id = d.id",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (state.as_str(), outcome.as_str()),
+        ("delayed", "child_died"),
+        "the lease is given up at once"
+    );
+
+    run_until(&env, LIMIT, "delivered", || {
+        env.count_state("delivered") == 1
+    });
+    assert_eq!(rx.received_on("/slow").len(), 2);
+    assert_eq!(
+        env.query_i64("SELECT count(*) FROM attempts WHERE outcome = 'delivered'"),
+        1
+    );
+    assert_eq!(env.count_state("leased"), 0);
+}

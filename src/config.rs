@@ -333,20 +333,23 @@ impl RawRun {
         if lease_timeout <= child_deadline {
             // A lease that can expire while its child may still be alive lets a
             // second child deliver the same message while the first still posts.
-            let (span, key) = match (&self.lease_timeout, &self.child_deadline) {
-                (Some(v), _) => (v.span(), "run.lease_timeout"),
-                (None, Some(v)) => (v.span(), "run.child_deadline"),
-                (None, None) => unreachable!("the defaults are consistent"),
-            };
-            return Err(at.error(
-                span,
-                key,
-                format!(
-                    "is invalid: run.lease_timeout ({}) must be longer than run.child_deadline ({})",
-                    humantime::format_duration(lease_timeout),
-                    humantime::format_duration(child_deadline)
+            let (lease, deadline) = (
+                humantime::format_duration(lease_timeout),
+                humantime::format_duration(child_deadline),
+            );
+            return Err(match (&self.lease_timeout, &self.child_deadline) {
+                (Some(v), _) => at.error(
+                    v.span(),
+                    "run.lease_timeout",
+                    format!("({lease}) must be longer than run.child_deadline ({deadline})"),
                 ),
-            ));
+                (None, Some(v)) => at.error(
+                    v.span(),
+                    "run.child_deadline",
+                    format!("({deadline}) must be shorter than run.lease_timeout ({lease})"),
+                ),
+                (None, None) => unreachable!("the defaults are consistent"),
+            });
         }
         Ok(RunLimits {
             max_children,

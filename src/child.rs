@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::config::Config;
 use crate::error::Error;
 use crate::lease;
-use crate::store::{FinishAttempt, LeaseParams, SqliteStore, Store, ms, now_ms};
+use crate::store::{FinishAttempt, LeaseParams, Queue, SqliteStore, Store, ms, now_ms};
 
 /// What a child's exit code says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,7 +19,7 @@ pub enum ChildExit {
     Retry = 10,
     /// The delivery went dead.
     Dead = 11,
-    /// Nothing was ready to lease.
+    /// Nothing could be leased (none ready, or all held back).
     Empty = 12,
     /// The lease ran out before the outcome could be recorded.
     LeaseLost = 13,
@@ -48,6 +48,8 @@ pub struct ChildContext {
     pub owner: String,
     /// The parent's run id.
     pub run_id: i64,
+    /// The queue to take from first.
+    pub prefer: Queue,
 }
 
 /// The whole life of a child; returns its exit code.
@@ -70,6 +72,8 @@ fn deliver_one(config: &Config, ctx: &ChildContext) -> Result<ChildExit, Error> 
         run_id: Some(ctx.run_id),
         now,
         lease_timeout_ms: ms(config.run.lease_timeout),
+        prefer: ctx.prefer,
+        policy: config,
     };
     let Some(lease) = store.delivery_lease_next(&params)? else {
         return Ok(ChildExit::Empty);

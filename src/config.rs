@@ -13,6 +13,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::error::{Error, ExitCode, Result};
+use crate::saturation::Rate;
 
 /// Where the config is read from when neither `--config` nor `CRONPOST_CONFIG` says.
 pub const DEFAULT_PATH: &str = "/etc/cronpost/cronpost.toml";
@@ -30,6 +31,8 @@ pub struct Config {
     pub max_payload_bytes: usize,
     /// Limits of one dispatcher run.
     pub run: RunLimits,
+    /// Per-account rate limits (`[account_budget]`).
+    pub account_budget: AccountBudget,
     /// The endpoints, sorted by name.
     pub endpoints: Vec<Endpoint>,
     /// Settings that are allowed but probably wrong, one line each.
@@ -49,6 +52,18 @@ pub struct RunLimits {
     pub lease_timeout: Duration,
     /// A child alive longer than this is killed with SIGKILL.
     pub child_deadline: Duration,
+    /// The share of children that take eligible delayed deliveries first,
+    /// so a continuous ready backlog never starves the delayed queue.
+    pub delayed_share: f64,
+}
+
+/// Per-account budgets: a default rate and per-account overrides.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AccountBudget {
+    /// The rate of every account without an override (None: unlimited).
+    pub default: Option<Rate>,
+    /// Rates of named accounts.
+    pub overrides: BTreeMap<String, Rate>,
 }
 
 /// How a child decides that a POST was handed over.
@@ -119,6 +134,16 @@ pub struct Endpoint {
     pub backoff_base: Duration,
     /// Largest retry delay.
     pub backoff_cap: Duration,
+    /// Children posting to it at once, across all runs (None: no cap).
+    pub max_in_flight: Option<u32>,
+    /// Its rate limit (None: unlimited).
+    pub rate: Option<Rate>,
+    /// Cool-down after the first saturation signal; doubles per repeat.
+    pub cooldown_base: Duration,
+    /// Longest cool-down without a Retry-After.
+    pub cooldown_cap: Duration,
+    /// Longest Retry-After honoured.
+    pub max_retry_after: Duration,
 }
 
 impl Endpoint {
@@ -211,6 +236,37 @@ impl Locator<'_> {
             .map_or(Ok(default), |v| self.duration(v, key))
     }
 
+    /// A rate (`KEY.rate`, `KEY.burst`); burst defaults to the rate rounded up.
+    fn rate(
+        &self,
+        rate: &Option<Spanned<f64>>,
+        burst: &Option<Spanned<i64>>,
+        prefix: &str,
+    ) -> Result<Option<Rate>> {
+        let Some(rate) = rate else {
+            return match burst {
+                Some(b) => Err(self.error(
+                    b.span(),
+                    &format!("{prefix}burst"),
+                    format!("needs a {prefix}rate"),
+                )),
+                None => Ok(None),
+            };
+        };
+        let per_second = *rate.get_ref();
+        if !(per_second.is_finite() && per_second > 0.0 && per_second <= 1e6) {
+            return Err(self.error(
+                rate.span(),
+                &format!("{prefix}rate"),
+                format!("= {per_second} must be a number of deliveries per second above 0"),
+            ));
+        }
+        let default_burst = per_second.ceil() as i64;
+        let burst =
+            self.positive(burst, &format!("{prefix}burst"), default_burst, 1_000_000)? as u32;
+        Ok(Some(Rate { per_second, burst }))
+    }
+
     fn positive(
         &self,
         value: &Option<Spanned<i64>>,
@@ -238,6 +294,8 @@ struct RawConfig {
     max_payload_bytes: Option<Spanned<i64>>,
     #[serde(default)]
     run: RawRun,
+    #[serde(default)]
+    account_budget: RawBudget,
     endpoints: Option<Spanned<BTreeMap<String, Spanned<RawEndpoint>>>>,
 }
 
@@ -249,6 +307,23 @@ struct RawRun {
     max_runtime: Option<Spanned<String>>,
     lease_timeout: Option<Spanned<String>>,
     child_deadline: Option<Spanned<String>>,
+    delayed_share: Option<Spanned<f64>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    rate: Option<Spanned<f64>>,
+    burst: Option<Spanned<i64>>,
+    #[serde(default)]
+    overrides: BTreeMap<String, RawRate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRate {
+    rate: Spanned<f64>,
+    burst: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -264,6 +339,12 @@ struct RawEndpoint {
     max_attempts: Option<Spanned<i64>>,
     backoff_base: Option<Spanned<String>>,
     backoff_cap: Option<Spanned<String>>,
+    max_in_flight: Option<Spanned<i64>>,
+    rate: Option<Spanned<f64>>,
+    burst: Option<Spanned<i64>>,
+    cooldown_base: Option<Spanned<String>>,
+    cooldown_cap: Option<Spanned<String>>,
+    max_retry_after: Option<Spanned<String>>,
 }
 
 impl RawConfig {
@@ -282,6 +363,21 @@ impl RawConfig {
             64 << 20,
         )? as usize;
         let run = self.run.validate(at)?;
+        let mut account_budget = AccountBudget {
+            default: at.rate(
+                &self.account_budget.rate,
+                &self.account_budget.burst,
+                "account_budget.",
+            )?,
+            overrides: BTreeMap::new(),
+        };
+        for (account, raw) in self.account_budget.overrides {
+            let prefix = format!("account_budget.overrides.{account}.");
+            let rate = at
+                .rate(&Some(raw.rate), &raw.burst, &prefix)?
+                .expect("a rate was given");
+            account_budget.overrides.insert(account, rate);
+        }
         let Some(endpoints) = self.endpoints else {
             return Err(at.error_at_line(1, "[endpoints] must define at least one endpoint"));
         };
@@ -304,6 +400,7 @@ impl RawConfig {
             busy_timeout,
             max_payload_bytes,
             run,
+            account_budget,
             endpoints,
             warnings,
         })
@@ -330,6 +427,17 @@ impl RawRun {
             "run.child_deadline",
             Duration::from_secs(30),
         )?;
+        let delayed_share = match &self.delayed_share {
+            None => 0.2,
+            Some(v) if (0.0..=1.0).contains(v.get_ref()) => *v.get_ref(),
+            Some(v) => {
+                return Err(at.error(
+                    v.span(),
+                    "run.delayed_share",
+                    format!("= {} must be between 0 and 1", v.get_ref()),
+                ));
+            }
+        };
         if lease_timeout <= child_deadline {
             // A lease that can expire while its child may still be alive lets a
             // second child deliver the same message while the first still posts.
@@ -357,6 +465,7 @@ impl RawRun {
             max_runtime,
             lease_timeout,
             child_deadline,
+            delayed_share,
         })
     }
 }
@@ -427,6 +536,28 @@ impl RawEndpoint {
             backoff_cap: at.duration_or(
                 &self.backoff_cap,
                 &key("backoff_cap"),
+                Duration::from_secs(3600),
+            )?,
+            max_in_flight: match &self.max_in_flight {
+                None => None,
+                Some(_) => {
+                    Some(at.positive(&self.max_in_flight, &key("max_in_flight"), 1, 10_000)? as u32)
+                }
+            },
+            rate: at.rate(&self.rate, &self.burst, &format!("{prefix}."))?,
+            cooldown_base: at.duration_or(
+                &self.cooldown_base,
+                &key("cooldown_base"),
+                Duration::from_secs(1),
+            )?,
+            cooldown_cap: at.duration_or(
+                &self.cooldown_cap,
+                &key("cooldown_cap"),
+                Duration::from_secs(300),
+            )?,
+            max_retry_after: at.duration_or(
+                &self.max_retry_after,
+                &key("max_retry_after"),
                 Duration::from_secs(3600),
             )?,
             name,

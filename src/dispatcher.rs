@@ -24,10 +24,12 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::lease;
 use crate::routing;
-use crate::store::{RouteParams, RunRecord, SqliteStore, Store, now_ms};
+use crate::store::{Queue, RouteParams, RunRecord, SqliteStore, Store, now_ms};
 
 /// Messages routed per transaction.
 const ROUTE_BATCH: usize = 5_000;
+/// How long to wait before forking again when the counted work was all held back.
+const HELD_BACK_PAUSE: Duration = Duration::from_millis(50);
 
 struct Child {
     owner: String,
@@ -90,7 +92,6 @@ fn prepare(config: &Config) -> Result<RunRecord> {
             "{reclaimed} expired leases returned to the queue (their children died or hung)"
         );
     }
-    store.delayed_promote_due(now)?;
     let pid = std::process::id();
     Ok(RunRecord {
         id: store.run_begin(pid, now)?,
@@ -107,12 +108,18 @@ struct Parent<'c> {
     run_id: i64,
     token: u64,
     children: HashMap<Pid, Child>,
-    /// Owners of children that died holding (maybe) a lease, with how they died.
-    dead_children: Vec<(String, String)>,
+    /// Children that died holding (maybe) a lease: owner, how they died,
+    /// and whether it was at their deadline.
+    dead_children: Vec<(String, String, bool)>,
+    /// Children forked that take from the delayed queue first.
+    delayed_forks: u64,
     /// Children to fork before the queue is checked again: the ready count
     /// seen at the last check, less the children forked since. Zero too when a
     /// child found nothing to lease.
     budget: u64,
+    /// A child found nothing it could lease although work was counted: the
+    /// work is held back (in-flight caps, probes), maybe by another run.
+    saw_empty: bool,
     sigchld: UnixStream,
     sigchld_id: signal_hook::SigId,
     deadline: Instant,
@@ -134,7 +141,9 @@ impl<'c> Parent<'c> {
             token: rand::random(),
             children: HashMap::new(),
             dead_children: Vec::new(),
+            delayed_forks: 0,
             budget: 0,
+            saw_empty: false,
             sigchld,
             sigchld_id,
             deadline: Instant::now() + config.run.max_runtime,
@@ -154,6 +163,10 @@ impl<'c> Parent<'c> {
                 continue;
             }
             if self.children.is_empty() {
+                if may_fork && std::mem::take(&mut self.saw_empty) {
+                    // Do not spin on work another run is holding.
+                    self.wait_at_most(HELD_BACK_PAUSE);
+                }
                 if !may_fork || !self.more_work(run)? {
                     return Ok(());
                 }
@@ -169,18 +182,26 @@ impl<'c> Parent<'c> {
         let mut store = open(self.config)?;
         let now = now_ms();
         run.reclaimed += store.leases_reclaim_expired(now)? as u64;
-        store.delayed_promote_due(now)?;
         self.count_ready(&mut store, run)?;
         Ok(self.budget > 0)
     }
 
     fn count_ready(&mut self, store: &mut SqliteStore, run: &RunRecord) -> Result<()> {
-        self.budget = store.ready_count(self.config.run.max_messages - run.forked)?;
+        self.budget = store.leasable_count(now_ms(), self.config.run.max_messages - run.forked)?;
         Ok(())
     }
 
     fn fork_child(&mut self, run: &mut RunRecord) -> Result<()> {
         let owner = format!("{:016x}.{}", self.token, run.forked);
+        // Every 1/delayed_share-th child takes eligible delayed deliveries
+        // first, so a continuous ready backlog cannot starve them.
+        let prefer = if ((run.forked + 1) as f64 * self.config.run.delayed_share).floor()
+            > self.delayed_forks as f64
+        {
+            Queue::Delayed
+        } else {
+            Queue::Ready
+        };
         // SAFETY: the parent is single-threaded and holds no database
         // connection, HTTP client or lock here; the child only calls
         // `child::main` and then `_exit`.
@@ -190,6 +211,7 @@ impl<'c> Parent<'c> {
                 let ctx = ChildContext {
                     owner,
                     run_id: self.run_id,
+                    prefer,
                 };
                 let code = child::main(self.config, &ctx) as i32;
                 // _exit: no destructors or atexit handlers of the parent's state.
@@ -197,6 +219,7 @@ impl<'c> Parent<'c> {
             }
             Ok(ForkResult::Parent { child }) => {
                 run.forked += 1;
+                self.delayed_forks += u64::from(prefer == Queue::Delayed);
                 self.budget -= 1;
                 self.children.insert(
                     child,
@@ -251,11 +274,15 @@ impl<'c> Parent<'c> {
             Ok(ChildExit::Retry) => run.retried += 1,
             Ok(ChildExit::Dead) => run.dead += 1,
             // Another run took what we counted: check again once ours are done.
-            Ok(ChildExit::Empty) => self.budget = 0,
+            Ok(ChildExit::Empty) => {
+                self.budget = 0;
+                self.saw_empty = true;
+            }
             Ok(ChildExit::LeaseLost) => run.failed += 1,
             Ok(ChildExit::Failed) => {
                 run.failed += 1;
-                self.dead_children.push((child.owner, "failed".into()));
+                self.dead_children
+                    .push((child.owner, "failed".into(), false));
             }
             Err(how) => {
                 run.failed += 1;
@@ -265,7 +292,7 @@ impl<'c> Parent<'c> {
                     how
                 };
                 log::warn!("child {pid} {how}");
-                self.dead_children.push((child.owner, how));
+                self.dead_children.push((child.owner, how, child.killed));
             }
         }
     }
@@ -278,7 +305,7 @@ impl<'c> Parent<'c> {
             return Ok(());
         }
         let mut store = open(self.config)?;
-        for (owner, how) in std::mem::take(&mut self.dead_children) {
+        for (owner, how, timed_out) in std::mem::take(&mut self.dead_children) {
             let Some(lease) = store.lease_by_owner(&owner)? else {
                 continue;
             };
@@ -286,7 +313,7 @@ impl<'c> Parent<'c> {
             let Some(endpoint) = self.config.endpoint(&lease.endpoint) else {
                 continue;
             };
-            let finish = lease::after_child_death(endpoint, &lease, now_ms(), &how);
+            let finish = lease::after_child_death(endpoint, &lease, now_ms(), &how, timed_out);
             if store.attempt_finish(&finish)? && finish.next == crate::store::NextState::Dead {
                 run.dead += 1;
             }
@@ -318,9 +345,14 @@ impl<'c> Parent<'c> {
             .unwrap_or(self.deadline);
         // Killed children are reaped on SIGCHLD; cap the wait anyway so a
         // lost wake-up can only delay us, never hang us.
-        let timeout = next_deadline
-            .saturating_duration_since(Instant::now())
-            .min(Duration::from_secs(1));
+        self.wait_at_most(
+            next_deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(1)),
+        );
+    }
+
+    fn wait_at_most(&mut self, timeout: Duration) {
         let timeout =
             PollTimeout::try_from(timeout.as_millis() as u64 + 1).unwrap_or(PollTimeout::MAX);
         let mut fds = [PollFd::new(self.sigchld.as_fd(), PollFlags::POLLIN)];

@@ -14,9 +14,11 @@ use rand::RngExt;
 
 use crate::config::{DeliveryMode, Endpoint};
 use crate::delivery::PostResult;
-use crate::store::{AttemptOutcome, FinishAttempt, Lease, ms};
+use crate::store::{AttemptOutcome, EndpointSignal, FinishAttempt, Lease, ms};
 
-/// The transition for the result of one POST.
+/// The transition for the result of one POST, with what it says about the
+/// endpoint: 429/503, a confirm-mode timeout and a failed connection mean
+/// saturation; any other answer means the endpoint is up.
 pub fn decide(
     endpoint: &Endpoint,
     lease: &Lease,
@@ -24,53 +26,94 @@ pub fn decide(
     now: i64,
     duration_ms: i64,
 ) -> FinishAttempt {
-    let failure = match result {
+    let healthy = EndpointSignal::Healthy;
+    let saturated = |retry_after| EndpointSignal::Saturated {
+        retry_after,
+        limits: endpoint.limits(),
+    };
+    let (failure, signal) = match result {
         PostResult::Answered { status, .. } if (200..300).contains(status) => {
             return FinishAttempt::delivered(lease, now, AttemptOutcome::Delivered)
-                .with_answer(Some(*status), duration_ms);
+                .with_answer(Some(*status), duration_ms)
+                .with_signal(healthy);
         }
         PostResult::NoAnswer if endpoint.mode == DeliveryMode::FireAndForget => {
             return FinishAttempt::delivered(lease, now, AttemptOutcome::HandedOver)
-                .with_answer(None, duration_ms);
+                .with_answer(None, duration_ms)
+                .with_signal(healthy);
         }
         PostResult::Answered {
             status,
             retry_after,
-        } if is_retryable(*status) => Failure {
-            error: format!("HTTP {status}"),
-            status: Some(*status),
-            at_least: *retry_after,
-        },
+        } if is_retryable(*status) => (
+            Failure {
+                error: format!("HTTP {status}"),
+                status: Some(*status),
+                at_least: *retry_after,
+            },
+            if matches!(status, 429 | 503) {
+                saturated(*retry_after)
+            } else {
+                healthy
+            },
+        ),
         PostResult::Answered { status, .. } => {
             return FinishAttempt::dead(lease, now, format!("HTTP {status}: permanent failure"))
-                .with_answer(Some(*status), duration_ms);
+                .with_answer(Some(*status), duration_ms)
+                .with_signal(healthy);
         }
-        PostResult::NoAnswer => Failure {
-            error: format!(
-                "no answer within {}",
-                humantime::format_duration(endpoint.timeout)
-            ),
-            status: None,
-            at_least: None,
-        },
-        PostResult::ConnectFailed(e) => Failure {
-            error: format!("connect failed: {e}"),
-            status: None,
-            at_least: None,
-        },
-        PostResult::Failed(e) => Failure {
-            error: e.clone(),
-            status: None,
-            at_least: None,
-        },
+        PostResult::NoAnswer => (
+            Failure {
+                error: format!(
+                    "no answer within {}",
+                    humantime::format_duration(endpoint.timeout)
+                ),
+                status: None,
+                at_least: None,
+            },
+            saturated(None),
+        ),
+        PostResult::ConnectFailed(e) => (
+            Failure {
+                error: format!("connect failed: {e}"),
+                status: None,
+                at_least: None,
+            },
+            saturated(None),
+        ),
+        PostResult::Failed(e) => (
+            Failure {
+                error: e.clone(),
+                status: None,
+                at_least: None,
+            },
+            EndpointSignal::Unknown,
+        ),
     };
     retry_or_dead(endpoint, lease, now, failure.error, failure.at_least)
         .with_answer(failure.status, duration_ms)
+        .with_signal(signal)
 }
 
 /// The transition for a delivery whose child died holding its lease: a failed
-/// attempt like any other, so a message that kills its child cannot loop forever.
-pub fn after_child_death(endpoint: &Endpoint, lease: &Lease, now: i64, how: &str) -> FinishAttempt {
+/// attempt like any other, so a message that kills its child cannot loop
+/// forever. A child killed at its deadline waited too long on its endpoint:
+/// that is saturation.
+pub fn after_child_death(
+    endpoint: &Endpoint,
+    lease: &Lease,
+    now: i64,
+    how: &str,
+    timed_out: bool,
+) -> FinishAttempt {
+    let signal = if timed_out {
+        EndpointSignal::Saturated {
+            retry_after: None,
+            limits: endpoint.limits(),
+        }
+    } else {
+        EndpointSignal::Unknown
+    };
     retry_or_dead(
         endpoint,
         lease,
@@ -79,6 +122,7 @@ pub fn after_child_death(endpoint: &Endpoint, lease: &Lease, now: i64, how: &str
         None,
     )
     .by_dead_child()
+    .with_signal(signal)
 }
 
 struct Failure {
@@ -197,9 +241,30 @@ mod tests {
             decide(&ff, &lease(2), &refused, 0, 0).next,
             NextState::Retry { .. }
         ));
+        let died = after_child_death(&ff, &lease(3), 0, "was killed", false);
         assert_eq!(
-            after_child_death(&ff, &lease(3), 0, "killed").outcome,
-            AttemptOutcome::ChildDied
+            (died.outcome, died.signal),
+            (AttemptOutcome::ChildDied, EndpointSignal::Unknown)
+        );
+        assert!(matches!(
+            after_child_death(&ff, &lease(1), 0, "passed its deadline", true).signal,
+            EndpointSignal::Saturated { .. }
+        ));
+        let signal = |r: &PostResult| decide(&ff, &lease(1), r, 0, 0).signal;
+        assert_eq!(signal(&answer(500)), EndpointSignal::Healthy);
+        assert_eq!(signal(&answer(404)), EndpointSignal::Healthy);
+        assert!(matches!(
+            signal(&answer(429)),
+            EndpointSignal::Saturated { .. }
+        ));
+        assert!(matches!(
+            signal(&answer(503)),
+            EndpointSignal::Saturated { .. }
+        ));
+        assert!(matches!(signal(&refused), EndpointSignal::Saturated { .. }));
+        assert_eq!(
+            signal(&PostResult::Failed("reset".into())),
+            EndpointSignal::Unknown
         );
     }
 

@@ -15,5 +15,6 @@ pub mod error;
 pub mod lease;
 pub mod receiver;
 pub mod routing;
+pub mod saturation;
 pub mod signature;
 pub mod store;

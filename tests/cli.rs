@@ -356,37 +356,51 @@ fn stats_counts_states_per_endpoint_in_tables_and_json() {
 }
 
 #[test]
-fn the_lease_query_is_an_index_seek() {
+fn the_lease_queries_use_their_indexes_without_a_sort() {
     let rx = Receiver::start();
     let env = env_with_topics(&rx);
     env.ok(&["migrate"]);
-    let plan: Vec<String> = env
-        .db()
-        .prepare(&format!(
-            "EXPLAIN QUERY PLAN {}",
-            cronpost::store::sqlite::LEASE_NEXT_SQL
-        ))
-        .unwrap()
-        .query_map(rusqlite::params!["owner", 0, 0], |r| r.get::<_, String>(3))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let plan = plan.join("\n");
+    let plan = |sql: &str| -> String {
+        let db = env.db();
+        let mut stmt = db.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let params: [&dyn rusqlite::ToSql; 2] = [&"[]", &0];
+        let rows: Vec<String> = stmt
+            .query_map(&params[..stmt.parameter_count()], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        rows.join("\n")
+    };
+    // The ready queue: a seek to state = 'ready', first entry in (priority DESC, id).
+    let ready = plan(cronpost::store::sqlite::PICK_READY_SQL);
     assert!(
-        plan.contains("SEARCH deliveries USING COVERING INDEX deliveries_queue (state=?)"),
-        "{plan}"
+        ready.contains("SEARCH deliveries USING INDEX deliveries_queue (state=?)"),
+        "{ready}"
     );
-    assert!(!plan.contains("TEMP B-TREE"), "no sort: {plan}");
-    assert!(!plan.contains("SCAN"), "no scan: {plan}");
+    assert!(!ready.contains("TEMP B-TREE"), "no sort: {ready}");
+    assert!(
+        !ready.contains("SCAN deliveries"),
+        "no scan of the table: {ready}"
+    );
+    // The delayed queue: its partial index, in (priority DESC, not_before) order.
+    let delayed = plan(cronpost::store::sqlite::PICK_DELAYED_SQL);
+    assert!(
+        delayed.contains("USING INDEX deliveries_delayed"),
+        "{delayed}"
+    );
+    assert!(!delayed.contains("TEMP B-TREE"), "no sort: {delayed}");
 }
 
 #[test]
 fn migrate_records_the_schema_version_in_the_file_and_is_idempotent() {
     let rx = Receiver::start();
     let env = env_with_topics(&rx);
-    assert!(env.ok(&["migrate"]).contains("schema version 1"));
-    assert!(env.ok(&["migrate"]).contains("schema version 1"));
-    assert_eq!(env.query_i64("PRAGMA user_version"), 1);
+    let latest = cronpost::store::SqliteStore::latest_schema_version();
+    assert!(latest >= 2);
+    let version = format!("schema version {latest}");
+    assert!(env.ok(&["migrate"]).contains(&version));
+    assert!(env.ok(&["migrate"]).contains(&version));
+    assert_eq!(env.query_i64("PRAGMA user_version"), latest);
     let journal: String = env
         .db()
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))

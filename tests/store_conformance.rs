@@ -2,9 +2,35 @@
 //! `cronpost::store::Store` must have, written once against the trait.
 //! A backend joins by adding one `conformance!` line at the bottom.
 
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cronpost::saturation::Rate;
 use cronpost::store::*;
 
 const T0: i64 = 1_000_000;
+
+/// Budgets and endpoint limits for a test; none by default.
+#[derive(Default)]
+struct Policy {
+    accounts: HashMap<String, Rate>,
+    endpoints: HashMap<String, EndpointLimits>,
+}
+
+impl LeasePolicy for Policy {
+    fn account_rate(&self, account: &str) -> Option<Rate> {
+        self.accounts.get(account).copied()
+    }
+    fn endpoint_limits(&self, endpoint: &str) -> Option<EndpointLimits> {
+        self.endpoints.get(endpoint).copied()
+    }
+    fn endpoints_with_in_flight_caps(&self) -> Vec<(String, u32)> {
+        self.endpoints
+            .iter()
+            .filter_map(|(name, l)| l.max_in_flight.map(|cap| (name.clone(), cap)))
+            .collect()
+    }
+}
 
 fn message(topic: &str, priority: i64) -> NewMessage {
     NewMessage {
@@ -35,20 +61,36 @@ fn route(store: &mut dyn Store, now: i64) -> RouteReport {
         .unwrap()
 }
 
-fn lease_params(owner: &str, now: i64) -> LeaseParams {
+fn lease_params<'a>(owner: &str, now: i64, policy: &'a Policy) -> LeaseParams<'a> {
     LeaseParams {
         owner: owner.into(),
         pid: 4242,
         run_id: None,
         now,
         lease_timeout_ms: 10_000,
+        prefer: Queue::Ready,
+        policy,
     }
 }
 
 fn lease(store: &mut dyn Store, owner: &str, now: i64) -> Option<Lease> {
+    lease_with(store, owner, now, &Policy::default())
+}
+
+fn lease_with(store: &mut dyn Store, owner: &str, now: i64, policy: &Policy) -> Option<Lease> {
     store
-        .delivery_lease_next(&lease_params(owner, now))
+        .delivery_lease_next(&lease_params(owner, now, policy))
         .unwrap()
+}
+
+fn endpoint_limits() -> EndpointLimits {
+    EndpointLimits {
+        max_in_flight: None,
+        rate: None,
+        cooldown_base: Duration::from_secs(1),
+        cooldown_cap: Duration::from_secs(8),
+        max_retry_after: Duration::from_secs(60),
+    }
 }
 
 /// One message on `t`, routed to endpoint `e`, leased by "a".
@@ -117,9 +159,14 @@ pub fn a_delayed_message_is_routed_to_the_delayed_queue(store: &mut dyn Store) {
         (DeliveryState::Delayed, T0 + 5_000, Some("scheduled"))
     );
     assert!(lease(store, "a", T0).is_none());
-    assert_eq!(store.delayed_promote_due(T0 + 4_999).unwrap(), 0);
-    assert_eq!(store.delayed_promote_due(T0 + 5_000).unwrap(), 1);
-    assert_eq!(state(store, 1).state, DeliveryState::Ready);
+    assert_eq!(store.leasable_count(T0 + 4_999, 10).unwrap(), 0);
+    assert!(lease(store, "a", T0 + 4_999).is_none());
+    assert_eq!(store.leasable_count(T0 + 5_000, 10).unwrap(), 1);
+    assert_eq!(
+        lease(store, "a", T0 + 5_000).unwrap().delivery_id,
+        1,
+        "leased straight from the delayed queue"
+    );
 }
 
 pub fn dedup_keys_skip_repeats_and_a_bad_batch_writes_nothing(store: &mut dyn Store) {
@@ -153,8 +200,8 @@ pub fn leases_go_highest_priority_first_then_oldest_and_never_twice(store: &mut 
         ])
         .unwrap();
     route(store, T0);
-    assert_eq!(store.ready_count(100).unwrap(), 4);
-    assert_eq!(store.ready_count(2).unwrap(), 2);
+    assert_eq!(store.leasable_count(T0, 100).unwrap(), 4);
+    assert_eq!(store.leasable_count(T0, 2).unwrap(), 2);
     let order: Vec<i64> = ["a", "b", "c", "d"]
         .iter()
         .map(|owner| lease(store, owner, T0).unwrap().delivery_id)
@@ -164,7 +211,7 @@ pub fn leases_go_highest_priority_first_then_oldest_and_never_twice(store: &mut 
         lease(store, "e", T0).is_none(),
         "every delivery is leased once"
     );
-    assert_eq!(store.ready_count(100).unwrap(), 0);
+    assert_eq!(store.leasable_count(T0, 100).unwrap(), 0);
     let d = state(store, 2);
     assert_eq!(
         (
@@ -249,8 +296,7 @@ pub fn retry_waits_in_the_delayed_queue_until_its_time(store: &mut dyn Store) {
         )
     );
     assert!(lease(store, "b", T0 + 1_000).is_none());
-    assert_eq!(store.delayed_promote_due(T0 + 1_999).unwrap(), 0);
-    assert_eq!(store.delayed_promote_due(T0 + 2_000).unwrap(), 1);
+    assert!(lease(store, "b", T0 + 1_999).is_none());
     let again = lease(store, "b", T0 + 2_000).unwrap();
     assert_eq!(
         (again.delivery_id, again.attempt, again.message_uid),
@@ -336,7 +382,8 @@ pub fn stats_count_states_per_endpoint_and_report_the_last_run(store: &mut dyn S
         .unwrap();
     route(store, T0);
     let run = store.run_begin(99, T0).unwrap();
-    let mut params = lease_params("x", T0);
+    let policy = Policy::default();
+    let mut params = lease_params("x", T0, &policy);
     params.run_id = Some(run);
     let l = store.delivery_lease_next(&params).unwrap().unwrap();
     store
@@ -368,6 +415,267 @@ pub fn stats_count_states_per_endpoint_and_report_the_last_run(store: &mut dyn S
     assert_eq!(stats.last_run_attempts, [("dead".to_string(), 1)]);
 }
 
+fn messages_of(store: &mut dyn Store, pairs: &[(&str, &str)]) {
+    let messages: Vec<NewMessage> = pairs
+        .iter()
+        .map(|(topic, account)| NewMessage {
+            account: account.to_string(),
+            ..message(topic, 0)
+        })
+        .collect();
+    store.messages_insert(&messages).unwrap();
+    route(store, T0);
+}
+
+pub fn a_child_preferring_the_delayed_queue_takes_a_due_delayed_delivery_first(
+    store: &mut dyn Store,
+) {
+    subscribe(store, &[("t", "e")]);
+    let mut later = message("t", 0);
+    later.available_at = Some(T0 + 10);
+    store.messages_insert(&[message("t", 0), later]).unwrap();
+    route(store, T0);
+    let policy = Policy::default();
+    let mut params = lease_params("d", T0 + 10, &policy);
+    params.prefer = Queue::Delayed;
+    assert_eq!(
+        store
+            .delivery_lease_next(&params)
+            .unwrap()
+            .unwrap()
+            .delivery_id,
+        2
+    );
+    params.owner = "d2".into();
+    assert_eq!(
+        store
+            .delivery_lease_next(&params)
+            .unwrap()
+            .unwrap()
+            .delivery_id,
+        1,
+        "falls back to ready"
+    );
+}
+
+pub fn an_account_over_budget_is_rerouted_with_one_reserved_slot_per_delivery(
+    store: &mut dyn Store,
+) {
+    subscribe(store, &[("t", "e")]);
+    messages_of(
+        store,
+        &[
+            ("t", "noisy"),
+            ("t", "noisy"),
+            ("t", "noisy"),
+            ("t", "noisy"),
+            ("t", "noisy"),
+            ("t", "quiet"),
+        ],
+    );
+    let mut policy = Policy::default();
+    policy.accounts.insert(
+        "noisy".into(),
+        Rate {
+            per_second: 1.0,
+            burst: 2,
+        },
+    );
+    // The burst goes at once; the third noisy delivery reroutes all noisy
+    // ones left, and the quiet account's delivery goes next.
+    let leased: Vec<i64> = ["a", "b", "c"]
+        .iter()
+        .map(|o| lease_with(store, o, T0, &policy).unwrap().delivery_id)
+        .collect();
+    assert_eq!(leased, [1, 2, 6]);
+    let slots: Vec<(DeliveryState, Option<String>, i64)> = (3..=5)
+        .map(|id| {
+            let d = state(store, id);
+            (d.state, d.reason, d.not_before - T0)
+        })
+        .collect();
+    let budget = Some(reason::ACCOUNT_BUDGET.to_string());
+    assert_eq!(
+        slots,
+        [
+            (DeliveryState::Delayed, budget.clone(), 1_001),
+            (DeliveryState::Delayed, budget.clone(), 2_001),
+            (DeliveryState::Delayed, budget.clone(), 3_001)
+        ]
+    );
+    assert!(lease_with(store, "d", T0 + 1_000, &policy).is_none());
+    // Each slot is its delivery's own: they go at their times, one by one.
+    assert_eq!(
+        lease_with(store, "d", T0 + 1_001, &policy)
+            .unwrap()
+            .delivery_id,
+        3
+    );
+    assert!(lease_with(store, "e", T0 + 1_002, &policy).is_none());
+    assert_eq!(
+        lease_with(store, "e", T0 + 2_001, &policy)
+            .unwrap()
+            .delivery_id,
+        4
+    );
+    let held = store.stats(T0 + 2_002).unwrap().held_accounts;
+    assert_eq!(
+        held,
+        [HeldAccount {
+            account: "noisy".into(),
+            delayed: 1,
+            until: T0 + 3_001
+        }]
+    );
+    // A new noisy message queues behind the reserved slots.
+    messages_of(store, &[("t", "noisy")]);
+    assert!(lease_with(store, "f", T0 + 2_002, &policy).is_none());
+    assert_eq!(state(store, 7).not_before, T0 + 4_001);
+}
+
+pub fn a_saturated_endpoint_is_held_for_its_cool_down_then_probed_once(store: &mut dyn Store) {
+    subscribe(store, &[("t", "slow"), ("u", "fast")]);
+    messages_of(store, &[("t", "a"), ("t", "a"), ("t", "a"), ("u", "a")]);
+    let first = lease(store, "a", T0).unwrap();
+    let saturated = EndpointSignal::Saturated {
+        retry_after: Some(Duration::from_secs(2)),
+        limits: endpoint_limits(),
+    };
+    let finish =
+        FinishAttempt::retry(&first, T0, T0 + 10, "HTTP 429".into()).with_signal(saturated);
+    assert!(store.attempt_finish(&finish).unwrap());
+    let d = state(store, first.delivery_id);
+    assert_eq!(
+        (d.state, d.reason.as_deref(), d.not_before),
+        (
+            DeliveryState::Delayed,
+            Some("endpoint_saturated"),
+            T0 + 2_000
+        )
+    );
+    // While it cools down, its deliveries move to the delayed queue untried; others flow.
+    assert_eq!(lease(store, "b", T0 + 1).unwrap().endpoint, "fast");
+    assert!(lease(store, "c", T0 + 1).is_none());
+    assert!((2..=3).all(|id| state(store, id).reason.as_deref() == Some("endpoint_saturated")));
+    let health = store.stats(T0 + 1).unwrap().saturated_endpoints;
+    assert_eq!(
+        (
+            health[0].endpoint.as_str(),
+            health[0].saturated_until,
+            health[0].failures
+        ),
+        ("slow", Some(T0 + 2_000), 1)
+    );
+    // Cool-down over: one probe goes, the others wait for its answer.
+    let probe = lease(store, "d", T0 + 2_000).unwrap();
+    assert_eq!(probe.endpoint, "slow");
+    assert!(
+        lease(store, "e", T0 + 2_000).is_none(),
+        "one half-open probe at a time"
+    );
+    // The probe fails again: the cool-down doubles (no Retry-After this time).
+    let again = EndpointSignal::Saturated {
+        retry_after: None,
+        limits: endpoint_limits(),
+    };
+    store
+        .attempt_finish(
+            &FinishAttempt::retry(&probe, T0 + 2_010, T0 + 2_011, "refused".into())
+                .with_signal(again),
+        )
+        .unwrap();
+    assert!(lease(store, "f", T0 + 3_999).is_none());
+    assert_eq!(
+        store.stats(T0 + 2_011).unwrap().saturated_endpoints[0].saturated_until,
+        Some(T0 + 4_010)
+    );
+    // The next probe succeeds: the breaker closes and the rest flow.
+    let probe = lease(store, "g", T0 + 4_010).unwrap();
+    store
+        .attempt_finish(
+            &FinishAttempt::delivered(&probe, T0 + 4_011, AttemptOutcome::Delivered)
+                .with_signal(EndpointSignal::Healthy),
+        )
+        .unwrap();
+    assert!(
+        store
+            .stats(T0 + 4_011)
+            .unwrap()
+            .saturated_endpoints
+            .is_empty()
+    );
+    assert!(lease(store, "h", T0 + 4_012).is_some());
+    assert!(
+        lease(store, "i", T0 + 4_012).is_some(),
+        "no probe limit once closed"
+    );
+}
+
+pub fn an_endpoint_at_its_in_flight_cap_is_skipped_until_a_lease_ends(store: &mut dyn Store) {
+    subscribe(store, &[("t", "capped"), ("u", "free")]);
+    messages_of(store, &[("t", "a"), ("t", "a"), ("u", "a")]);
+    let mut policy = Policy::default();
+    policy.endpoints.insert(
+        "capped".into(),
+        EndpointLimits {
+            max_in_flight: Some(1),
+            ..endpoint_limits()
+        },
+    );
+    let first = lease_with(store, "a", T0, &policy).unwrap();
+    assert_eq!(first.endpoint, "capped");
+    assert_eq!(
+        lease_with(store, "b", T0, &policy).unwrap().endpoint,
+        "free"
+    );
+    assert!(lease_with(store, "c", T0, &policy).is_none());
+    assert_eq!(
+        state(store, 2).state,
+        DeliveryState::Ready,
+        "skipped, not rerouted"
+    );
+    store
+        .attempt_finish(&FinishAttempt::delivered(
+            &first,
+            T0,
+            AttemptOutcome::Delivered,
+        ))
+        .unwrap();
+    assert_eq!(lease_with(store, "c", T0, &policy).unwrap().delivery_id, 2);
+}
+
+pub fn an_endpoint_over_its_rate_reroutes_with_reserved_slots(store: &mut dyn Store) {
+    subscribe(store, &[("t", "e")]);
+    messages_of(store, &[("t", "a"), ("t", "b"), ("t", "c")]);
+    let mut policy = Policy::default();
+    policy.endpoints.insert(
+        "e".into(),
+        EndpointLimits {
+            rate: Some(Rate {
+                per_second: 10.0,
+                burst: 1,
+            }),
+            ..endpoint_limits()
+        },
+    );
+    assert_eq!(lease_with(store, "a", T0, &policy).unwrap().delivery_id, 1);
+    assert!(lease_with(store, "b", T0, &policy).is_none());
+    let slots: Vec<(Option<String>, i64)> = (2..=3)
+        .map(|id| {
+            let d = state(store, id);
+            (d.reason, d.not_before - T0)
+        })
+        .collect();
+    let rate = Some(reason::ENDPOINT_RATE.to_string());
+    assert_eq!(slots, [(rate.clone(), 101), (rate.clone(), 201)]);
+    assert_eq!(
+        lease_with(store, "b", T0 + 101, &policy)
+            .unwrap()
+            .delivery_id,
+        2
+    );
+}
+
 macro_rules! conformance {
     ($backend:ident, $open:expr) => {
         mod $backend {
@@ -384,6 +692,11 @@ macro_rules! conformance {
                 an_expired_lease_is_reclaimed_and_its_late_owner_loses,
                 a_dead_childs_lease_is_settled_by_its_owner_token,
                 stats_count_states_per_endpoint_and_report_the_last_run,
+                a_child_preferring_the_delayed_queue_takes_a_due_delayed_delivery_first,
+                an_account_over_budget_is_rerouted_with_one_reserved_slot_per_delivery,
+                a_saturated_endpoint_is_held_for_its_cool_down_then_probed_once,
+                an_endpoint_at_its_in_flight_cap_is_skipped_until_a_lease_ends,
+                an_endpoint_over_its_rate_reroutes_with_reserved_slots,
             );
         }
     };

@@ -7,10 +7,16 @@ use rusqlite::Connection;
 use rusqlite_migration::{M, Migrations};
 
 /// The migration files, in order: (file name, SQL).
-pub const FILES: &[(&str, &str)] = &[(
-    "0001_core.sql",
-    include_str!("../../migrations/0001_core.sql"),
-)];
+pub const FILES: &[(&str, &str)] = &[
+    (
+        "0001_core.sql",
+        include_str!("../../migrations/0001_core.sql"),
+    ),
+    (
+        "0002_saturation.sql",
+        include_str!("../../migrations/0002_saturation.sql"),
+    ),
+];
 
 /// Applies the migrations the database lacks.
 ///

@@ -12,6 +12,7 @@ pub mod sqlite;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::Result;
+use crate::saturation::Rate;
 
 pub use sqlite::SqliteStore;
 
@@ -75,6 +76,62 @@ pub mod reason {
     pub const SCHEDULED: &str = "scheduled";
     /// A failed attempt waits for its backoff.
     pub const RETRY_BACKOFF: &str = "retry_backoff";
+    /// Its account is over its budget; it holds a reserved slot of the account's rate.
+    pub const ACCOUNT_BUDGET: &str = "account_budget";
+    /// Its endpoint is saturated (429/503, timeouts, refused) and cools down.
+    pub const ENDPOINT_SATURATED: &str = "endpoint_saturated";
+    /// Its endpoint is over its rate; it holds a reserved slot of the endpoint's rate.
+    pub const ENDPOINT_RATE: &str = "endpoint_rate";
+}
+
+/// Which queue a child takes from first (it falls back to the other).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Queue {
+    /// The priority queue: `ready`.
+    Ready,
+    /// Delayed deliveries whose time has come.
+    Delayed,
+}
+
+/// An endpoint's limits, as the lease and finish transactions apply them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EndpointLimits {
+    /// Leased deliveries at once, across all runs.
+    pub max_in_flight: Option<u32>,
+    /// Its rate.
+    pub rate: Option<Rate>,
+    /// Cool-down after a first saturation signal.
+    pub cooldown_base: Duration,
+    /// Longest cool-down without Retry-After.
+    pub cooldown_cap: Duration,
+    /// Longest Retry-After honoured.
+    pub max_retry_after: Duration,
+}
+
+/// The limits a lease must respect, looked up by the store as it goes.
+pub trait LeasePolicy {
+    /// The budget of `account` (None: unlimited).
+    fn account_rate(&self, account: &str) -> Option<Rate>;
+    /// The limits of `endpoint` (None: not configured; no limits).
+    fn endpoint_limits(&self, endpoint: &str) -> Option<EndpointLimits>;
+    /// Endpoints with a `max_in_flight`, and their caps.
+    fn endpoints_with_in_flight_caps(&self) -> Vec<(String, u32)>;
+}
+
+/// What an attempt says about its endpoint's health.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum EndpointSignal {
+    /// Nothing either way (a broken connection, a dead child).
+    Unknown,
+    /// It answered without saturation: close its circuit breaker.
+    Healthy,
+    /// 429/503, timed out or refused: open the breaker for a cool-down.
+    Saturated {
+        /// Its Retry-After, when given.
+        retry_after: Option<Duration>,
+        /// Its limits (cool-down settings).
+        limits: EndpointLimits,
+    },
 }
 
 /// What an attempt came to; stored in `attempts.outcome`.
@@ -176,8 +233,8 @@ pub struct RouteReport {
 }
 
 /// Params of `delivery_lease_next`.
-#[derive(Clone, Debug)]
-pub struct LeaseParams {
+#[derive(Clone)]
+pub struct LeaseParams<'a> {
     /// A token unique to the leasing child.
     pub owner: String,
     /// The child's pid, recorded on the attempt.
@@ -188,6 +245,10 @@ pub struct LeaseParams {
     pub now: i64,
     /// How long the lease holds.
     pub lease_timeout_ms: i64,
+    /// The queue to take from first.
+    pub prefer: Queue,
+    /// Budgets and endpoint limits.
+    pub policy: &'a dyn LeasePolicy,
 }
 
 /// A leased delivery with what its POST needs.
@@ -228,12 +289,14 @@ pub enum NextState {
 }
 
 /// Params of `attempt_finish`: records an attempt and moves its delivery out
-/// of `leased`, if and only if the lease is still held by `owner`. Built by
-/// one constructor per transition.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// of `leased`, if and only if the lease is still held by `owner`, and
+/// updates its endpoint's health. Built by one constructor per transition.
+#[derive(Clone, Debug, PartialEq)]
 pub struct FinishAttempt {
     /// The delivery.
     pub delivery_id: i64,
+    /// Its endpoint.
+    pub endpoint: String,
     /// The attempt row.
     pub attempt_id: i64,
     /// The lease token that must still hold the delivery.
@@ -250,12 +313,15 @@ pub struct FinishAttempt {
     pub error: Option<String>,
     /// How long the attempt took.
     pub duration_ms: i64,
+    /// What it says about the endpoint.
+    pub signal: EndpointSignal,
 }
 
 impl FinishAttempt {
     fn new(lease: &Lease, now: i64, outcome: AttemptOutcome, next: NextState) -> FinishAttempt {
         FinishAttempt {
             delivery_id: lease.delivery_id,
+            endpoint: lease.endpoint.clone(),
             attempt_id: lease.attempt_id,
             owner: lease.owner.clone(),
             now,
@@ -264,6 +330,7 @@ impl FinishAttempt {
             http_status: None,
             error: None,
             duration_ms: 0,
+            signal: EndpointSignal::Unknown,
         }
     }
 
@@ -297,6 +364,12 @@ impl FinishAttempt {
     pub fn with_answer(mut self, http_status: Option<u16>, duration_ms: i64) -> FinishAttempt {
         self.http_status = http_status;
         self.duration_ms = duration_ms;
+        self
+    }
+
+    /// Sets what the attempt says about its endpoint.
+    pub fn with_signal(mut self, signal: EndpointSignal) -> FinishAttempt {
+        self.signal = signal;
         self
     }
 
@@ -401,6 +474,30 @@ pub struct EndpointCounts {
     pub by_state: [u64; 5],
 }
 
+/// An account held back by its budget.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldAccount {
+    /// The account.
+    pub account: String,
+    /// Its deliveries waiting for a slot.
+    pub delayed: u64,
+    /// When its last reserved slot comes.
+    pub until: i64,
+}
+
+/// An endpoint's circuit breaker, when open or recovering.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointHealth {
+    /// The endpoint.
+    pub endpoint: String,
+    /// Saturated until (None or past: the cool-down is over; a probe may go).
+    pub saturated_until: Option<i64>,
+    /// Saturation signals in a row.
+    pub failures: u32,
+    /// The last signal.
+    pub last_error: Option<String>,
+}
+
 /// A picture of the queue (`cronpost stats`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -416,6 +513,10 @@ pub struct Stats {
     pub last_run: Option<RunRecord>,
     /// Attempts of the latest run, by outcome.
     pub last_run_attempts: Vec<(String, u64)>,
+    /// Accounts held back by their budget.
+    pub held_accounts: Vec<HeldAccount>,
+    /// Endpoints whose circuit breaker is open or half-open.
+    pub saturated_endpoints: Vec<EndpointHealth>,
 }
 
 /// The storage operations of the queue.
@@ -432,14 +533,16 @@ pub trait Store {
     /// leased (lease expired) → ready; the open attempt becomes `lease_expired`.
     fn leases_reclaim_expired(&mut self, now: i64) -> Result<usize>;
 
-    /// delayed (time has come) → ready.
-    fn delayed_promote_due(&mut self, now: i64) -> Result<usize>;
+    /// How many deliveries could be leased now (ready, and delayed whose
+    /// time has come), counting no further than `limit`.
+    fn leasable_count(&mut self, now: i64, limit: u64) -> Result<u64>;
 
-    /// How many deliveries are ready now, counting no further than `limit`.
-    fn ready_count(&mut self, limit: u64) -> Result<u64>;
-
-    /// ready → leased for the next delivery (highest priority, then oldest),
-    /// opening its attempt; atomically, so two children never get the same one.
+    /// ready or delayed (time has come) → leased, for the next delivery of
+    /// the preferred queue (highest priority first, then oldest), opening its
+    /// attempt; atomically, so two children never get the same one. On the
+    /// way it reroutes to the delayed queue every delivery it meets whose
+    /// account or endpoint is held back, and skips endpoints at their
+    /// in-flight cap or with a probe in flight.
     fn delivery_lease_next(&mut self, params: &LeaseParams) -> Result<Option<Lease>>;
 
     /// The delivery currently leased by `owner`.

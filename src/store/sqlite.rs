@@ -5,6 +5,7 @@
 //! transaction, so writers queue on the lock (bounded by busy_timeout)
 //! instead of deadlocking on a read-to-write upgrade.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,14 +15,28 @@ use rusqlite::{
 
 use super::*;
 use crate::error::{Error, ExitCode};
+use crate::saturation::{self, Admit, Rate};
 
-/// Leases the next ready delivery: a seek on `deliveries_queue`
-/// (state, priority DESC, id), highest priority first, then oldest.
-pub const LEASE_NEXT_SQL: &str = "\
-UPDATE deliveries
-SET state = 'leased', lease_owner = ?1, lease_expires_at = ?2, attempts = attempts + 1, updated_at = ?3
-WHERE id = (SELECT id FROM deliveries WHERE state = 'ready' ORDER BY priority DESC, id LIMIT 1)
-RETURNING id, message_id, endpoint, attempts";
+/// Picks the next ready delivery: a seek on `deliveries_queue`
+/// (state, priority DESC, id), highest priority first, then oldest,
+/// skipping the endpoints listed in ?1 (a JSON array).
+pub const PICK_READY_SQL: &str = "\
+SELECT id, endpoint, account, reason, not_before FROM deliveries
+WHERE state = 'ready' AND endpoint NOT IN (SELECT value FROM json_each(?1))
+ORDER BY priority DESC, id LIMIT 1";
+
+/// Picks the next delayed delivery whose time (?2) has come, by priority,
+/// then the longest eligible, skipping the endpoints listed in ?1. The index
+/// is named: left to itself the planner seeks `deliveries_queue` and sorts
+/// every delayed delivery of the top priority by not_before.
+pub const PICK_DELAYED_SQL: &str = "\
+SELECT id, endpoint, account, reason, not_before FROM deliveries INDEXED BY deliveries_delayed
+WHERE state = 'delayed' AND not_before <= ?2 AND endpoint NOT IN (SELECT value FROM json_each(?1))
+ORDER BY priority DESC, not_before LIMIT 1";
+
+/// How many deliveries one lease transaction may reroute before it gives up
+/// (the next child goes on where it stopped).
+const MAX_REROUTES: usize = 64;
 
 const DELIVERY_COLUMNS: &str = "id, message_id, endpoint, account, state, priority, not_before, reason, \
      lease_owner, lease_expires_at, attempts, last_status, last_error";
@@ -198,6 +213,331 @@ fn complete_lease(
         })
 }
 
+/// A delivery a lease transaction is looking at.
+struct Candidate {
+    id: i64,
+    endpoint: String,
+    account: String,
+    reason: Option<String>,
+    not_before: i64,
+    from: Queue,
+}
+
+/// Why a candidate cannot go now, and when its kind may.
+struct Hold {
+    reason: &'static str,
+    /// Reroute every ready delivery of this account (else of this endpoint).
+    by_account: bool,
+    /// When the first rerouted delivery may go.
+    first: f64,
+    /// Between two rerouted deliveries (0: all at `first`).
+    interval: f64,
+    /// The rate whose TAT advances by one interval per rerouted delivery.
+    rate: Option<(&'static str, Rate, f64)>,
+}
+
+enum Decision {
+    Go { probe: bool },
+    Hold(Hold),
+}
+
+fn lease_next(tx: &Connection, p: &LeaseParams) -> rusqlite::Result<Option<Lease>> {
+    let blocked = blocked_endpoints(tx, p)?;
+    let order = match p.prefer {
+        Queue::Ready => [Queue::Ready, Queue::Delayed],
+        Queue::Delayed => [Queue::Delayed, Queue::Ready],
+    };
+    for _ in 0..MAX_REROUTES {
+        let mut candidate = None;
+        for queue in order {
+            candidate = pick(tx, queue, &blocked, p.now)?;
+            if candidate.is_some() {
+                break;
+            }
+        }
+        let Some(c) = candidate else {
+            return Ok(None);
+        };
+        match decide(tx, p, &c)? {
+            Decision::Go { probe } => return lease_candidate(tx, p, &c, probe).map(Some),
+            Decision::Hold(hold) => reroute(tx, &c, &hold, p.now)?,
+        }
+    }
+    Ok(None)
+}
+
+/// Endpoints no child may start on now: a probe of theirs is in flight, or
+/// they are at their in-flight cap. As a JSON array, for `json_each`.
+fn blocked_endpoints(tx: &Connection, p: &LeaseParams) -> rusqlite::Result<String> {
+    let mut blocked: Vec<String> = tx
+        .prepare_cached(
+            "SELECT endpoint FROM endpoint_health WHERE probe_owner IS NOT NULL AND probe_expires_at > ?1",
+        )?
+        .query_map([p.now], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let caps = p.policy.endpoints_with_in_flight_caps();
+    if !caps.is_empty() {
+        let in_flight: HashMap<String, u32> = tx
+            .prepare_cached("SELECT endpoint, count(*) FROM deliveries WHERE state = 'leased' GROUP BY endpoint")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        for (endpoint, cap) in caps {
+            if in_flight.get(&endpoint).is_some_and(|&n| n >= cap) {
+                blocked.push(endpoint);
+            }
+        }
+    }
+    Ok(serde_json::to_string(&blocked).expect("strings serialize"))
+}
+
+fn pick(
+    tx: &Connection,
+    queue: Queue,
+    blocked: &str,
+    now: i64,
+) -> rusqlite::Result<Option<Candidate>> {
+    let row = |r: &Row| {
+        Ok(Candidate {
+            id: r.get(0)?,
+            endpoint: r.get(1)?,
+            account: r.get(2)?,
+            reason: r.get(3)?,
+            not_before: r.get(4)?,
+            from: queue,
+        })
+    };
+    match queue {
+        Queue::Ready => tx
+            .prepare_cached(PICK_READY_SQL)?
+            .query_row(params![blocked], row),
+        Queue::Delayed => tx
+            .prepare_cached(PICK_DELAYED_SQL)?
+            .query_row(params![blocked, now], row),
+    }
+    .optional()
+}
+
+fn tat(tx: &Connection, kind: &str, key: &str) -> rusqlite::Result<Option<f64>> {
+    tx.prepare_cached("SELECT tat FROM rate_limits WHERE kind = ?1 AND key = ?2")?
+        .query_row([kind, key], |r| r.get(0))
+        .optional()
+}
+
+fn set_tat(tx: &Connection, kind: &str, key: &str, tat: f64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO rate_limits (kind, key, tat) VALUES (?1, ?2, ?3)
+         ON CONFLICT (kind, key) DO UPDATE SET tat = excluded.tat",
+    )?
+    .execute(params![kind, key, tat])
+    .map(drop)
+}
+
+/// Whether a candidate still holds the slot it was given when rerouted for
+/// `reason`. A slot older than the burst window was missed (no run was
+/// there): the delivery queues again, so missed slots never add a burst on
+/// top of the rate.
+fn holds_fresh_slot(c: &Candidate, reason: &str, rate: Rate, now: f64) -> bool {
+    c.reason.as_deref() == Some(reason)
+        && c.not_before as f64 >= now - rate.tolerance_ms() - rate.interval_ms()
+}
+
+fn decide(tx: &Connection, p: &LeaseParams, c: &Candidate) -> rusqlite::Result<Decision> {
+    let now = p.now as f64;
+    let health: Option<(Option<i64>, u32)> = tx
+        .prepare_cached(
+            "SELECT saturated_until, failures FROM endpoint_health WHERE endpoint = ?1",
+        )?
+        .query_row([&c.endpoint], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let (saturated_until, failures) = health.unwrap_or((None, 0));
+    if let Some(until) = saturated_until.filter(|&u| u > p.now) {
+        return Ok(Decision::Hold(Hold {
+            reason: reason::ENDPOINT_SATURATED,
+            by_account: false,
+            first: until as f64,
+            interval: 0.0,
+            rate: None,
+        }));
+    }
+    // Check both rates before charging either: a held delivery costs nothing.
+    let mut charges = Vec::new();
+    let endpoint_rate = p.policy.endpoint_limits(&c.endpoint).and_then(|l| l.rate);
+    let limits = [
+        (
+            "endpoint",
+            c.endpoint.as_str(),
+            endpoint_rate,
+            reason::ENDPOINT_RATE,
+        ),
+        (
+            "account",
+            c.account.as_str(),
+            p.policy.account_rate(&c.account),
+            reason::ACCOUNT_BUDGET,
+        ),
+    ];
+    for (kind, key, rate, why) in limits {
+        let Some(rate) = rate else { continue };
+        if holds_fresh_slot(c, why, rate, now) {
+            continue;
+        }
+        let current = tat(tx, kind, key)?;
+        match saturation::admit(rate, current, now) {
+            Admit::Now { tat } => charges.push((kind, key, tat)),
+            Admit::Later { at } => {
+                return Ok(Decision::Hold(Hold {
+                    reason: why,
+                    by_account: kind == "account",
+                    first: at,
+                    interval: rate.interval_ms(),
+                    rate: Some((kind, rate, current.unwrap_or(now).max(now))),
+                }));
+            }
+        }
+    }
+    for (kind, key, tat) in charges {
+        set_tat(tx, kind, key, tat)?;
+    }
+    Ok(Decision::Go {
+        probe: failures > 0,
+    })
+}
+
+/// Moves a held candidate to the delayed queue; from the ready queue, with
+/// every other ready delivery of its account or endpoint, each with its own
+/// slot `first + k * interval` in priority order.
+fn reroute(tx: &Connection, c: &Candidate, hold: &Hold, now: i64) -> rusqlite::Result<()> {
+    let key = if hold.by_account {
+        &c.account
+    } else {
+        &c.endpoint
+    };
+    let moved = match c.from {
+        Queue::Ready => {
+            let sql = if hold.by_account {
+                REROUTE_READY_OF_ACCOUNT_SQL
+            } else {
+                REROUTE_READY_OF_ENDPOINT_SQL
+            };
+            tx.prepare_cached(sql)?
+                .execute(params![key, hold.reason, hold.first, hold.interval, now])?
+        }
+        Queue::Delayed => tx
+            .prepare_cached(
+                "UPDATE deliveries SET reason = ?2, not_before = CAST(?3 AS INTEGER) + 1, updated_at = ?4
+                 WHERE id = ?1",
+            )?
+            .execute(params![c.id, hold.reason, hold.first, now])?,
+    };
+    if let Some((kind, rate, tat)) = hold.rate {
+        let (_, new_tat) = saturation::reserve(rate, tat, moved as u64);
+        set_tat(tx, kind, key, new_tat)?;
+    }
+    Ok(())
+}
+
+// Slots are rounded up by a millisecond: never earlier than the rate allows.
+const REROUTE_READY_OF_ACCOUNT_SQL: &str = "\
+UPDATE deliveries
+SET state = 'delayed', reason = ?2, not_before = CAST(?3 + r.k * ?4 AS INTEGER) + 1, updated_at = ?5
+FROM (SELECT id, row_number() OVER (ORDER BY priority DESC, id) - 1 AS k
+      FROM deliveries WHERE state = 'ready' AND account = ?1) AS r
+WHERE deliveries.id = r.id";
+
+const REROUTE_READY_OF_ENDPOINT_SQL: &str = "\
+UPDATE deliveries
+SET state = 'delayed', reason = ?2, not_before = CAST(?3 + r.k * ?4 AS INTEGER) + 1, updated_at = ?5
+FROM (SELECT id, row_number() OVER (ORDER BY priority DESC, id) - 1 AS k
+      FROM deliveries WHERE state = 'ready' AND endpoint = ?1) AS r
+WHERE deliveries.id = r.id";
+
+fn lease_candidate(
+    tx: &Connection,
+    p: &LeaseParams,
+    c: &Candidate,
+    probe: bool,
+) -> rusqlite::Result<Lease> {
+    let expires = p.now + p.lease_timeout_ms;
+    let leased: (i64, i64, String, u32) = tx
+        .prepare_cached(
+            "UPDATE deliveries
+             SET state = 'leased', reason = NULL, lease_owner = ?2, lease_expires_at = ?3,
+                 attempts = attempts + 1, updated_at = ?4
+             WHERE id = ?1
+             RETURNING id, message_id, endpoint, attempts",
+        )?
+        .query_row(params![c.id, p.owner, expires, p.now], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?;
+    tx.prepare_cached(
+        "INSERT INTO attempts (delivery_id, number, run_id, pid, lease_owner, started_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![leased.0, leased.3, p.run_id, p.pid, p.owner, p.now])?;
+    let attempt_id = tx.last_insert_rowid();
+    if probe {
+        // Half-open: this is the one request the endpoint gets until it answers.
+        tx.prepare_cached(
+            "UPDATE endpoint_health SET probe_owner = ?2, probe_expires_at = ?3, updated_at = ?4 WHERE endpoint = ?1",
+        )?
+        .execute(params![c.endpoint, p.owner, expires, p.now])?;
+    }
+    complete_lease(tx, leased, attempt_id, &p.owner)
+}
+
+/// Applies what an attempt says about its endpoint; returns the time the
+/// endpoint is saturated until, when it is.
+fn record_signal(tx: &Connection, f: &FinishAttempt) -> rusqlite::Result<Option<i64>> {
+    match f.signal {
+        EndpointSignal::Unknown => {
+            tx.prepare_cached("UPDATE endpoint_health SET probe_owner = NULL WHERE endpoint = ?1 AND probe_owner = ?2")?
+                .execute(params![f.endpoint, f.owner])?;
+            Ok(None)
+        }
+        EndpointSignal::Healthy => {
+            tx.prepare_cached(
+                "UPDATE endpoint_health
+                 SET failures = 0, saturated_until = NULL, probe_owner = NULL, probe_expires_at = NULL, updated_at = ?2
+                 WHERE endpoint = ?1 AND (failures > 0 OR probe_owner IS NOT NULL)",
+            )?
+            .execute(params![f.endpoint, f.now])?;
+            Ok(None)
+        }
+        EndpointSignal::Saturated {
+            retry_after,
+            limits,
+        } => {
+            let (until, failures): (Option<i64>, u32) = tx
+                .prepare_cached(
+                    "SELECT saturated_until, failures FROM endpoint_health WHERE endpoint = ?1",
+                )?
+                .query_row([&f.endpoint], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?
+                .unwrap_or((None, 0));
+            // Children already in flight when the breaker opened do not count
+            // as repeats: the cool-down grows once per probe, not per child.
+            let already_open = until.is_some_and(|u| u > f.now);
+            let failures = if already_open {
+                failures.max(1)
+            } else {
+                failures + 1
+            };
+            let wait = saturation::cooldown(&limits, failures, retry_after);
+            let until = until.unwrap_or(0).max(f.now + ms(wait));
+            tx.prepare_cached(
+                "INSERT INTO endpoint_health (endpoint, saturated_until, failures, last_error, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (endpoint) DO UPDATE SET
+                     saturated_until = excluded.saturated_until, failures = excluded.failures,
+                     last_error = excluded.last_error, probe_owner = NULL, probe_expires_at = NULL,
+                     updated_at = excluded.updated_at",
+            )?
+            .execute(params![f.endpoint, until, failures, f.error, f.now])?;
+            Ok(Some(until))
+        }
+    }
+}
+
 impl Store for SqliteStore {
     fn subscriptions_replace(&mut self, subscriptions: &[Subscription]) -> Result<()> {
         self.write(|tx| {
@@ -328,45 +668,21 @@ impl Store for SqliteStore {
         })
     }
 
-    fn delayed_promote_due(&mut self, now: i64) -> Result<usize> {
-        self.write(|tx| {
-            tx.execute(
-                "UPDATE deliveries SET state = 'ready', reason = NULL, updated_at = ?1
-                 WHERE state = 'delayed' AND not_before <= ?1",
-                [now],
-            )
-        })
-    }
-
-    fn ready_count(&mut self, limit: u64) -> Result<u64> {
+    fn leasable_count(&mut self, now: i64, limit: u64) -> Result<u64> {
         self.conn
             .query_row(
-                "SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE state = 'ready' LIMIT ?1)",
-                [limit],
-                |r| r.get(0),
+                "SELECT (SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE state = 'ready' LIMIT ?2))
+                      + (SELECT count(*) FROM (SELECT 1 FROM deliveries
+                                               WHERE state = 'delayed' AND not_before <= ?1 LIMIT ?2))",
+                params![now, limit],
+                |r| r.get::<_, u64>(0),
             )
+            .map(|n| n.min(limit))
             .map_err(|e| self.err(e))
     }
 
     fn delivery_lease_next(&mut self, p: &LeaseParams) -> Result<Option<Lease>> {
-        self.write(|tx| {
-            let leased: Option<(i64, i64, String, u32)> = tx
-                .prepare_cached(LEASE_NEXT_SQL)?
-                .query_row(params![p.owner, p.now + p.lease_timeout_ms, p.now], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                })
-                .optional()?;
-            let Some(leased) = leased else {
-                return Ok(None);
-            };
-            tx.prepare_cached(
-                "INSERT INTO attempts (delivery_id, number, run_id, pid, lease_owner, started_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![leased.0, leased.3, p.run_id, p.pid, p.owner, p.now])?;
-            let attempt_id = tx.last_insert_rowid();
-            complete_lease(tx, leased, attempt_id, &p.owner).map(Some)
-        })
+        self.write(|tx| lease_next(tx, p))
     }
 
     fn lease_by_owner(&mut self, owner: &str) -> Result<Option<Lease>> {
@@ -387,16 +703,20 @@ impl Store for SqliteStore {
     }
 
     fn attempt_finish(&mut self, f: &FinishAttempt) -> Result<bool> {
-        let (state, not_before, reason) = match f.next {
-            NextState::Delivered => (DeliveryState::Delivered, f.now, None),
-            NextState::Retry { not_before } => (
-                DeliveryState::Delayed,
-                not_before,
-                Some(reason::RETRY_BACKOFF),
-            ),
-            NextState::Dead => (DeliveryState::Dead, f.now, None),
-        };
         self.write(|tx| {
+            let saturated_until = record_signal(tx, f)?;
+            let (state, not_before, reason) = match (f.next, saturated_until) {
+                (NextState::Delivered, _) => (DeliveryState::Delivered, f.now, None),
+                (NextState::Retry { not_before }, None) => {
+                    (DeliveryState::Delayed, not_before, Some(reason::RETRY_BACKOFF))
+                }
+                (NextState::Retry { not_before }, Some(until)) => (
+                    DeliveryState::Delayed,
+                    not_before.max(until),
+                    Some(reason::ENDPOINT_SATURATED),
+                ),
+                (NextState::Dead, _) => (DeliveryState::Dead, f.now, None),
+            };
             let moved = tx.prepare_cached(
                 "UPDATE deliveries
                  SET state = ?3, not_before = ?4, reason = ?5, lease_owner = NULL, lease_expires_at = NULL,
@@ -560,6 +880,33 @@ impl Store for SqliteStore {
                     .query_map([run.id], |r| Ok((r.get(0)?, r.get(1)?)))?
                     .collect::<rusqlite::Result<_>>()?;
             }
+            stats.held_accounts = conn
+                .prepare(
+                    "SELECT account, count(*), max(not_before) FROM deliveries
+                     WHERE state = 'delayed' AND reason = 'account_budget' GROUP BY account ORDER BY account",
+                )?
+                .query_map([], |r| {
+                    Ok(HeldAccount {
+                        account: r.get(0)?,
+                        delayed: r.get(1)?,
+                        until: r.get(2)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            stats.saturated_endpoints = conn
+                .prepare(
+                    "SELECT endpoint, saturated_until, failures, last_error FROM endpoint_health
+                     WHERE failures > 0 OR saturated_until > ?1 ORDER BY endpoint",
+                )?
+                .query_map([now], |r| {
+                    Ok(EndpointHealth {
+                        endpoint: r.get(0)?,
+                        saturated_until: r.get(1)?,
+                        failures: r.get(2)?,
+                        last_error: r.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
             Ok(stats)
         };
         read().map_err(|e| self.err(e))

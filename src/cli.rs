@@ -251,7 +251,25 @@ fn stats_json(stats: &Stats) -> serde_json::Value {
         .iter()
         .map(|(outcome, n)| (outcome.clone(), json!(n)))
         .collect();
+    let held_accounts: Vec<_> = stats
+        .held_accounts
+        .iter()
+        .map(|h| json!({"account": h.account, "delayed": h.delayed, "until_ms": h.until}))
+        .collect();
+    let saturated: Vec<_> = stats
+        .saturated_endpoints
+        .iter()
+        .map(|h| {
+            json!({
+                "endpoint": h.endpoint, "saturated_until_ms": h.saturated_until,
+                "cooldown_left_seconds": h.saturated_until.map(|u| ((u - stats.now).max(0)) as f64 / 1000.0),
+                "failures": h.failures, "last_error": h.last_error,
+            })
+        })
+        .collect();
     json!({
+        "held_accounts": held_accounts,
+        "saturated_endpoints": saturated,
         "endpoints": endpoints,
         "oldest_ready_age_seconds": stats.oldest_ready_age_ms.map(|ms| ms as f64 / 1000.0),
         "unrouted_messages": stats.unrouted_messages,
@@ -278,6 +296,33 @@ fn write_stats_table(out: &mut impl Write, stats: &Stats) -> std::io::Result<()>
         None => writeln!(out, "oldest ready: none ready")?,
     }
     writeln!(out, "unrouted messages: {}", stats.unrouted_messages)?;
+    for h in &stats.held_accounts {
+        writeln!(
+            out,
+            "account {} held back by its budget: {} deliveries delayed, the last until {:.1}s from now",
+            h.account,
+            h.delayed,
+            (h.until - stats.now).max(0) as f64 / 1000.0
+        )?;
+    }
+    for h in &stats.saturated_endpoints {
+        let state = match h.saturated_until {
+            Some(until) if until > stats.now => {
+                format!(
+                    "saturated, cool-down {:.1}s left",
+                    (until - stats.now) as f64 / 1000.0
+                )
+            }
+            _ => "cool-down over, waiting for a probe to succeed".to_string(),
+        };
+        writeln!(
+            out,
+            "endpoint {} {state} ({} signals in a row; last: {})",
+            h.endpoint,
+            h.failures,
+            h.last_error.as_deref().unwrap_or("-")
+        )?;
+    }
     if let Some(r) = &stats.last_run {
         let took = r.finished_at.map_or("still running".to_string(), |f| {
             format!("{:.2}s", (f - r.started_at) as f64 / 1000.0)

@@ -56,9 +56,10 @@ pub fn serve(port: u16, secret: Option<&Secret>, status: u16, count: Option<u64>
         };
         let _ = writeln!(
             out,
-            "{} {} id={id} topic={topic} account={account} attempt={attempt} signature={verdict} body={}",
+            "{} {} id={id} topic={topic} account={account} attempt={attempt} signature={verdict} received_ms={} body={}",
             request.method(),
             request.url(),
+            crate::store::now_ms(),
             String::from_utf8_lossy(&body)
         );
         let _ = out.flush();

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -23,6 +23,8 @@ pub enum Reply {
     Delayed(Duration, u16),
     /// Never answer (the request is held until the receiver is dropped).
     Hang,
+    /// Answer with this status and a `Retry-After` header.
+    RetryAfter(u16, &'static str),
 }
 
 /// One request as it arrived.
@@ -57,6 +59,8 @@ pub struct Receiver {
     held: Arc<Mutex<Vec<tiny_http::Request>>>,
     stop: Arc<AtomicBool>,
     workers: Vec<JoinHandle<()>>,
+    /// Requests being handled now, and the most seen at once.
+    concurrency: Arc<(AtomicUsize, AtomicUsize)>,
 }
 
 impl Receiver {
@@ -71,14 +75,16 @@ impl Receiver {
             held: Arc::default(),
             stop: Arc::default(),
             workers: Vec::new(),
+            concurrency: Arc::default(),
         };
         for _ in 0..16 {
-            let (server, received, script, held, stop) = (
+            let (server, received, script, held, stop, concurrency) = (
                 receiver.server.clone(),
                 receiver.received.clone(),
                 receiver.script.clone(),
                 receiver.held.clone(),
                 receiver.stop.clone(),
+                receiver.concurrency.clone(),
             );
             receiver.workers.push(std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
@@ -86,6 +92,8 @@ impl Receiver {
                     else {
                         continue;
                     };
+                    let now_handling = concurrency.0.fetch_add(1, Ordering::SeqCst) + 1;
+                    concurrency.1.fetch_max(now_handling, Ordering::SeqCst);
                     let mut body = Vec::new();
                     let _ = request.as_reader().read_to_end(&mut body);
                     let path = request.url().to_string();
@@ -125,7 +133,14 @@ impl Receiver {
                             let _ = request.respond(tiny_http::Response::empty(code));
                         }
                         Reply::Hang => held.lock().unwrap().push(request),
+                        Reply::RetryAfter(code, after) => {
+                            let header =
+                                tiny_http::Header::from_bytes("Retry-After", after).unwrap();
+                            let _ = request
+                                .respond(tiny_http::Response::empty(code).with_header(header));
+                        }
                     }
+                    concurrency.0.fetch_sub(1, Ordering::SeqCst);
                 }
             }));
         }
@@ -160,6 +175,11 @@ impl Receiver {
     /// Everything received so far.
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
+    }
+
+    /// The most requests handled at once so far.
+    pub fn max_concurrency(&self) -> usize {
+        self.concurrency.1.load(Ordering::SeqCst)
     }
 
     /// Requests received on `path`.

@@ -1,0 +1,380 @@
+//! Saturation end to end: account budgets, saturated endpoints, in-flight
+//! caps and the delayed queue, with the real binary, real children and a
+//! real receiver on 127.0.0.1 that counts, delays and refuses.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn ndjson(messages: impl IntoIterator<Item = (String, String, i64)>) -> String {
+    messages
+        .into_iter()
+        .map(|(topic, account, priority)| {
+            format!("{{\"topic\":\"{topic}\",\"account\":\"{account}\",\"payload\":{{}},\"priority\":{priority}}}\n")
+        })
+        .collect()
+}
+
+fn enqueue_ndjson(env: &Env, text: &str) {
+    let out = env.cronpost_with_stdin(&["enqueue", "--ndjson"], text.as_bytes());
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+fn delivered_of_account(env: &Env, account: &str) -> i64 {
+    env.db()
+        .query_row(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered' AND account = ?1",
+            [account],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+fn stats(env: &Env) -> serde_json::Value {
+    serde_json::from_str(&env.ok(&["stats", "--json"])).unwrap()
+}
+
+#[test]
+fn a_noisy_account_is_rate_limited_while_quiet_accounts_flow_in_the_first_run() {
+    let rx = Receiver::start();
+    let env = Env::new(
+        "max_children = 8\nmax_messages = 100000",
+        &format!(
+            "[account_budget.overrides]\nnoisy = {{ rate = 50 }}\n\n{}",
+            endpoint("hook", &rx.url("/hook"), &["t"], "")
+        ),
+    );
+    enqueue_ndjson(
+        &env,
+        &ndjson((0..5000).map(|_| ("t".into(), "noisy".into(), 0))),
+    );
+    enqueue_ndjson(
+        &env,
+        &ndjson((0..200).map(|i| ("t".into(), format!("quiet{}", i % 10), 0))),
+    );
+
+    let started = Instant::now();
+    env.run();
+    let first_run = started.elapsed();
+
+    assert_eq!(
+        env.query_i64(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered' AND account != 'noisy'"
+        ),
+        200
+    );
+    // The noisy account got its burst (50) and then 50/s at most.
+    let noisy = delivered_of_account(&env, "noisy");
+    let allowed = 50 + (first_run.as_secs_f64() * 50.0).ceil() as i64 + 1;
+    assert!(
+        noisy <= allowed,
+        "{noisy} noisy deliveries in {first_run:?}, allowed {allowed}"
+    );
+    let json = stats(&env);
+    assert_eq!(json["held_accounts"][0]["account"], "noisy", "{json}");
+    assert!(
+        env.query_i64("SELECT count(*) FROM deliveries WHERE reason = 'account_budget'") > 4000
+    );
+
+    run_until(
+        &env,
+        Duration::from_secs(400),
+        "the noisy account drained",
+        || delivered_of_account(&env, "noisy") == 5000,
+    );
+    // Over the whole drain the noisy account never beat its rate.
+    let noisy_times: Vec<Instant> = rx
+        .received()
+        .iter()
+        .filter(|r| r.header("cronpost-account") == "noisy")
+        .map(|r| r.at)
+        .collect();
+    let span = *noisy_times.iter().max().unwrap() - *noisy_times.iter().min().unwrap();
+    assert!(
+        span >= Duration::from_secs_f64((5000.0 - 50.0) / 50.0 * 0.98),
+        "5000 at 50/s took only {span:?}"
+    );
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in rx.received() {
+        *seen.entry(r.header("webhook-id").to_string()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 5200);
+    assert!(seen.values().all(|&n| n == 1));
+}
+
+#[test]
+fn retry_after_holds_a_saturated_endpoint_while_others_are_not_slowed() {
+    let rx = Receiver::start();
+    let endpoints = endpoint("slow", &rx.url("/slow"), &["s"], "max_in_flight = 1")
+        + &endpoint("fast", &rx.url("/fast"), &["f"], "");
+    let env = Env::new("max_children = 4", &endpoints);
+    rx.queue("/slow", &[Reply::RetryAfter(429, "2")]);
+    enqueue_ndjson(&env, &ndjson((0..5).map(|_| ("s".into(), "a".into(), 0))));
+    enqueue_ndjson(&env, &ndjson((0..20).map(|_| ("f".into(), "a".into(), 0))));
+
+    env.run();
+
+    let slow = rx.received_on("/slow");
+    assert_eq!(slow.len(), 1, "one request, answered 429");
+    let fast = rx.received_on("/fast");
+    assert_eq!(fast.len(), 20, "the other endpoint drained in the same run");
+    let held_from = slow[0].at;
+    assert!(
+        fast.iter()
+            .all(|r| r.at < held_from + Duration::from_secs(2)),
+        "not slowed by the held endpoint"
+    );
+    assert_eq!(
+        env.query_i64("SELECT count(*) FROM deliveries WHERE reason = 'endpoint_saturated'"),
+        5
+    );
+    let json = stats(&env);
+    assert_eq!(json["saturated_endpoints"][0]["endpoint"], "slow", "{json}");
+    assert!(
+        env.ok(&["stats"])
+            .contains("endpoint slow saturated, cool-down")
+    );
+
+    run_until(
+        &env,
+        Duration::from_secs(60),
+        "the held deliveries delivered",
+        || env.count_state("delivered") == 25,
+    );
+    let slow = rx.received_on("/slow");
+    assert_eq!(slow.len(), 6);
+    assert!(
+        slow[1].at >= held_from + Duration::from_secs(2),
+        "no request before Retry-After passed: {:?}",
+        slow[1].at - held_from
+    );
+    assert!(
+        stats(&env)["saturated_endpoints"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "the breaker closed on success"
+    );
+}
+
+#[test]
+fn max_in_flight_holds_across_two_concurrent_runs() {
+    let rx = Receiver::start();
+    rx.set_default("/slow", Reply::Delayed(Duration::from_millis(200), 200));
+    let env = Env::new(
+        "max_children = 8",
+        &endpoint(
+            "slow",
+            &rx.url("/slow"),
+            &["t"],
+            "max_in_flight = 3\nanswer_window = \"2s\"",
+        ),
+    );
+    enqueue_ndjson(
+        &env,
+        &ndjson((0..30).map(|i| ("t".into(), format!("a{i}"), 0))),
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while env.count_state("delivered") < 30 {
+        assert!(Instant::now() < deadline, "timed out");
+        let runs: Vec<Child> = (0..2)
+            .map(|_| env.command(&["run"]).spawn().unwrap())
+            .collect();
+        for mut run in runs {
+            assert!(run.wait().unwrap().success());
+        }
+    }
+    assert_eq!(rx.received_on("/slow").len(), 30, "each delivered once");
+    let max = rx.max_concurrency();
+    assert!(max <= 3, "the receiver saw {max} requests at once");
+    assert!(max >= 2, "runs did post concurrently ({max})");
+}
+
+#[test]
+fn a_down_endpoint_is_probed_once_per_cool_down_and_drains_when_back() {
+    let rx = Receiver::start();
+    rx.set_default("/down", Reply::Status(503));
+    let env = Env::new(
+        "max_children = 4",
+        &endpoint(
+            "down",
+            &rx.url("/down"),
+            &["t"],
+            "cooldown_base = \"300ms\"\ncooldown_cap = \"300ms\"\nmax_attempts = 100\nbackoff_base = \"10ms\"\nbackoff_cap = \"10ms\"",
+        ),
+    );
+    enqueue_ndjson(
+        &env,
+        &ndjson((0..10).map(|i| ("t".into(), format!("a{i}"), 0))),
+    );
+
+    run_until(&env, Duration::from_secs(60), "five probes", || {
+        rx.received_on("/down").len() >= 8
+    });
+    let times: Vec<Instant> = rx.received_on("/down").iter().map(|r| r.at).collect();
+    // The first wave went out before the first 503 came back (at most one per
+    // child); after it, one request per cool-down.
+    let first = times[0];
+    let after: Vec<Instant> = times
+        .iter()
+        .copied()
+        .filter(|&t| t >= first + Duration::from_millis(100))
+        .collect();
+    assert!(
+        times.len() - after.len() <= 4,
+        "first wave: {}",
+        times.len() - after.len()
+    );
+    assert!(after.len() >= 3);
+    let mut previous = first;
+    for t in &after {
+        assert!(
+            *t - previous >= Duration::from_millis(300),
+            "probes {:?} apart",
+            *t - previous
+        );
+        previous = *t;
+    }
+    assert_eq!(env.count_state("dead"), 0);
+
+    rx.set_default("/down", Reply::Status(200));
+    run_until(&env, Duration::from_secs(60), "drained", || {
+        env.count_state("delivered") == 10
+    });
+}
+
+#[test]
+fn eligible_delayed_deliveries_are_not_starved_by_a_ready_backlog() {
+    for (share, expect_all) in [("0.2", true), ("0", false)] {
+        let rx = Receiver::start();
+        let env = Env::new(
+            &format!("max_children = 4\nmax_messages = 100\ndelayed_share = {share}"),
+            &endpoint("hook", &rx.url("/hook"), &["t"], ""),
+        );
+        // Ten delayed messages, eligible in 300 ms, then a ready backlog of
+        // higher priority larger than a run can drain.
+        let delayed: String = (0..10)
+            .map(|i| format!("{{\"topic\":\"t\",\"account\":\"late{i}\",\"payload\":{{}},\"delay\":\"300ms\"}}\n"))
+            .collect();
+        enqueue_ndjson(&env, &delayed);
+        env.run(); // routes them into the delayed queue; nothing is due yet
+        assert_eq!(
+            env.query_i64("SELECT count(*) FROM deliveries WHERE reason = 'scheduled'"),
+            10
+        );
+        let eligible_at = env.query_i64("SELECT max(available_at) FROM messages");
+        enqueue_ndjson(
+            &env,
+            &ndjson((0..300).map(|i| ("t".into(), format!("busy{}", i % 30), 10))),
+        );
+        wait_until(
+            Duration::from_secs(10),
+            "the delayed messages are due",
+            || cronpost::store::now_ms() > eligible_at,
+        );
+
+        env.run();
+
+        let late = env.query_i64(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered' AND account LIKE 'late%'",
+        );
+        assert_eq!(env.count_state("delivered"), 100, "share {share}");
+        if expect_all {
+            assert_eq!(
+                late, 10,
+                "with delayed_share {share} every eligible delayed delivery went in the run"
+            );
+        } else {
+            assert_eq!(late, 0, "with delayed_share 0 the ready backlog goes first");
+        }
+    }
+}
+
+#[test]
+fn budget_and_saturation_state_survive_between_runs() {
+    let rx = Receiver::start();
+    rx.queue("/sat", &[Reply::RetryAfter(503, "30")]);
+    let endpoints = endpoint("sat", &rx.url("/sat"), &["s"], "max_in_flight = 1")
+        + &endpoint("budget", &rx.url("/budget"), &["b"], "");
+    let env = Env::new(
+        "",
+        &format!("[account_budget.overrides]\nslow = {{ rate = 0.2 }}\n\n{endpoints}"),
+    );
+    enqueue_ndjson(
+        &env,
+        &ndjson([("s".into(), "x".into(), 0), ("s".into(), "x".into(), 0)]),
+    );
+    enqueue_ndjson(
+        &env,
+        &ndjson((0..3).map(|_| ("b".into(), "slow".into(), 0))),
+    );
+
+    env.run();
+    assert_eq!(rx.received_on("/sat").len(), 1);
+    assert_eq!(rx.received_on("/budget").len(), 1);
+
+    env.run();
+    assert_eq!(
+        rx.received_on("/sat").len(),
+        1,
+        "the second run honours the first run's cool-down"
+    );
+    assert_eq!(
+        rx.received_on("/budget").len(),
+        1,
+        "and the account's budget"
+    );
+    let json = stats(&env);
+    assert_eq!(json["saturated_endpoints"][0]["endpoint"], "sat");
+    assert!(
+        json["saturated_endpoints"][0]["cooldown_left_seconds"]
+            .as_f64()
+            .unwrap()
+            > 20.0
+    );
+    assert_eq!(json["held_accounts"][0]["account"], "slow");
+    assert_eq!(json["held_accounts"][0]["delayed"], 2);
+}
+
+#[test]
+fn bad_saturation_settings_are_config_errors() {
+    let rx = Receiver::start();
+    let env = Env::new("", &endpoint("e", &rx.url("/e"), &["t"], ""));
+    let good = std::fs::read_to_string(&env.config).unwrap();
+    for (text, expected) in [
+        (
+            good.replace("[run]\n", "[run]\ndelayed_share = 2.0\n"),
+            "run.delayed_share = 2",
+        ),
+        (
+            format!("{good}\n[account_budget]\nrate = 0\n"),
+            "account_budget.rate = 0",
+        ),
+        (
+            format!("{good}\n[account_budget]\nburst = 5\n"),
+            "account_budget.burst needs a account_budget.rate",
+        ),
+        (
+            good.replace("secret", "max_in_flight = 0\nsecret"),
+            "endpoints.e.max_in_flight = 0",
+        ),
+        (
+            good.replace("secret", "rate = -1\nsecret"),
+            "endpoints.e.rate = -1",
+        ),
+    ] {
+        env.write_config(&text);
+        let out = env.cronpost(&["check-config"]);
+        assert_eq!(out.status.code(), Some(78), "{expected}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(expected),
+            "{expected}: {}",
+            stderr(&out)
+        );
+    }
+}

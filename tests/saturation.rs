@@ -216,29 +216,31 @@ fn a_down_endpoint_is_probed_once_per_cool_down_and_drains_when_back() {
     run_until(&env, Duration::from_secs(60), "five probes", || {
         rx.received_on("/down").len() >= 8
     });
-    let times: Vec<Instant> = rx.received_on("/down").iter().map(|r| r.at).collect();
-    // The first wave went out before the first 503 came back (at most one per
-    // child); after it, one request per cool-down.
-    let first = times[0];
-    let after: Vec<Instant> = times
-        .iter()
-        .copied()
-        .filter(|&t| t >= first + Duration::from_millis(100))
-        .collect();
-    assert!(
-        times.len() - after.len() <= 4,
-        "first wave: {}",
-        times.len() - after.len()
-    );
-    assert!(after.len() >= 3);
-    let mut previous = first;
-    for t in &after {
+    // Every request the receiver saw is an attempt, finished (503) by now.
+    let attempts: Vec<(i64, i64)> = env
+        .db()
+        .prepare("SELECT started_at, finished_at FROM attempts ORDER BY started_at")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(attempts.len(), rx.received_on("/down").len());
+    // The first wave was leased before the first 503 came back (at most one
+    // per child); after it, each probe starts a full cool-down after the
+    // previous one's answer.
+    let opened = attempts.iter().map(|a| a.1).min().unwrap();
+    let (wave, probes): (Vec<&(i64, i64)>, Vec<_>) = attempts.iter().partition(|a| a.0 < opened);
+    assert!(wave.len() <= 4, "first wave: {wave:?}");
+    assert!(probes.len() >= 3, "{attempts:?}");
+    let mut last_answer = wave.iter().map(|a| a.1).max().unwrap();
+    for &(started, finished) in probes {
         assert!(
-            *t - previous >= Duration::from_millis(300),
-            "probes {:?} apart",
-            *t - previous
+            started - last_answer >= 300,
+            "a probe {} ms after the last answer",
+            started - last_answer
         );
-        previous = *t;
+        last_answer = finished;
     }
     assert_eq!(env.count_state("dead"), 0);
 

@@ -9,8 +9,9 @@ use serde_json::json;
 
 use crate::config::{self, Config, Secret};
 use crate::error::{Error, ExitCode, Result};
+use crate::signals::Signals;
 use crate::store::{DeliveryState, SqliteStore, Stats, Store, now_ms};
-use crate::{demo, dispatcher, enqueue, receiver};
+use crate::{daemon, demo, dispatcher, enqueue, metrics, receiver};
 
 /// cronpost: a SQLite-backed webhook dispatcher.
 #[derive(Parser, Debug)]
@@ -25,8 +26,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// One dispatcher run: route, fork children, deliver, exit.
+    /// One dispatcher run: route, fork children, deliver, exit (for a timer).
     Run,
+    /// Start a run at each time of the config's cron `schedule` (systemd Type=notify).
+    Daemon,
     /// Publish one message (payload from --data or stdin), or many with --ndjson.
     Enqueue(EnqueueArgs),
     /// Queue depth per endpoint and state, oldest ready age, the last run.
@@ -86,7 +89,15 @@ struct EnqueueArgs {
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // rusqlite_migration logs every open at info; its news is in `migrate`.
+    let mut logger = env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,rusqlite_migration=warn"),
+    );
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        // journald stamps every line itself.
+        logger.format_timestamp(None);
+    }
+    logger.init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -124,7 +135,13 @@ fn execute(cli: Cli) -> Result<()> {
         command => {
             let config = Config::load(&cli.config)?;
             match command {
-                Command::Run => dispatcher::run_once(&config).map(drop),
+                Command::Run => {
+                    let signals = Signals::install()?;
+                    let started = std::time::Instant::now();
+                    let run = dispatcher::run_once(&config, &signals, &mut || {})?;
+                    metrics::publish(&config, &run, started.elapsed())
+                }
+                Command::Daemon => daemon::run(&cli.config),
                 Command::Enqueue(args) => enqueue(&config, args),
                 Command::Stats { json } => stats(&config, json),
                 Command::CheckConfig => check_config(&config),

@@ -33,6 +33,10 @@ pub struct Config {
     pub run: RunLimits,
     /// Per-account rate limits (`[account_budget]`).
     pub account_budget: AccountBudget,
+    /// When `cronpost daemon` starts a run (cron with seconds), and its text.
+    pub schedule: Option<(cron::Schedule, String)>,
+    /// Where the Prometheus text file goes after each run.
+    pub metrics_file: Option<PathBuf>,
     /// The endpoints, sorted by name.
     pub endpoints: Vec<Endpoint>,
     /// Settings that are allowed but probably wrong, one line each.
@@ -55,6 +59,8 @@ pub struct RunLimits {
     /// The share of children that take eligible delayed deliveries first,
     /// so a continuous ready backlog never starves the delayed queue.
     pub delayed_share: f64,
+    /// After SIGTERM/SIGINT, how long children in flight may finish.
+    pub stop_grace: Duration,
 }
 
 /// Per-account budgets: a default rate and per-account overrides.
@@ -296,6 +302,8 @@ struct RawConfig {
     run: RawRun,
     #[serde(default)]
     account_budget: RawBudget,
+    schedule: Option<Spanned<String>>,
+    metrics_file: Option<Spanned<String>>,
     endpoints: Option<Spanned<BTreeMap<String, Spanned<RawEndpoint>>>>,
 }
 
@@ -308,6 +316,7 @@ struct RawRun {
     lease_timeout: Option<Spanned<String>>,
     child_deadline: Option<Spanned<String>>,
     delayed_share: Option<Spanned<f64>>,
+    stop_grace: Option<Spanned<String>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -363,6 +372,29 @@ impl RawConfig {
             64 << 20,
         )? as usize;
         let run = self.run.validate(at)?;
+        let schedule = match self.schedule {
+            None => None,
+            Some(text) => {
+                let parsed = text.get_ref().parse::<cron::Schedule>().map_err(|e| {
+                    at.error(
+                        text.span(),
+                        "schedule",
+                        format!(
+                            "= {:?} is not a cron expression with seconds, like \"*/5 * * * * *\" ({e})",
+                            text.get_ref()
+                        ),
+                    )
+                })?;
+                Some((parsed, text.into_inner()))
+            }
+        };
+        let metrics_file = match self.metrics_file {
+            Some(path) if path.get_ref().trim().is_empty() => {
+                return Err(at.error(path.span(), "metrics_file", "must not be empty"));
+            }
+            Some(path) => Some(base.join(path.get_ref())),
+            None => None,
+        };
         let mut account_budget = AccountBudget {
             default: at.rate(
                 &self.account_budget.rate,
@@ -401,6 +433,8 @@ impl RawConfig {
             max_payload_bytes,
             run,
             account_budget,
+            schedule,
+            metrics_file,
             endpoints,
             warnings,
         })
@@ -466,6 +500,11 @@ impl RawRun {
             lease_timeout,
             child_deadline,
             delayed_share,
+            stop_grace: at.duration_or(
+                &self.stop_grace,
+                "run.stop_grace",
+                Duration::from_secs(10),
+            )?,
         })
     }
 }

@@ -1,20 +1,19 @@
 //! The dispatcher parent: one run. It prepares the queue (migrate, route,
-//! reclaim expired leases, promote due retries), then forks up to
-//! `max_children` children at a time, each delivering one message, reaps
-//! them, kills any past its deadline, and settles the leases of children that
-//! died. It stays single-threaded and holds no database connection while it
-//! forks: it opens one only for short bookkeeping steps between forks, and
-//! children open their own. SIGCHLD wakes it through a self-pipe
-//! (signal-hook), so it waits in poll(2) and never sleeps blindly.
+//! reclaim expired leases), then forks children, each delivering one
+//! message, at most `max_children` alive across every process dispatching
+//! from the database (see `slots`); it reaps them, kills any past its
+//! deadline, and settles the leases of children that died. It stays
+//! single-threaded and holds no database connection while it forks: it opens
+//! one only for short bookkeeping steps between forks, and children open
+//! their own. It sleeps in poll(2) on the signal pipe (see `signals`), never
+//! blindly. SIGTERM/SIGINT stop the forking; children in flight get
+//! `stop_grace` to finish before they are killed and their leases settled.
 
 use std::collections::HashMap;
-use std::io::Read;
-use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
+use std::fs::File;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigHandler, Signal, kill, signal};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
@@ -24,11 +23,14 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::lease;
 use crate::routing;
+use crate::signals::Signals;
+use crate::slots::Slots;
 use crate::store::{Queue, RouteParams, RunRecord, SqliteStore, Store, now_ms};
 
 /// Messages routed per transaction.
 const ROUTE_BATCH: usize = 5_000;
-/// How long to wait before forking again when the counted work was all held back.
+/// How long to wait before forking again when the counted work was all held
+/// back, or every slot was taken by another process's children.
 const HELD_BACK_PAUSE: Duration = Duration::from_millis(50);
 
 struct Child {
@@ -38,10 +40,29 @@ struct Child {
 }
 
 /// One dispatcher run, from preparation to the last reaped child.
-pub fn run_once(config: &Config) -> Result<RunRecord> {
+/// `heartbeat` is called at least once a second while the run goes.
+pub fn run_once(
+    config: &Config,
+    signals: &Signals,
+    heartbeat: &mut dyn FnMut(),
+) -> Result<RunRecord> {
     let started = Instant::now();
     let mut run = prepare(config)?;
-    let mut parent = Parent::new(config, &run)?;
+    let mut parent = Parent {
+        config,
+        signals,
+        heartbeat,
+        slots: Slots::new(&config.database, config.run.max_children)?,
+        run_id: run.id,
+        token: rand::random(),
+        children: HashMap::new(),
+        dead_children: Vec::new(),
+        delayed_forks: 0,
+        budget: 0,
+        saw_empty: false,
+        deadline: Instant::now() + config.run.max_runtime,
+        stopping_since: None,
+    };
     let loop_result = parent.fork_until_done(&mut run);
     // Whatever happened, no child is left behind.
     parent.kill_all_and_reap(&mut run);
@@ -50,7 +71,13 @@ pub fn run_once(config: &Config) -> Result<RunRecord> {
 
     run.finished_at = Some(now_ms());
     open(config)?.run_finish(&run)?;
-    log::info!(
+    log::info!("{}", summary(&run, started.elapsed()));
+    Ok(run)
+}
+
+/// The one-line summary of a run.
+pub fn summary(run: &RunRecord, took: Duration) -> String {
+    format!(
         "run {}: routed {} messages, reclaimed {} leases, forked {} children: {} delivered, {} retried, {} dead, {} failed in {:.2}s",
         run.id,
         run.routed,
@@ -60,9 +87,8 @@ pub fn run_once(config: &Config) -> Result<RunRecord> {
         run.retried,
         run.dead,
         run.failed,
-        started.elapsed().as_secs_f64()
-    );
-    Ok(run)
+        took.as_secs_f64()
+    )
 }
 
 fn open(config: &Config) -> Result<SqliteStore> {
@@ -105,6 +131,9 @@ fn prepare(config: &Config) -> Result<RunRecord> {
 
 struct Parent<'c> {
     config: &'c Config,
+    signals: &'c Signals,
+    heartbeat: &'c mut dyn FnMut(),
+    slots: Slots,
     run_id: i64,
     token: u64,
     children: HashMap<Pid, Child>,
@@ -113,59 +142,48 @@ struct Parent<'c> {
     dead_children: Vec<(String, String, bool)>,
     /// Children forked that take from the delayed queue first.
     delayed_forks: u64,
-    /// Children to fork before the queue is checked again: the ready count
-    /// seen at the last check, less the children forked since. Zero too when a
-    /// child found nothing to lease.
+    /// Children to fork before the queue is checked again: the leasable count
+    /// seen at the last check, less the children forked since. Zero too when
+    /// a child found nothing to lease.
     budget: u64,
     /// A child found nothing it could lease although work was counted: the
     /// work is held back (in-flight caps, probes), maybe by another run.
     saw_empty: bool,
-    sigchld: UnixStream,
-    sigchld_id: signal_hook::SigId,
     deadline: Instant,
+    /// When SIGTERM/SIGINT came.
+    stopping_since: Option<Instant>,
 }
 
-impl<'c> Parent<'c> {
-    fn new(config: &'c Config, run: &RunRecord) -> Result<Parent<'c>> {
-        let (sigchld, write_end) =
-            UnixStream::pair().map_err(|e| Error::io("cannot make the SIGCHLD pipe", e))?;
-        sigchld
-            .set_nonblocking(true)
-            .map_err(|e| Error::io("cannot make the SIGCHLD pipe", e))?;
-        let sigchld_id =
-            signal_hook::low_level::pipe::register(signal_hook::consts::SIGCHLD, write_end)
-                .map_err(|e| Error::io("cannot handle SIGCHLD", e))?;
-        Ok(Parent {
-            config,
-            run_id: run.id,
-            token: rand::random(),
-            children: HashMap::new(),
-            dead_children: Vec::new(),
-            delayed_forks: 0,
-            budget: 0,
-            saw_empty: false,
-            sigchld,
-            sigchld_id,
-            deadline: Instant::now() + config.run.max_runtime,
-        })
-    }
-
+impl Parent<'_> {
     fn fork_until_done(&mut self, run: &mut RunRecord) -> Result<()> {
         self.count_ready(&mut open(self.config)?, run)?;
         loop {
+            (self.heartbeat)();
             self.reap(run);
             self.settle_dead_children(run)?;
+            self.notice_stop();
             self.kill_overdue();
-            let may_fork =
-                run.forked < self.config.run.max_messages && Instant::now() < self.deadline;
+            let may_fork = self.stopping_since.is_none()
+                && run.forked < self.config.run.max_messages
+                && Instant::now() < self.deadline;
             if may_fork && self.budget > 0 && self.children.len() < self.config.run.max_children {
-                self.fork_child(run)?;
-                continue;
+                match self.slots.try_acquire()? {
+                    Some(slot) => {
+                        self.fork_child(run, slot)?;
+                        continue;
+                    }
+                    // Another process's children hold every slot.
+                    None if self.children.is_empty() => {
+                        self.signals.wait(HELD_BACK_PAUSE);
+                        continue;
+                    }
+                    None => {}
+                }
             }
             if self.children.is_empty() {
                 if may_fork && std::mem::take(&mut self.saw_empty) {
                     // Do not spin on work another run is holding.
-                    self.wait_at_most(HELD_BACK_PAUSE);
+                    self.signals.wait(HELD_BACK_PAUSE);
                 }
                 if !may_fork || !self.more_work(run)? {
                     return Ok(());
@@ -176,8 +194,6 @@ impl<'c> Parent<'c> {
         }
     }
 
-    /// Whether work came up since a child found the queue empty: retries
-    /// whose backoff ended, leases that expired.
     fn more_work(&mut self, run: &mut RunRecord) -> Result<bool> {
         let mut store = open(self.config)?;
         let now = now_ms();
@@ -191,7 +207,7 @@ impl<'c> Parent<'c> {
         Ok(())
     }
 
-    fn fork_child(&mut self, run: &mut RunRecord) -> Result<()> {
+    fn fork_child(&mut self, run: &mut RunRecord, slot: File) -> Result<()> {
         let owner = format!("{:016x}.{}", self.token, run.forked);
         // Every 1/delayed_share-th child takes eligible delayed deliveries
         // first, so a continuous ready backlog cannot starve them.
@@ -214,13 +230,17 @@ impl<'c> Parent<'c> {
                     prefer,
                 };
                 let code = child::main(self.config, &ctx) as i32;
-                // _exit: no destructors or atexit handlers of the parent's state.
+                // The slot's lock goes with the process. _exit: no destructors
+                // or atexit handlers of the parent's state.
+                let _slot = slot;
                 unsafe { nix::libc::_exit(code) }
             }
             Ok(ForkResult::Parent { child }) => {
+                // Closing our descriptor leaves the lock to the child.
+                drop(slot);
                 run.forked += 1;
-                self.delayed_forks += u64::from(prefer == Queue::Delayed);
                 self.budget -= 1;
+                self.delayed_forks += u64::from(prefer == Queue::Delayed);
                 self.children.insert(
                     child,
                     Child {
@@ -241,6 +261,17 @@ impl<'c> Parent<'c> {
                 self.budget = 0;
                 Ok(())
             }
+        }
+    }
+
+    fn notice_stop(&mut self) {
+        if self.stopping_since.is_none() && self.signals.stop_requested() {
+            log::info!(
+                "stop requested: forking no more; {} children get up to {} to finish",
+                self.children.len(),
+                humantime::format_duration(self.config.run.stop_grace)
+            );
+            self.stopping_since = Some(Instant::now());
         }
     }
 
@@ -321,44 +352,51 @@ impl<'c> Parent<'c> {
         Ok(())
     }
 
+    /// Kills children past their deadline, and every child once a stop's
+    /// grace period is over.
     fn kill_overdue(&mut self) {
         let deadline = self.config.run.child_deadline;
+        let grace_over = self
+            .stopping_since
+            .is_some_and(|since| since.elapsed() >= self.config.run.stop_grace);
         for (pid, child) in &mut self.children {
-            if !child.killed && child.started.elapsed() >= deadline {
-                log::warn!("child {pid} passed its deadline of {deadline:?}; killing it");
-                let _ = kill(*pid, Signal::SIGKILL);
-                child.killed = true;
+            if child.killed {
+                continue;
             }
+            if child.started.elapsed() >= deadline {
+                log::warn!("child {pid} passed its deadline of {deadline:?}; killing it");
+            } else if grace_over {
+                log::warn!(
+                    "child {pid} still running at the end of the stop grace period; killing it"
+                );
+            } else {
+                continue;
+            }
+            let _ = kill(*pid, Signal::SIGKILL);
+            child.killed = true;
         }
     }
 
-    /// Sleeps in poll(2) until a child exits (SIGCHLD) or the next child
-    /// deadline or run deadline comes.
+    /// Sleeps until a signal (a child exits, a stop) or the next child
+    /// deadline, the stop's grace end or the run's deadline.
     fn wait(&mut self) {
-        let next_deadline = self
+        let grace_end = self
+            .stopping_since
+            .map(|since| since + self.config.run.stop_grace);
+        let next = self
             .children
             .values()
             .filter(|c| !c.killed)
             .map(|c| c.started + self.config.run.child_deadline)
             .chain([self.deadline])
+            .chain(grace_end)
             .min()
             .unwrap_or(self.deadline);
-        // Killed children are reaped on SIGCHLD; cap the wait anyway so a
-        // lost wake-up can only delay us, never hang us.
-        self.wait_at_most(
-            next_deadline
-                .saturating_duration_since(Instant::now())
+        // Capped, so the heartbeat beats and a lost wake-up only delays us.
+        self.signals.wait(
+            next.saturating_duration_since(Instant::now())
                 .min(Duration::from_secs(1)),
         );
-    }
-
-    fn wait_at_most(&mut self, timeout: Duration) {
-        let timeout =
-            PollTimeout::try_from(timeout.as_millis() as u64 + 1).unwrap_or(PollTimeout::MAX);
-        let mut fds = [PollFd::new(self.sigchld.as_fd(), PollFlags::POLLIN)];
-        let _ = poll(&mut fds, timeout);
-        let mut buf = [0u8; 256];
-        while matches!(self.sigchld.read(&mut buf), Ok(n) if n > 0) {}
     }
 
     fn kill_all_and_reap(&mut self, run: &mut RunRecord) {
@@ -375,12 +413,6 @@ impl<'c> Parent<'c> {
                 Err(_) => break,
             }
         }
-    }
-}
-
-impl Drop for Parent<'_> {
-    fn drop(&mut self) {
-        signal_hook::low_level::unregister(self.sigchld_id);
     }
 }
 

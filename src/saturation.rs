@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use crate::config::{Config, Endpoint};
-use crate::store::{EndpointLimits, LeasePolicy, ms};
+use crate::store::{EndpointLimits, LeasePolicy};
 
 /// A rate with a burst: `per_second` on average, `burst` back to back.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -122,16 +122,6 @@ impl LeasePolicy for Config {
             .filter_map(|e| e.max_in_flight.map(|cap| (e.name.clone(), cap)))
             .collect()
     }
-}
-
-/// Milliseconds as a stored integer time, rounded up so a slot is never early.
-pub fn ceil_ms(t: f64) -> i64 {
-    t.ceil() as i64
-}
-
-/// A duration in ms as f64.
-pub fn ms_f64(d: Duration) -> f64 {
-    ms(d) as f64
 }
 
 #[cfg(test)]

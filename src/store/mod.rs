@@ -407,6 +407,15 @@ pub struct RunRecord {
     pub failed: u64,
 }
 
+/// Every recorded run added up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunTotals {
+    /// Runs recorded.
+    pub runs: u64,
+    /// Their counters, summed (ids and times unused).
+    pub sums: RunRecord,
+}
+
 /// A delivery as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeliveryRow {
@@ -557,6 +566,9 @@ pub trait Store {
 
     /// Writes a run's final counters.
     fn run_finish(&mut self, run: &RunRecord) -> Result<()>;
+
+    /// Every recorded run added up.
+    fn run_totals(&mut self) -> Result<RunTotals>;
 
     /// One delivery.
     fn delivery_get(&mut self, id: i64) -> Result<Option<DeliveryRow>>;

@@ -775,6 +775,33 @@ impl Store for SqliteStore {
         })
     }
 
+    fn run_totals(&mut self) -> Result<RunTotals> {
+        self.conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(routed), 0), coalesce(sum(reclaimed), 0), coalesce(sum(forked), 0),
+                        coalesce(sum(delivered), 0), coalesce(sum(retried), 0), coalesce(sum(dead), 0),
+                        coalesce(sum(failed), 0)
+                 FROM runs",
+                [],
+                |r| {
+                    Ok(RunTotals {
+                        runs: r.get(0)?,
+                        sums: RunRecord {
+                            routed: r.get(1)?,
+                            reclaimed: r.get(2)?,
+                            forked: r.get(3)?,
+                            delivered: r.get(4)?,
+                            retried: r.get(5)?,
+                            dead: r.get(6)?,
+                            failed: r.get(7)?,
+                            ..RunRecord::default()
+                        },
+                    })
+                },
+            )
+            .map_err(|e| self.err(e))
+    }
+
     fn delivery_get(&mut self, id: i64) -> Result<Option<DeliveryRow>> {
         self.conn
             .query_row(

@@ -1,0 +1,191 @@
+//! Metrics: after each run, a Prometheus text file for node_exporter's
+//! textfile collector, written to a temporary file and renamed over the old
+//! one, so the collector never reads half a file. Gauges describe the queue
+//! and the last run; `_total` counters add up every run in the database.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::store::{DeliveryState, RunRecord, RunTotals, SqliteStore, Stats, Store, now_ms};
+
+/// Renders the metrics text.
+pub fn render(stats: &Stats, run: &RunRecord, took: Duration, totals: &RunTotals) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let deliveries: Vec<(String, f64)> = stats
+        .endpoints
+        .iter()
+        .flat_map(|e| {
+            DeliveryState::ALL.iter().zip(e.by_state).map(|(state, n)| {
+                (
+                    format!(
+                        "{{endpoint=\"{}\",state=\"{}\"}}",
+                        escape(&e.endpoint),
+                        state.as_str()
+                    ),
+                    n as f64,
+                )
+            })
+        })
+        .collect();
+    metric(
+        "cronpost_deliveries",
+        "gauge",
+        "Deliveries by endpoint and state.",
+        &deliveries,
+    );
+    let age = stats
+        .oldest_ready_age_ms
+        .map_or(0.0, |ms| ms as f64 / 1000.0);
+    metric(
+        "cronpost_oldest_ready_age_seconds",
+        "gauge",
+        "How long the oldest ready delivery has waited (0: none ready).",
+        &[(String::new(), age)],
+    );
+    metric(
+        "cronpost_unrouted_messages",
+        "gauge",
+        "Messages not routed to any endpoint yet.",
+        &[(String::new(), stats.unrouted_messages as f64)],
+    );
+    let saturated: Vec<(String, f64)> = stats
+        .saturated_endpoints
+        .iter()
+        .map(|h| {
+            let left = h.saturated_until.map_or(0, |u| (u - stats.now).max(0));
+            (
+                format!("{{endpoint=\"{}\"}}", escape(&h.endpoint)),
+                left as f64 / 1000.0,
+            )
+        })
+        .collect();
+    metric(
+        "cronpost_endpoint_cooldown_seconds",
+        "gauge",
+        "Cool-down left of endpoints whose circuit breaker is open or half-open.",
+        &saturated,
+    );
+    let held: Vec<(String, f64)> = stats
+        .held_accounts
+        .iter()
+        .map(|h| {
+            (
+                format!("{{account=\"{}\"}}", escape(&h.account)),
+                h.delayed as f64,
+            )
+        })
+        .collect();
+    metric(
+        "cronpost_account_budget_delayed",
+        "gauge",
+        "Deliveries delayed by their account's budget.",
+        &held,
+    );
+    let outcomes = |r: &RunRecord| -> Vec<(String, f64)> {
+        [
+            ("delivered", r.delivered),
+            ("retried", r.retried),
+            ("dead", r.dead),
+            ("failed", r.failed),
+        ]
+        .iter()
+        .map(|(kind, n)| (format!("{{outcome=\"{kind}\"}}"), *n as f64))
+        .collect()
+    };
+    metric(
+        "cronpost_last_run_outcomes",
+        "gauge",
+        "Outcomes of the last run by kind.",
+        &outcomes(run),
+    );
+    metric(
+        "cronpost_last_run_duration_seconds",
+        "gauge",
+        "Wall time of the last run.",
+        &[(String::new(), took.as_secs_f64())],
+    );
+    metric(
+        "cronpost_last_run_children_forked",
+        "gauge",
+        "Children the last run forked.",
+        &[(String::new(), run.forked as f64)],
+    );
+    metric(
+        "cronpost_last_run_timestamp_seconds",
+        "gauge",
+        "When the last run finished, in Unix seconds.",
+        &[(
+            String::new(),
+            run.finished_at.unwrap_or(stats.now) as f64 / 1000.0,
+        )],
+    );
+    metric(
+        "cronpost_runs_total",
+        "counter",
+        "Runs recorded in the database.",
+        &[(String::new(), totals.runs as f64)],
+    );
+    metric(
+        "cronpost_outcomes_total",
+        "counter",
+        "Outcomes of every recorded run by kind.",
+        &outcomes(&totals.sums),
+    );
+    metric(
+        "cronpost_children_forked_total",
+        "counter",
+        "Children forked by every recorded run.",
+        &[(String::new(), totals.sums.forked as f64)],
+    );
+    out
+}
+
+/// Writes the metrics file after a run, when the config names one.
+pub fn publish(config: &Config, run: &RunRecord, took: Duration) -> Result<()> {
+    let Some(path) = &config.metrics_file else {
+        return Ok(());
+    };
+    let mut store = SqliteStore::open(&config.database, config.busy_timeout)?;
+    let text = render(&store.stats(now_ms())?, run, took, &store.run_totals()?);
+    write_atomically(path, &text)
+}
+
+/// Escapes a label value: backslash, double quote and newline.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Writes `text` to `path` atomically: a temporary file beside it, renamed.
+pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(format!("metrics file {}", path.display()), e)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

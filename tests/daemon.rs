@@ -154,6 +154,68 @@ fn sigterm_lets_children_finish_within_the_grace_period_then_kills_them_and_lose
 }
 
 #[test]
+fn the_daemon_speaks_sd_notify_when_systemd_listens() {
+    let rx = Receiver::start();
+    let env = Env::new("", &endpoint("hook", &rx.url("/hook"), &["t"], ""));
+    with_schedule(&env, "*/1 * * * * *");
+    let socket_path = env.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let log = env.path().join("daemon.log");
+    let mut daemon = env
+        .command(&["daemon"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "400000")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    let mut buf = [0u8; 4096];
+    let mut read_until = |said: &mut String, want: &str| {
+        wait_until(Duration::from_secs(30), want, || {
+            if let Ok(n) = socket.recv(&mut buf) {
+                said.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+            said.contains(want)
+        })
+    };
+    read_until(&mut said, "READY=1");
+    read_until(&mut said, "STATUS=run ");
+    read_until(&mut said, "WATCHDOG=1");
+    kill(Pid::from_raw(daemon.id() as i32), Signal::SIGTERM).unwrap();
+    read_until(&mut said, "STOPPING=1");
+    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn under_journald_log_lines_carry_no_timestamp_of_their_own() {
+    let rx = Receiver::start();
+    let env = Env::new("", &endpoint("hook", &rx.url("/hook"), &["t"], ""));
+    env.enqueue("t", "acme", "{}");
+    let out = env
+        .command(&["run"])
+        .env("JOURNAL_STREAM", "8:1234")
+        .output()
+        .unwrap();
+    let log = stderr(&out);
+    let summary = log
+        .lines()
+        .find(|l| l.contains("run 1:"))
+        .expect("a summary line");
+    assert!(summary.starts_with("[INFO "), "{summary}");
+    let out = env.cronpost(&["run"]);
+    assert!(
+        stderr(&out)
+            .lines()
+            .any(|l| l.starts_with("[20") && l.contains("run 2:")),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn a_oneshot_run_stops_the_same_way_on_sigterm() {
     let rx = Receiver::start();
     rx.set_default("/slow", Reply::Hang);

@@ -298,19 +298,8 @@ fn two_concurrent_runs_never_exceed_the_global_child_limit() {
     let ndjson: String = (0..60)
         .map(|i| format!("{{\"topic\":\"t\",\"account\":\"a{i}\",\"payload\":{{}}}}\n"))
         .collect();
-    let out = env.cronpost_with_stdin(&["enqueue", "--ndjson"], ndjson.as_bytes());
-    assert!(out.status.success());
-
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while env.count_state("delivered") < 60 {
-        assert!(Instant::now() < deadline, "timed out");
-        let runs: Vec<Child> = (0..2)
-            .map(|_| env.command(&["run"]).spawn().unwrap())
-            .collect();
-        for mut run in runs {
-            assert!(run.wait().unwrap().success());
-        }
-    }
+    env.enqueue_ndjson(&ndjson);
+    env.run_concurrently_until_delivered(2, 60, Duration::from_secs(120));
     let max = rx.max_concurrency();
     assert!(
         max <= 4,

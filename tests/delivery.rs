@@ -126,8 +126,7 @@ fn two_thousand_messages_over_twenty_accounts_arrive_exactly_once_with_eight_chi
             )
         })
         .collect();
-    let out = env.cronpost_with_stdin(&["enqueue", "--ndjson"], ndjson.as_bytes());
-    assert!(out.status.success(), "{}", stderr(&out));
+    env.enqueue_ndjson(&ndjson);
 
     run_until(&env, Duration::from_secs(180), "all delivered", || {
         env.count_state("delivered") == 2000

@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Child;
+
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -17,11 +17,6 @@ fn ndjson(messages: impl IntoIterator<Item = (String, String, i64)>) -> String {
             format!("{{\"topic\":\"{topic}\",\"account\":\"{account}\",\"payload\":{{}},\"priority\":{priority}}}\n")
         })
         .collect()
-}
-
-fn enqueue_ndjson(env: &Env, text: &str) {
-    let out = env.cronpost_with_stdin(&["enqueue", "--ndjson"], text.as_bytes());
-    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 fn delivered_of_account(env: &Env, account: &str) -> i64 {
@@ -48,14 +43,10 @@ fn a_noisy_account_is_rate_limited_while_quiet_accounts_flow_in_the_first_run() 
             endpoint("hook", &rx.url("/hook"), &["t"], "")
         ),
     );
-    enqueue_ndjson(
-        &env,
-        &ndjson((0..5000).map(|_| ("t".into(), "noisy".into(), 0))),
-    );
-    enqueue_ndjson(
-        &env,
-        &ndjson((0..200).map(|i| ("t".into(), format!("quiet{}", i % 10), 0))),
-    );
+    env.enqueue_ndjson(&ndjson((0..5000).map(|_| ("t".into(), "noisy".into(), 0))));
+    env.enqueue_ndjson(&ndjson(
+        (0..200).map(|i| ("t".into(), format!("quiet{}", i % 10), 0)),
+    ));
 
     let started = Instant::now();
     env.run();
@@ -113,8 +104,8 @@ fn retry_after_holds_a_saturated_endpoint_while_others_are_not_slowed() {
         + &endpoint("fast", &rx.url("/fast"), &["f"], "");
     let env = Env::new("max_children = 4", &endpoints);
     rx.queue("/slow", &[Reply::RetryAfter(429, "2")]);
-    enqueue_ndjson(&env, &ndjson((0..5).map(|_| ("s".into(), "a".into(), 0))));
-    enqueue_ndjson(&env, &ndjson((0..20).map(|_| ("f".into(), "a".into(), 0))));
+    env.enqueue_ndjson(&ndjson((0..5).map(|_| ("s".into(), "a".into(), 0))));
+    env.enqueue_ndjson(&ndjson((0..20).map(|_| ("f".into(), "a".into(), 0))));
 
     env.run();
 
@@ -174,21 +165,9 @@ fn max_in_flight_holds_across_two_concurrent_runs() {
             "max_in_flight = 3\nanswer_window = \"2s\"",
         ),
     );
-    enqueue_ndjson(
-        &env,
-        &ndjson((0..30).map(|i| ("t".into(), format!("a{i}"), 0))),
-    );
+    env.enqueue_ndjson(&ndjson((0..30).map(|i| ("t".into(), format!("a{i}"), 0))));
 
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while env.count_state("delivered") < 30 {
-        assert!(Instant::now() < deadline, "timed out");
-        let runs: Vec<Child> = (0..2)
-            .map(|_| env.command(&["run"]).spawn().unwrap())
-            .collect();
-        for mut run in runs {
-            assert!(run.wait().unwrap().success());
-        }
-    }
+    env.run_concurrently_until_delivered(2, 30, Duration::from_secs(120));
     assert_eq!(rx.received_on("/slow").len(), 30, "each delivered once");
     let max = rx.max_concurrency();
     assert!(max <= 3, "the receiver saw {max} requests at once");
@@ -208,10 +187,7 @@ fn a_down_endpoint_is_probed_once_per_cool_down_and_drains_when_back() {
             "cooldown_base = \"300ms\"\ncooldown_cap = \"300ms\"\nmax_attempts = 100\nbackoff_base = \"10ms\"\nbackoff_cap = \"10ms\"",
         ),
     );
-    enqueue_ndjson(
-        &env,
-        &ndjson((0..10).map(|i| ("t".into(), format!("a{i}"), 0))),
-    );
+    env.enqueue_ndjson(&ndjson((0..10).map(|i| ("t".into(), format!("a{i}"), 0))));
 
     run_until(&env, Duration::from_secs(60), "five probes", || {
         rx.received_on("/down").len() >= 8
@@ -263,17 +239,16 @@ fn eligible_delayed_deliveries_are_not_starved_by_a_ready_backlog() {
         let delayed: String = (0..10)
             .map(|i| format!("{{\"topic\":\"t\",\"account\":\"late{i}\",\"payload\":{{}},\"delay\":\"300ms\"}}\n"))
             .collect();
-        enqueue_ndjson(&env, &delayed);
+        env.enqueue_ndjson(&delayed);
         env.run(); // routes them into the delayed queue; nothing is due yet
         assert_eq!(
             env.query_i64("SELECT count(*) FROM deliveries WHERE reason = 'scheduled'"),
             10
         );
         let eligible_at = env.query_i64("SELECT max(available_at) FROM messages");
-        enqueue_ndjson(
-            &env,
-            &ndjson((0..300).map(|i| ("t".into(), format!("busy{}", i % 30), 10))),
-        );
+        env.enqueue_ndjson(&ndjson(
+            (0..300).map(|i| ("t".into(), format!("busy{}", i % 30), 10)),
+        ));
         wait_until(
             Duration::from_secs(10),
             "the delayed messages are due",
@@ -307,14 +282,11 @@ fn budget_and_saturation_state_survive_between_runs() {
         "",
         &format!("[account_budget.overrides]\nslow = {{ rate = 0.2 }}\n\n{endpoints}"),
     );
-    enqueue_ndjson(
-        &env,
-        &ndjson([("s".into(), "x".into(), 0), ("s".into(), "x".into(), 0)]),
-    );
-    enqueue_ndjson(
-        &env,
-        &ndjson((0..3).map(|_| ("b".into(), "slow".into(), 0))),
-    );
+    env.enqueue_ndjson(&ndjson([
+        ("s".into(), "x".into(), 0),
+        ("s".into(), "x".into(), 0),
+    ]));
+    env.enqueue_ndjson(&ndjson((0..3).map(|_| ("b".into(), "slow".into(), 0))));
 
     env.run();
     assert_eq!(rx.received_on("/sat").len(), 1);

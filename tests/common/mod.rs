@@ -286,6 +286,30 @@ impl Env {
         ]);
     }
 
+    /// Enqueues NDJSON, which must succeed.
+    pub fn enqueue_ndjson(&self, text: &str) {
+        let out = self.cronpost_with_stdin(&["enqueue", "--ndjson"], text.as_bytes());
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+
+    /// Starts `runs` concurrent `cronpost run`s, again and again, until
+    /// `delivered` deliveries are delivered.
+    pub fn run_concurrently_until_delivered(&self, runs: usize, delivered: i64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.count_state("delivered") < delivered {
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {limit:?} waiting for {delivered} delivered"
+            );
+            let children: Vec<std::process::Child> = (0..runs)
+                .map(|_| self.command(&["run"]).spawn().unwrap())
+                .collect();
+            for mut child in children {
+                assert!(child.wait().unwrap().success());
+            }
+        }
+    }
+
     /// A read-only connection to the database, for checking what it holds.
     pub fn db(&self) -> rusqlite::Connection {
         let conn = rusqlite::Connection::open_with_flags(

@@ -18,7 +18,7 @@ python3 -c "
 import sys
 for i in range($N): print('{\"topic\":\"t\",\"account\":\"a%d\",\"payload\":{\"n\":%d}}' % (i % 20, i))" > "$WORK/m.ndjson"
 for r in $(seq "$R"); do
-    rm -f "$WORK"/q.db*
+    rm -rf "$WORK"/q.db*
     cat > "$WORK/c.toml" <<TOML
 database = "q.db"
 [run]

@@ -24,7 +24,7 @@ for i in range(200):
 PY
 
 measure() {  # $1: label, $2: extra config
-    rm -f "$WORK"/q.db* "$WORK/rx.log"
+    rm -rf "$WORK"/q.db* "$WORK/rx.log"
     "$BIN" receive --port 0 > "$WORK/rx.log" &
     RX_PID=$!
     for _ in $(seq 100); do grep -q listening "$WORK/rx.log" 2>/dev/null && break; sleep 0.05; done

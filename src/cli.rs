@@ -10,8 +10,8 @@ use serde_json::json;
 use crate::config::{self, Config, Secret};
 use crate::error::{Error, ExitCode, Result};
 use crate::signals::Signals;
-use crate::store::{DeliveryState, SqliteStore, Stats, Store, now_ms};
-use crate::{daemon, demo, dispatcher, enqueue, metrics, receiver};
+use crate::store::{DeliveryFilter, DeliveryState, SqliteStore, Stats, Store, now_ms};
+use crate::{admin, daemon, demo, dispatcher, enqueue, metrics, receiver};
 
 /// cronpost: a SQLite-backed webhook dispatcher.
 #[derive(Parser, Debug)]
@@ -38,6 +38,47 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List deliveries, oldest first.
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one message (by id or msg_... uid), its deliveries and every attempt.
+    Show {
+        /// The message id or uid.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead (or delayed) deliveries back in the ready queue, by id or by filter.
+    Requeue {
+        /// Delivery ids (else every delivery the filters match).
+        ids: Vec<i64>,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Count what would be requeued; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete delivered history older than a duration, in small batches.
+    Purge {
+        /// e.g. 7d, 12h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: std::time::Duration,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate the config file and exit.
     CheckConfig,
     /// Create or migrate the database and exit.
@@ -59,6 +100,40 @@ enum Command {
     },
     /// A demo in a temporary directory: receiver, config, messages, one run.
     Demo,
+}
+
+/// Filters shared by `list` and `requeue`.
+#[derive(Args, Debug)]
+struct FilterArgs {
+    /// ready, delayed, leased, delivered or dead.
+    #[arg(long, value_parser = parse_state)]
+    state: Option<DeliveryState>,
+    /// Only deliveries to this endpoint.
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Only deliveries of this account.
+    #[arg(long)]
+    account: Option<String>,
+    /// Only deliveries of this topic.
+    #[arg(long)]
+    topic: Option<String>,
+}
+
+impl FilterArgs {
+    fn into_filter(self, ids: Vec<i64>) -> DeliveryFilter {
+        DeliveryFilter {
+            ids,
+            state: self.state,
+            endpoint: self.endpoint,
+            account: self.account,
+            topic: self.topic,
+        }
+    }
+}
+
+fn parse_state(text: &str) -> std::result::Result<DeliveryState, String> {
+    DeliveryState::parse(text)
+        .ok_or_else(|| format!("{text:?} is not one of ready, delayed, leased, delivered, dead"))
 }
 
 #[derive(Args, Debug)]
@@ -145,6 +220,26 @@ fn execute(cli: Cli) -> Result<()> {
                 Command::Enqueue(args) => enqueue(&config, args),
                 Command::Stats { json } => stats(&config, json),
                 Command::CheckConfig => check_config(&config),
+                Command::List {
+                    filter,
+                    limit,
+                    json,
+                } => admin::list(&config, &filter.into_filter(Vec::new()), limit, json),
+                Command::Show { id, json } => admin::show(&config, &id, json),
+                Command::Requeue {
+                    ids,
+                    filter,
+                    dry_run,
+                    json,
+                } => {
+                    let mut filter = filter.into_filter(ids);
+                    if filter.ids.is_empty() && filter.state.is_none() {
+                        // By filter alone, the dead-letter queue is what an admin means.
+                        filter.state = Some(DeliveryState::Dead);
+                    }
+                    admin::requeue(&config, filter, dry_run, json)
+                }
+                Command::Purge { older_than, json } => admin::purge(&config, older_than, json),
                 Command::Migrate => {
                     let store = SqliteStore::open(&config.database, config.busy_timeout)?;
                     println!(

@@ -37,6 +37,8 @@ pub struct Config {
     pub schedule: Option<(cron::Schedule, String)>,
     /// Where the Prometheus text file goes after each run.
     pub metrics_file: Option<PathBuf>,
+    /// How long delivered deliveries (and their attempts) are kept.
+    pub retention: Duration,
     /// The endpoints, sorted by name.
     pub endpoints: Vec<Endpoint>,
     /// Settings that are allowed but probably wrong, one line each.
@@ -304,6 +306,7 @@ struct RawConfig {
     account_budget: RawBudget,
     schedule: Option<Spanned<String>>,
     metrics_file: Option<Spanned<String>>,
+    retention: Option<Spanned<String>>,
     endpoints: Option<Spanned<BTreeMap<String, Spanned<RawEndpoint>>>>,
 }
 
@@ -435,6 +438,11 @@ impl RawConfig {
             account_budget,
             schedule,
             metrics_file,
+            retention: at.duration_or(
+                &self.retention,
+                "retention",
+                Duration::from_secs(7 * 24 * 3600),
+            )?,
             endpoints,
             warnings,
         })

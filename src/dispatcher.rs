@@ -29,6 +29,8 @@ use crate::store::{Queue, RouteParams, RunRecord, SqliteStore, Store, now_ms};
 
 /// Messages routed per transaction.
 const ROUTE_BATCH: usize = 5_000;
+/// Retention batches (of `admin::PURGE_BATCH`) at the end of each run.
+const RETENTION_BATCHES_PER_RUN: usize = 5;
 /// How long to wait before forking again when the counted work was all held
 /// back, or every slot was taken by another process's children.
 const HELD_BACK_PAUSE: Duration = Duration::from_millis(50);
@@ -70,7 +72,9 @@ pub fn run_once(
     loop_result?;
 
     run.finished_at = Some(now_ms());
-    open(config)?.run_finish(&run)?;
+    let mut store = open(config)?;
+    store.run_finish(&run)?;
+    purge_history(config, &mut store)?;
     log::info!("{}", summary(&run, started.elapsed()));
     Ok(run)
 }
@@ -89,6 +93,28 @@ pub fn summary(run: &RunRecord, took: Duration) -> String {
         run.failed,
         took.as_secs_f64()
     )
+}
+
+/// Retention, bounded per run: a few small batches of delivered history
+/// older than `retention`, so the file does not grow forever and no run
+/// spends long on it.
+fn purge_history(config: &Config, store: &mut SqliteStore) -> Result<()> {
+    let before = now_ms() - crate::store::ms(config.retention);
+    let mut purged = 0;
+    for _ in 0..RETENTION_BATCHES_PER_RUN {
+        let report = store.delivered_purge(before, crate::admin::PURGE_BATCH)?;
+        purged += report.deliveries;
+        if report.deliveries + report.messages + report.runs == 0 {
+            break;
+        }
+    }
+    if purged > 0 {
+        log::info!(
+            "retention: purged {purged} delivered deliveries older than {}",
+            humantime::format_duration(config.retention)
+        );
+    }
+    Ok(())
 }
 
 fn open(config: &Config) -> Result<SqliteStore> {

@@ -4,6 +4,7 @@
 //!
 //! ARCHITECTURE.md maps the modules and the life of a delivery.
 
+pub mod admin;
 pub mod child;
 pub mod cli;
 pub mod config;

@@ -16,6 +16,10 @@ pub const FILES: &[(&str, &str)] = &[
         "0002_saturation.sql",
         include_str!("../../migrations/0002_saturation.sql"),
     ),
+    (
+        "0003_admin_views.sql",
+        include_str!("../../migrations/0003_admin_views.sql"),
+    ),
 ];
 
 /// Applies the migrations the database lacks.

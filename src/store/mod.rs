@@ -407,6 +407,79 @@ pub struct RunRecord {
     pub failed: u64,
 }
 
+/// Which deliveries an admin command is about; empty fields match all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeliveryFilter {
+    /// Only these delivery ids.
+    pub ids: Vec<i64>,
+    /// Only in this state.
+    pub state: Option<DeliveryState>,
+    /// Only to this endpoint.
+    pub endpoint: Option<String>,
+    /// Only of this account.
+    pub account: Option<String>,
+    /// Only of this topic.
+    pub topic: Option<String>,
+}
+
+/// A delivery with its message's topic, for listings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedDelivery {
+    /// The delivery.
+    pub delivery: DeliveryRow,
+    /// Its message's topic.
+    pub topic: String,
+    /// When it was created (routed).
+    pub created_at: i64,
+}
+
+/// A message as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageRow {
+    /// Its id.
+    pub id: i64,
+    /// Its stable id (`webhook-id`).
+    pub uid: String,
+    /// Topic.
+    pub topic: String,
+    /// Account.
+    pub account: String,
+    /// JSON payload.
+    pub payload: String,
+    /// Priority.
+    pub priority: i64,
+    /// Insert time.
+    pub created_at: i64,
+    /// Not before.
+    pub available_at: Option<i64>,
+    /// Dedup key.
+    pub dedup_key: Option<String>,
+    /// When it was routed.
+    pub routed_at: Option<i64>,
+}
+
+/// Params of `deliveries_requeue`: dead or delayed → ready.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequeueParams {
+    /// Which deliveries; only dead and delayed ones are requeued.
+    pub filter: DeliveryFilter,
+    /// Now.
+    pub now: i64,
+    /// Count, change nothing.
+    pub dry_run: bool,
+}
+
+/// What one `delivered_purge` batch removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PurgeReport {
+    /// Delivered deliveries (with their attempts).
+    pub deliveries: u64,
+    /// Messages left with no delivery.
+    pub messages: u64,
+    /// Run records.
+    pub runs: u64,
+}
+
 /// Every recorded run added up.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RunTotals {
@@ -581,4 +654,24 @@ pub trait Store {
 
     /// Counts for `cronpost stats`.
     fn stats(&mut self, now: i64) -> Result<Stats>;
+
+    /// Deliveries matching `filter`, oldest first, at most `limit`.
+    fn deliveries_list(
+        &mut self,
+        filter: &DeliveryFilter,
+        limit: u64,
+    ) -> Result<Vec<ListedDelivery>>;
+
+    /// One message, by id or by uid (`msg_...`).
+    fn message_get(&mut self, key: &str) -> Result<Option<MessageRow>>;
+
+    /// dead or delayed → ready, for the deliveries matching the filter, with
+    /// a fresh count of attempts; returns how many (would) move.
+    fn deliveries_requeue(&mut self, params: &RequeueParams) -> Result<u64>;
+
+    /// One bounded batch of retention: removes up to `batch` delivered
+    /// deliveries last changed before `before` (their attempts go with them),
+    /// then routed messages left with no delivery and run records from before
+    /// `before` (keeping the latest run). Call again until it removes nothing.
+    fn delivered_purge(&mut self, before: i64, batch: u64) -> Result<PurgeReport>;
 }

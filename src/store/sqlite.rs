@@ -9,8 +9,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rusqlite::types::Value;
 use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, params,
+    params_from_iter,
 };
 
 use super::*;
@@ -133,6 +135,29 @@ impl SqliteStore {
         tx.commit().map_err(|e| db_error(&path, e))?;
         Ok(value)
     }
+}
+
+/// The WHERE clause of a `DeliveryFilter` over `deliveries d JOIN messages m`,
+/// with its values in order.
+fn filter_clause(f: &DeliveryFilter) -> (String, Vec<Value>) {
+    let mut terms = vec!["1".to_string()];
+    let mut values = Vec::new();
+    if !f.ids.is_empty() {
+        terms.push(format!("d.id IN ({})", vec!["?"; f.ids.len()].join(", ")));
+        values.extend(f.ids.iter().map(|&id| Value::Integer(id)));
+    }
+    for (column, value) in [
+        ("d.state", f.state.map(|s| s.as_str().to_string())),
+        ("d.endpoint", f.endpoint.clone()),
+        ("d.account", f.account.clone()),
+        ("m.topic", f.topic.clone()),
+    ] {
+        if let Some(value) = value {
+            terms.push(format!("{column} = ?"));
+            values.push(Value::Text(value));
+        }
+    }
+    (terms.join(" AND "), values)
 }
 
 /// Maps a SQLite error to a message naming the file and a sysexits code.
@@ -848,6 +873,118 @@ impl Store for SqliteStore {
                 .collect()
             })
             .map_err(|e| self.err(e))
+    }
+
+    fn deliveries_list(
+        &mut self,
+        filter: &DeliveryFilter,
+        limit: u64,
+    ) -> Result<Vec<ListedDelivery>> {
+        let (clause, mut values) = filter_clause(filter);
+        values.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
+        let columns = DELIVERY_COLUMNS
+            .split(", ")
+            .map(|c| format!("d.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT {columns}, m.topic, d.created_at FROM deliveries d JOIN messages m ON m.id = d.message_id
+             WHERE {clause} ORDER BY d.id LIMIT ?"
+        );
+        self.conn
+            .prepare(&sql)
+            .and_then(|mut s| {
+                s.query_map(params_from_iter(values), |r| {
+                    Ok(ListedDelivery {
+                        delivery: delivery_row(r)?,
+                        topic: r.get(13)?,
+                        created_at: r.get(14)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(|e| self.err(e))
+    }
+
+    fn message_get(&mut self, key: &str) -> Result<Option<MessageRow>> {
+        self.conn
+            .query_row(
+                "SELECT id, uid, topic, account, payload, priority, created_at, available_at, dedup_key, routed_at
+                 FROM messages WHERE id = ?1 OR uid = ?2",
+                params![key.parse::<i64>().ok(), key],
+                |r| {
+                    Ok(MessageRow {
+                        id: r.get(0)?,
+                        uid: r.get(1)?,
+                        topic: r.get(2)?,
+                        account: r.get(3)?,
+                        payload: r.get(4)?,
+                        priority: r.get(5)?,
+                        created_at: r.get(6)?,
+                        available_at: r.get(7)?,
+                        dedup_key: r.get(8)?,
+                        routed_at: r.get(9)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    fn deliveries_requeue(&mut self, p: &RequeueParams) -> Result<u64> {
+        let (clause, filter_values) = filter_clause(&p.filter);
+        let target = format!(
+            "SELECT d.id FROM deliveries d JOIN messages m ON m.id = d.message_id
+             WHERE d.state IN ('dead', 'delayed') AND {clause}"
+        );
+        self.write(|tx| {
+            if p.dry_run {
+                let count = format!("SELECT count(*) FROM ({target})");
+                return tx.query_row(&count, params_from_iter(filter_values), |r| r.get(0));
+            }
+            // Anonymous parameters number in text order: the times come first.
+            let mut values = vec![Value::Integer(p.now), Value::Integer(p.now)];
+            values.extend(filter_values);
+            tx.execute(
+                &format!(
+                    "UPDATE deliveries SET state = 'ready', reason = NULL, not_before = ?, attempts = 0, updated_at = ?
+                     WHERE id IN ({target})"
+                ),
+                params_from_iter(values),
+            )
+            .map(|n| n as u64)
+        })
+    }
+
+    fn delivered_purge(&mut self, before: i64, batch: u64) -> Result<PurgeReport> {
+        self.write(|tx| {
+            let batch = i64::try_from(batch).unwrap_or(i64::MAX);
+            // Attempts go with their deliveries (ON DELETE CASCADE).
+            let deliveries = tx.execute(
+                "DELETE FROM deliveries WHERE id IN
+                   (SELECT id FROM deliveries INDEXED BY deliveries_delivered
+                    WHERE state = 'delivered' AND updated_at < ?1 ORDER BY updated_at LIMIT ?2)",
+                params![before, batch],
+            )?;
+            let messages = tx.execute(
+                "DELETE FROM messages WHERE id IN
+                   (SELECT m.id FROM messages m
+                    WHERE m.routed_at IS NOT NULL AND m.created_at < ?1
+                      AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = m.id)
+                    LIMIT ?2)",
+                params![before, batch],
+            )?;
+            let runs = tx.execute(
+                "DELETE FROM runs WHERE id IN
+                   (SELECT id FROM runs WHERE started_at < ?1 AND id < (SELECT max(id) FROM runs) LIMIT ?2)",
+                params![before, batch],
+            )?;
+            Ok(PurgeReport {
+                deliveries: deliveries as u64,
+                messages: messages as u64,
+                runs: runs as u64,
+            })
+        })
     }
 
     fn stats(&mut self, now: i64) -> Result<Stats> {

@@ -1,0 +1,464 @@
+//! The admin surface: the README's sqlite3 queries through the real shell,
+//! list/show/requeue/purge, retention, and admins' locks against dispatch.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn sqlite3(env: &Env, sql: &str) -> String {
+    let out = Command::new("sqlite3")
+        .args(["-header", "-column"])
+        .arg(&env.db)
+        .arg(sql)
+        .output()
+        .expect("the sqlite3 shell is installed (.ci/run installs it)");
+    assert!(out.status.success(), "{sql}: {}", stderr(&out));
+    assert!(out.stderr.is_empty(), "{sql}: {}", stderr(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A database made by real runs: delivered, dead, saturated and budget-held deliveries.
+fn busy_queue(rx: &Receiver) -> Env {
+    rx.set_default("/gone", Reply::Status(404));
+    rx.set_default("/sat", Reply::RetryAfter(429, "600"));
+    let endpoints = endpoint("ok", &rx.url("/ok"), &["t"], "")
+        + &endpoint("gone", &rx.url("/gone"), &["g"], "")
+        + &endpoint("sat", &rx.url("/sat"), &["s"], "max_in_flight = 1");
+    let env = Env::new(
+        "",
+        &format!("[account_budget.overrides]\nnoisy = {{ rate = 0.1 }}\n\n{endpoints}"),
+    );
+    let mut lines = String::new();
+    for (topic, account, n) in [
+        ("t", "acme", 3),
+        ("g", "acme", 2),
+        ("s", "globex", 2),
+        ("t", "noisy", 3),
+    ] {
+        for _ in 0..n {
+            lines += &format!(
+                "{{\"topic\":\"{topic}\",\"account\":\"{account}\",\"payload\":{{\"k\":1}}}}\n"
+            );
+        }
+    }
+    env.enqueue_ndjson(&lines);
+    env.run();
+    env
+}
+
+/// The SQL statements of the README's "Querying the queue with sqlite3" section.
+fn readme_queries() -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("## Querying the queue with sqlite3")
+        .nth(1)
+        .unwrap();
+    let section = section.split("\n## ").next().unwrap();
+    let mut queries = Vec::new();
+    for block in section.split("```sql").skip(1) {
+        let sql = block.split("```").next().unwrap();
+        let mut current = String::new();
+        for line in sql.lines().filter(|l| !l.trim_start().starts_with("--")) {
+            current += line;
+            current += "\n";
+            if line.trim_end().ends_with(';') {
+                queries.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    queries
+}
+
+#[test]
+fn every_readme_query_runs_in_the_sqlite3_shell_and_answers() {
+    let rx = Receiver::start();
+    let env = busy_queue(&rx);
+    let queries = readme_queries();
+    assert_eq!(queries.len(), 7, "{queries:?}");
+    let answers: Vec<String> = queries.iter().map(|q| sqlite3(&env, q)).collect();
+
+    let depth = &answers[0];
+    assert!(
+        depth.starts_with("endpoint") && depth.contains("oldest_age_s"),
+        "{depth}"
+    );
+    assert!(
+        depth
+            .lines()
+            .any(|l| l.starts_with("gone") && l.contains("dead") && l.contains(" 2 ")),
+        "{depth}"
+    );
+    let dead = &answers[1];
+    assert!(
+        dead.contains("last_error") && dead.contains("HTTP 404: permanent failure"),
+        "{dead}"
+    );
+    let health = &answers[2];
+    let sat = health
+        .lines()
+        .find(|l| l.starts_with("sat "))
+        .expect(health);
+    assert!(
+        sat.contains("saturated") && sat.contains("HTTP 429"),
+        "{health}"
+    );
+    assert!(
+        health
+            .lines()
+            .any(|l| l.starts_with("ok ") && l.contains(" ok ")),
+        "{health}"
+    );
+    let backlog = &answers[3];
+    let noisy = backlog
+        .lines()
+        .find(|l| l.starts_with("noisy"))
+        .expect(backlog);
+    assert!(
+        noisy.split_whitespace().nth(3) == Some("2"),
+        "held_by_budget 2: {backlog}"
+    );
+    let recent = &answers[4];
+    assert!(
+        recent.contains("delivered") && recent.contains("dead") && recent.contains("retry"),
+        "{recent}"
+    );
+    assert!(answers[5].contains("delivered"), "{}", answers[5]);
+    assert!(answers[6].is_empty(), "nothing unrouted: {}", answers[6]);
+}
+
+#[test]
+fn list_filters_in_tables_and_json() {
+    let rx = Receiver::start();
+    let env = busy_queue(&rx);
+    let json = |args: &[&str]| -> Vec<serde_json::Value> {
+        let out = env.ok(&[&["list", "--json"], args].concat());
+        serde_json::from_str::<serde_json::Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(json(&[]).len(), 10);
+    let dead = json(&["--state", "dead"]);
+    assert_eq!(dead.len(), 2);
+    assert!(
+        dead.iter()
+            .all(|d| d["endpoint"] == "gone" && d["last_status"] == 404 && d["topic"] == "g")
+    );
+    assert_eq!(json(&["--endpoint", "sat"]).len(), 2);
+    assert_eq!(json(&["--account", "noisy", "--state", "delayed"]).len(), 2);
+    assert_eq!(json(&["--topic", "t"]).len(), 6);
+    assert_eq!(json(&["--topic", "t", "--limit", "2"]).len(), 2);
+    let delayed = &json(&["--endpoint", "sat", "--state", "delayed"])[0];
+    assert_eq!(delayed["reason"], "endpoint_saturated");
+
+    let table = env.ok(&["list", "--state", "delayed"]);
+    assert!(
+        table.lines().next().unwrap().contains("endpoint"),
+        "{table}"
+    );
+    assert!(
+        table.contains("account_budget for") && table.contains("(4 deliveries)"),
+        "{table}"
+    );
+    let out = env.cronpost(&["list", "--state", "lost"]);
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+}
+
+#[test]
+fn show_tells_a_messages_whole_story() {
+    let rx = Receiver::start();
+    let env = busy_queue(&rx);
+    let uid: String = env
+        .db()
+        .query_row("SELECT uid FROM messages WHERE id = 4", [], |r| r.get(0))
+        .unwrap();
+    let text = env.ok(&["show", "4"]);
+    assert!(
+        text.contains(&format!("message 4 ({uid})")) && text.contains("topic g"),
+        "{text}"
+    );
+    assert!(
+        text.contains("to gone: dead") && text.contains("HTTP 404"),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&env.ok(&["show", &uid, "--json"])).unwrap();
+    assert_eq!(json["id"], 4);
+    assert_eq!(json["payload"]["k"], 1);
+    let attempts = &json["deliveries"][0]["attempts_log"];
+    assert_eq!(attempts[0]["outcome"], "dead");
+    assert_eq!(attempts[0]["http_status"], 404);
+    let out = env.cronpost(&["show", "999"]);
+    assert_eq!(out.status.code(), Some(65));
+    assert!(
+        stderr(&out).contains("no message \"999\""),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn requeue_redelivers_dead_letters_and_dry_run_changes_nothing() {
+    let rx = Receiver::start();
+    let env = busy_queue(&rx);
+    let dry: serde_json::Value =
+        serde_json::from_str(&env.ok(&["requeue", "--endpoint", "gone", "--dry-run", "--json"]))
+            .unwrap();
+    assert_eq!(dry, serde_json::json!({"requeued": 2, "dry_run": true}));
+    assert_eq!(env.count_state("dead"), 2, "dry run changed nothing");
+
+    rx.set_default("/gone", Reply::Status(200));
+    let ids: Vec<i64> = env
+        .db()
+        .prepare("SELECT id FROM deliveries WHERE state = 'dead' ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        env.ok(&["requeue", &ids[0].to_string()])
+            .contains("requeued 1 deliveries")
+    );
+    assert!(
+        env.ok(&["requeue", "--endpoint", "gone"])
+            .contains("requeued 1 deliveries")
+    );
+    env.run();
+    assert_eq!(env.count_state("dead"), 0);
+    assert_eq!(
+        rx.received_on("/gone").len(),
+        4,
+        "each dead letter posted again"
+    );
+    assert_eq!(env.query_i64("SELECT count(*) FROM deliveries WHERE endpoint = 'gone' AND state = 'delivered' AND attempts = 1"), 2);
+
+    // Delayed deliveries go back too when asked for.
+    let n = env.ok(&[
+        "requeue",
+        "--state",
+        "delayed",
+        "--account",
+        "noisy",
+        "--json",
+    ]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&n).unwrap()["requeued"],
+        2
+    );
+    for (args, code, text) in [
+        (
+            &["requeue", "--endpoint", "nope"][..],
+            65,
+            "unknown endpoint \"nope\"",
+        ),
+        (
+            &["requeue", "--state", "delivered"][..],
+            64,
+            "only dead or delayed",
+        ),
+    ] {
+        let out = env.cronpost(args);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(text), "{}", stderr(&out));
+    }
+}
+
+/// Reads the shell's output until a line contains `text`.
+fn wait_for_line(out: &mut impl std::io::BufRead, text: &str) {
+    let mut line = String::new();
+    while !line.contains(text) {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "sqlite3 ended before printing {text:?}"
+        );
+    }
+}
+
+/// Inserts `n` delivered deliveries (and messages), last changed 30 days ago.
+fn old_history(env: &Env, n: i64) {
+    env.ok(&["migrate"]);
+    let db = rusqlite::Connection::open(&env.db).unwrap();
+    let old = cronpost::store::now_ms() - 30 * 24 * 3600 * 1000;
+    db.execute_batch(&format!(
+        "BEGIN;
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n})
+         INSERT INTO messages (topic, account, payload, created_at, routed_at) SELECT 't', 'old', '{{}}', {old}, {old} FROM n;
+         INSERT INTO deliveries (message_id, endpoint, account, state, priority, not_before, created_at, updated_at, attempts)
+           SELECT id, 'hook', 'old', 'delivered', 0, {old}, {old}, {old}, 1 FROM messages WHERE account = 'old';
+         INSERT INTO attempts (delivery_id, number, pid, lease_owner, started_at, finished_at, outcome)
+           SELECT id, 1, 1, 'x', {old}, {old}, 'delivered' FROM deliveries WHERE account = 'old';
+         COMMIT;"
+    ))
+    .unwrap();
+}
+
+#[test]
+fn purge_removes_a_hundred_thousand_delivered_rows_in_batches_while_a_run_delivers() {
+    let rx = Receiver::start();
+    let env = Env::new(
+        "max_children = 4",
+        &endpoint("hook", &rx.url("/hook"), &["t"], ""),
+    );
+    // The run's own retention would race the purge command for the same rows.
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&format!("retention = \"3650d\"\n{text}"));
+    old_history(&env, 100_000);
+    let fresh: String = (0..200)
+        .map(|i| format!("{{\"topic\":\"t\",\"account\":\"new{i}\",\"payload\":{{}}}}\n"))
+        .collect();
+    env.enqueue_ndjson(&fresh);
+
+    let purge = env
+        .command(&["purge", "--older-than", "7d", "--json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    env.run();
+    let out = purge.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["deliveries"], 100_000);
+    assert_eq!(report["messages"], 100_000);
+    assert!(
+        report["batches"].as_u64().unwrap() >= 50,
+        "bounded batches of 2,000: {report}"
+    );
+    assert_eq!(
+        env.query_i64("SELECT count(*) FROM attempts WHERE lease_owner = 'x'"),
+        0,
+        "attempts went with them"
+    );
+    run_until(
+        &env,
+        Duration::from_secs(60),
+        "the fresh messages delivered",
+        || env.count_state("delivered") == 200,
+    );
+    assert_eq!(env.query_i64("SELECT count(*) FROM deliveries"), 200);
+}
+
+#[test]
+fn runs_purge_delivered_history_past_retention_a_bounded_amount_at_a_time() {
+    let rx = Receiver::start();
+    let env = Env::new("", &endpoint("hook", &rx.url("/hook"), &["t"], ""));
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&format!("retention = \"7d\"\n{text}"));
+    old_history(&env, 12_000);
+    env.enqueue("t", "fresh", "{}");
+    env.run();
+    assert_eq!(
+        env.query_i64("SELECT count(*) FROM deliveries WHERE account = 'old'"),
+        2_000,
+        "10,000 per run"
+    );
+    env.run();
+    assert_eq!(
+        env.query_i64("SELECT count(*) FROM deliveries WHERE account = 'old'"),
+        0
+    );
+    assert_eq!(
+        env.query_i64("SELECT count(*) FROM messages WHERE account = 'old'"),
+        0
+    );
+    assert_eq!(
+        env.query_i64(
+            "SELECT count(*) FROM deliveries WHERE account = 'fresh' AND state = 'delivered'"
+        ),
+        1,
+        "recent history stays"
+    );
+}
+
+#[test]
+fn a_long_admin_read_does_not_stop_a_run() {
+    let rx = Receiver::start();
+    let env = Env::new("", &endpoint("hook", &rx.url("/hook"), &["t"], ""));
+    env.enqueue("t", "acme", "{}");
+    env.ok(&["migrate"]);
+    // sqlite3 holds a read transaction open until we close its stdin.
+    let mut shell = Command::new("sqlite3")
+        .arg(&env.db)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = shell.stdin.take().unwrap();
+    stdin
+        .write_all(b"BEGIN; SELECT count(*) FROM deliveries; SELECT 'reading';\n")
+        .unwrap();
+    stdin.flush().unwrap();
+    let mut stdout = std::io::BufReader::new(shell.stdout.take().unwrap());
+    wait_for_line(&mut stdout, "reading");
+
+    env.run();
+    assert_eq!(
+        rx.received_on("/hook").len(),
+        1,
+        "delivered while the read transaction is open"
+    );
+    assert_eq!(env.count_state("delivered"), 1);
+    drop(stdin);
+    assert!(shell.wait().unwrap().success());
+}
+
+#[test]
+fn an_admin_write_lock_makes_dispatch_wait_then_fail_clearly_losing_nothing() {
+    let rx = Receiver::start();
+    let env = Env::new("", &endpoint("hook", &rx.url("/hook"), &["t"], ""));
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&format!("busy_timeout = \"500ms\"\n{text}"));
+    env.enqueue("t", "acme", "{}");
+    let mut shell = Command::new("sqlite3")
+        .arg(&env.db)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = shell.stdin.take().unwrap();
+    stdin
+        .write_all(b"BEGIN IMMEDIATE; SELECT 'locked';\n")
+        .unwrap();
+    stdin.flush().unwrap();
+    let mut stdout = std::io::BufReader::new(shell.stdout.take().unwrap());
+    wait_for_line(&mut stdout, "locked");
+
+    for args in [
+        &["run"][..],
+        &["enqueue", "--topic", "t", "--account", "a", "--data", "{}"],
+    ] {
+        let out = env.cronpost(args);
+        assert_eq!(out.status.code(), Some(75), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("database is locked"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains(env.db.to_str().unwrap()),
+            "names the file: {}",
+            stderr(&out)
+        );
+    }
+    drop(stdin);
+    assert!(shell.wait().unwrap().success());
+
+    env.run();
+    assert_eq!(
+        env.count_state("delivered"),
+        1,
+        "the message enqueued before the lock is delivered"
+    );
+    assert_eq!(
+        env.query_i64("SELECT count(*) FROM messages"),
+        1,
+        "the refused enqueue wrote nothing"
+    );
+    assert!(rx.received_on("/hook").len() == 1);
+}

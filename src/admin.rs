@@ -18,7 +18,7 @@ use crate::store::{
 pub const PURGE_BATCH: u64 = 2_000;
 
 fn open(config: &Config) -> Result<SqliteStore> {
-    SqliteStore::open(&config.database, config.busy_timeout)
+    crate::store::open(config)
 }
 
 fn print(text: &str) -> Result<()> {

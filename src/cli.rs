@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::config::{self, Config, Secret};
 use crate::error::{Error, ExitCode, Result};
 use crate::signals::Signals;
-use crate::store::{DeliveryFilter, DeliveryState, SqliteStore, Stats, Store, now_ms};
+use crate::store::{DeliveryFilter, DeliveryState, Stats, Store, now_ms};
 use crate::{admin, daemon, demo, dispatcher, enqueue, metrics, receiver};
 
 /// cronpost: a SQLite-backed webhook dispatcher.
@@ -164,6 +164,12 @@ struct EnqueueArgs {
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
+    // A file-size limit (RLIMIT_FSIZE) must fail a write with EFBIG, which
+    // SQLite reports and rolls back, not kill us halfway through a commit.
+    // SAFETY: SIG_IGN installs no handler code.
+    unsafe {
+        let _ = nix::sys::signal::signal(nix::sys::signal::Signal::SIGXFSZ, nix::sys::signal::SigHandler::SigIgn);
+    }
     // rusqlite_migration logs every open at info; its news is in `migrate`.
     let mut logger = env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("info,rusqlite_migration=warn"),
@@ -241,7 +247,7 @@ fn execute(cli: Cli) -> Result<()> {
                 }
                 Command::Purge { older_than, json } => admin::purge(&config, older_than, json),
                 Command::Migrate => {
-                    let store = SqliteStore::open(&config.database, config.busy_timeout)?;
+                    let store = crate::store::open(&config)?;
                     println!(
                         "database {} is at schema version {}",
                         config.database.display(),
@@ -278,7 +284,7 @@ fn enqueue(config: &Config, args: EnqueueArgs) -> Result<()> {
         };
         vec![draft.validate(config, now)?]
     };
-    let mut store = SqliteStore::open(&config.database, config.busy_timeout)?;
+    let mut store = crate::store::open(config)?;
     let report = store.messages_insert(&messages)?;
     println!(
         "enqueued {} message{}{}",
@@ -327,7 +333,7 @@ fn check_config(config: &Config) -> Result<()> {
 }
 
 fn stats(config: &Config, as_json: bool) -> Result<()> {
-    let mut store = SqliteStore::open(&config.database, config.busy_timeout)?;
+    let mut store = crate::store::open(config)?;
     let stats = store.stats(now_ms())?;
     let mut out = std::io::stdout().lock();
     let written = if as_json {

@@ -27,8 +27,12 @@ pub struct Config {
     pub database: PathBuf,
     /// How long a statement waits for a lock held by another process.
     pub busy_timeout: Duration,
+    /// The group a new database file is given (mode 0640 instead of 0600).
+    pub database_group: Option<u32>,
     /// The largest payload `enqueue` accepts, in bytes.
     pub max_payload_bytes: usize,
+    /// Whether payloads must be JSON objects (not arrays, strings, numbers).
+    pub require_object_payload: bool,
     /// Limits of one dispatcher run.
     pub run: RunLimits,
     /// Per-account rate limits (`[account_budget]`).
@@ -170,7 +174,17 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::io(format!("config {}", path.display()), e))
             .map_err(|e| Error::new(ExitCode::Config, e.message))?;
-        let config = Config::parse(&text, path)?;
+        let mut config = Config::parse(&text, path)?;
+        if let Ok(meta) = std::fs::metadata(path) {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o004 != 0 {
+                config.warnings.push(format!(
+                    "config {} is world-readable (mode {mode:04o}) and holds endpoint secrets: chmod 0600 (or 0640 for a group)",
+                    path.display()
+                ));
+            }
+        }
         for warning in &config.warnings {
             log::warn!("{warning}");
         }
@@ -298,8 +312,11 @@ impl Locator<'_> {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     database: Spanned<String>,
+    database_group: Option<Spanned<String>>,
     busy_timeout: Option<Spanned<String>>,
     max_payload_bytes: Option<Spanned<i64>>,
+    #[serde(default)]
+    require_object_payload: bool,
     #[serde(default)]
     run: RawRun,
     #[serde(default)]
@@ -366,6 +383,14 @@ impl RawConfig {
         }
         let base = at.path.parent().unwrap_or(Path::new("."));
         let database = base.join(self.database.get_ref());
+        let database_group = match &self.database_group {
+            None => None,
+            Some(name) => match nix::unistd::Group::from_name(name.get_ref()) {
+                Ok(Some(group)) => Some(group.gid.as_raw()),
+                Ok(None) => return Err(at.error(name.span(), "database_group", format!("= {:?}: no such group", name.get_ref()))),
+                Err(e) => return Err(at.error(name.span(), "database_group", format!("cannot be looked up: {e}"))),
+            },
+        };
         let busy_timeout =
             at.duration_or(&self.busy_timeout, "busy_timeout", Duration::from_secs(5))?;
         let max_payload_bytes = at.positive(
@@ -432,8 +457,10 @@ impl RawConfig {
         Ok(Config {
             path: at.path.to_path_buf(),
             database,
+            database_group,
             busy_timeout,
             max_payload_bytes,
+            require_object_payload: self.require_object_payload,
             run,
             account_budget,
             schedule,

@@ -14,7 +14,7 @@ use base64::Engine;
 use crate::config::Config;
 use crate::enqueue::Draft;
 use crate::error::{Error, ExitCode, Result};
-use crate::store::{SqliteStore, Store, now_ms};
+use crate::store::{Store, now_ms};
 
 /// Runs the demo.
 pub fn run() -> Result<()> {
@@ -136,7 +136,7 @@ secret = "{secret}"
             .validate(&config, now)
         })
         .collect::<Result<Vec<_>>>()?;
-    SqliteStore::open(&config.database, config.busy_timeout)?.messages_insert(&messages)?;
+    crate::store::open(&config)?.messages_insert(&messages)?;
     println!(
         "enqueued 3 messages: customer.updated -> crm; invoice.paid -> crm and billing (fan-out)\n"
     );

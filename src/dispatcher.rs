@@ -118,7 +118,7 @@ fn purge_history(config: &Config, store: &mut SqliteStore) -> Result<()> {
 }
 
 fn open(config: &Config) -> Result<SqliteStore> {
-    SqliteStore::open(&config.database, config.busy_timeout)
+    crate::store::open(config)
 }
 
 /// Migrates, routes new messages, takes back expired leases, promotes due

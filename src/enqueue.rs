@@ -54,6 +54,14 @@ impl Draft {
         }
         serde_json::from_str::<serde::de::IgnoredAny>(&self.payload)
             .map_err(|e| Error::data(format!("payload is not valid JSON: {e}")))?;
+        // Valid JSON is an object exactly when it opens with a brace.
+        if config.require_object_payload && !self.payload.trim_start().starts_with('{') {
+            return Err(Error::data(format!(
+                "payload must be a JSON object (require_object_payload in {}), not {}",
+                config.path.display(),
+                json_kind(self.payload.trim_start())
+            )));
+        }
         if !PRIORITY_RANGE.contains(&self.priority) {
             return Err(Error::data(format!(
                 "priority {} is outside {}..={}",
@@ -83,6 +91,17 @@ impl Draft {
             available_at: self.delay.map(|d| now + ms(d)),
             dedup_key: self.dedup_key,
         })
+    }
+}
+
+/// What kind of JSON value valid JSON text is, from its first character.
+fn json_kind(json: &str) -> &'static str {
+    match json.as_bytes().first() {
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
     }
 }
 

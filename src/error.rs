@@ -80,6 +80,14 @@ impl Error {
         Error::new(code, format!("{context}: {err}"))
     }
 
+    /// For a file that could not be created: 73 unless permission (77).
+    pub fn with_code_for_create(mut self) -> Error {
+        if self.code != ExitCode::NoPerm {
+            self.code = ExitCode::CantCreate;
+        }
+        self
+    }
+
     /// Prefixes the message with where it happened.
     pub fn context(mut self, context: impl fmt::Display) -> Error {
         self.message = format!("{context}: {}", self.message);

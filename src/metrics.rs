@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::store::{DeliveryState, RunRecord, RunTotals, SqliteStore, Stats, Store, now_ms};
+use crate::store::{DeliveryState, RunRecord, RunTotals, Stats, Store, now_ms};
 
 /// Renders the metrics text.
 pub fn render(stats: &Stats, run: &RunRecord, took: Duration, totals: &RunTotals) -> String {
@@ -155,7 +155,7 @@ pub fn publish(config: &Config, run: &RunRecord, took: Duration) -> Result<()> {
     let Some(path) = &config.metrics_file else {
         return Ok(());
     };
-    let mut store = SqliteStore::open(&config.database, config.busy_timeout)?;
+    let mut store = crate::store::open(config)?;
     let text = render(&store.stats(now_ms())?, run, took, &store.run_totals()?);
     write_atomically(path, &text)
 }

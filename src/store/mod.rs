@@ -16,6 +16,14 @@ use crate::saturation::Rate;
 
 pub use sqlite::SqliteStore;
 
+/// Opens the configured database (the one backend today: SQLite), creating
+/// it when missing, readable by its owner only, or by `database_group` too,
+/// since it holds every payload.
+pub fn open(config: &crate::config::Config) -> Result<SqliteStore> {
+    SqliteStore::create_private(&config.database, config.database_group)?;
+    SqliteStore::open(&config.database, config.busy_timeout)
+}
+
 /// Now, in Unix epoch milliseconds.
 pub fn now_ms() -> i64 {
     SystemTime::now()

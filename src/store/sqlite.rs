@@ -80,6 +80,35 @@ impl SqliteStore {
         Ok(store)
     }
 
+    /// Creates an empty database file with mode 0600, or 0640 and group `gid`
+    /// when given, unless it exists. SQLite gives its -wal and -shm files the
+    /// same mode.
+    pub fn create_private(path: &Path, gid: Option<u32>) -> Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if path.exists() || path.parent().is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+            return Ok(()); // open() reports a missing directory
+        }
+        let mode = if gid.is_some() { 0o640 } else { 0o600 };
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path);
+        let fail = |e| Error::io(format!("database {}", path.display()), e).with_code_for_create();
+        match created {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+            Err(e) => return Err(fail(e)),
+        }
+        if let Some(gid) = gid {
+            nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+                .map_err(|e| fail(std::io::Error::from(e)))?;
+            // umask may have taken the group bit away.
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).map_err(fail)?;
+        }
+        Ok(())
+    }
+
     /// Opens an existing, migrated database without checks or migrations: a
     /// child's connection, made after fork, as cheaply as possible.
     pub fn open_existing(path: &Path, busy_timeout: Duration) -> Result<SqliteStore> {

@@ -168,7 +168,10 @@ pub fn main() -> i32 {
     // SQLite reports and rolls back, not kill us halfway through a commit.
     // SAFETY: SIG_IGN installs no handler code.
     unsafe {
-        let _ = nix::sys::signal::signal(nix::sys::signal::Signal::SIGXFSZ, nix::sys::signal::SigHandler::SigIgn);
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGXFSZ,
+            nix::sys::signal::SigHandler::SigIgn,
+        );
     }
     // rusqlite_migration logs every open at info; its news is in `migrate`.
     let mut logger = env_logger::Builder::from_env(

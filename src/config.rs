@@ -387,8 +387,20 @@ impl RawConfig {
             None => None,
             Some(name) => match nix::unistd::Group::from_name(name.get_ref()) {
                 Ok(Some(group)) => Some(group.gid.as_raw()),
-                Ok(None) => return Err(at.error(name.span(), "database_group", format!("= {:?}: no such group", name.get_ref()))),
-                Err(e) => return Err(at.error(name.span(), "database_group", format!("cannot be looked up: {e}"))),
+                Ok(None) => {
+                    return Err(at.error(
+                        name.span(),
+                        "database_group",
+                        format!("= {:?}: no such group", name.get_ref()),
+                    ));
+                }
+                Err(e) => {
+                    return Err(at.error(
+                        name.span(),
+                        "database_group",
+                        format!("cannot be looked up: {e}"),
+                    ));
+                }
             },
         };
         let busy_timeout =

@@ -85,7 +85,11 @@ impl SqliteStore {
     /// same mode.
     pub fn create_private(path: &Path, gid: Option<u32>) -> Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
-        if path.exists() || path.parent().is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+        if path.exists()
+            || path
+                .parent()
+                .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir())
+        {
             return Ok(()); // open() reports a missing directory
         }
         let mode = if gid.is_some() { 0o640 } else { 0o600 };
@@ -104,7 +108,8 @@ impl SqliteStore {
             nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
                 .map_err(|e| fail(std::io::Error::from(e)))?;
             // umask may have taken the group bit away.
-            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).map_err(fail)?;
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .map_err(fail)?;
         }
         Ok(())
     }
@@ -200,7 +205,16 @@ fn db_error(path: &Path, e: rusqlite::Error) -> Error {
         Some(ErrorCode::ConstraintViolation) => ExitCode::DataErr,
         _ => ExitCode::Software,
     };
-    Error::new(code, format!("database {}: {e}", path.display()))
+    let hint = match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull | ErrorCode::SystemIoFailure) => {
+            " (the disk may be full or over a file-size limit; the transaction was rolled back, nothing of it was written)"
+        }
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            " (another process holds the lock longer than busy_timeout; nothing was changed, try again)"
+        }
+        _ => "",
+    };
+    Error::new(code, format!("database {}: {e}{hint}", path.display()))
 }
 
 fn delivery_row(r: &Row) -> rusqlite::Result<DeliveryRow> {

@@ -223,7 +223,10 @@ impl Env {
     }
 
     pub fn write_config(&self, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::write(&self.config, text).unwrap();
+        // As an admin would: the config holds endpoint secrets.
+        std::fs::set_permissions(&self.config, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
 
     /// The binary with this environment's config, not yet run.

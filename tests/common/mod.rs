@@ -25,6 +25,11 @@ pub enum Reply {
     Hang,
     /// Answer with this status and a `Retry-After` header.
     RetryAfter(u16, &'static str),
+    /// Answer 500 to about this percentage of requests (a fixed pseudo-random
+    /// sequence), else 200.
+    Flaky(u64),
+    /// Answer 429 with `Retry-After: 1` to every n-th request, else 200.
+    Every429(u64),
 }
 
 /// One request as it arrived.
@@ -34,6 +39,8 @@ pub struct Received {
     pub headers: HashMap<String, String>,
     pub body: Vec<u8>,
     pub at: Instant,
+    /// The status answered (None: no answer).
+    pub status: Option<u16>,
 }
 
 impl Received {
@@ -65,7 +72,13 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn start() -> Receiver {
-        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("bind 127.0.0.1:0"));
+        Receiver::start_on(0)
+    }
+
+    /// A receiver on a given port of 127.0.0.1 (0: any free port).
+    pub fn start_on(port: u16) -> Receiver {
+        let server =
+            Arc::new(tiny_http::Server::http(("127.0.0.1", port)).expect("bind 127.0.0.1"));
         let port = server.server_addr().to_ip().unwrap().port();
         let mut receiver = Receiver {
             server,
@@ -107,12 +120,17 @@ impl Receiver {
                             )
                         })
                         .collect();
-                    received.lock().unwrap().push(Received {
-                        path: path.clone(),
-                        headers,
-                        body,
-                        at: Instant::now(),
-                    });
+                    let index = {
+                        let mut received = received.lock().unwrap();
+                        received.push(Received {
+                            path: path.clone(),
+                            headers,
+                            body,
+                            at: Instant::now(),
+                            status: None,
+                        });
+                        received.len() - 1
+                    };
                     let reply = {
                         let mut script = script.lock().unwrap();
                         match script.queued.get_mut(&path).and_then(VecDeque::pop_front) {
@@ -124,7 +142,31 @@ impl Receiver {
                                 .unwrap_or(Reply::Status(200)),
                         }
                     };
+                    let status = match reply {
+                        Reply::Status(code)
+                        | Reply::Delayed(_, code)
+                        | Reply::RetryAfter(code, _) => Some(code),
+                        Reply::Hang => None,
+                        Reply::Flaky(percent) => {
+                            let roll = (index as u64).wrapping_mul(2_654_435_761) % 100;
+                            Some(if roll < percent { 500 } else { 200 })
+                        }
+                        Reply::Every429(n) => {
+                            Some(if index as u64 % n == n - 1 { 429 } else { 200 })
+                        }
+                    };
+                    received.lock().unwrap()[index].status = status;
                     match reply {
+                        Reply::Flaky(_) | Reply::Every429(_) => {
+                            let code = status.unwrap();
+                            let mut response = tiny_http::Response::empty(code);
+                            if code == 429 {
+                                response.add_header(
+                                    tiny_http::Header::from_bytes("Retry-After", "1").unwrap(),
+                                );
+                            }
+                            let _ = request.respond(response);
+                        }
                         Reply::Status(code) => {
                             let _ = request.respond(tiny_http::Response::empty(code));
                         }

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -269,18 +268,6 @@ fn requeue_redelivers_dead_letters_and_dry_run_changes_nothing() {
     }
 }
 
-/// Reads the shell's output until a line contains `text`.
-fn wait_for_line(out: &mut impl std::io::BufRead, text: &str) {
-    let mut line = String::new();
-    while !line.contains(text) {
-        line.clear();
-        assert!(
-            out.read_line(&mut line).unwrap() > 0,
-            "sqlite3 ended before printing {text:?}"
-        );
-    }
-}
-
 /// Inserts `n` delivered deliveries (and messages), last changed 30 days ago.
 fn old_history(env: &Env, n: i64) {
     env.ok(&["migrate"]);
@@ -307,8 +294,7 @@ fn purge_removes_a_hundred_thousand_delivered_rows_in_batches_while_a_run_delive
         &endpoint("hook", &rx.url("/hook"), &["t"], ""),
     );
     // The run's own retention would race the purge command for the same rows.
-    let text = std::fs::read_to_string(&env.config).unwrap();
-    env.write_config(&format!("retention = \"3650d\"\n{text}"));
+    env.prepend_config("retention = \"3650d\"");
     old_history(&env, 100_000);
     let fresh: String = (0..200)
         .map(|i| format!("{{\"topic\":\"t\",\"account\":\"new{i}\",\"payload\":{{}}}}\n"))
@@ -348,8 +334,7 @@ fn purge_removes_a_hundred_thousand_delivered_rows_in_batches_while_a_run_delive
 fn runs_purge_delivered_history_past_retention_a_bounded_amount_at_a_time() {
     let rx = Receiver::start();
     let env = Env::new("", &endpoint("hook", &rx.url("/hook"), &["t"], ""));
-    let text = std::fs::read_to_string(&env.config).unwrap();
-    env.write_config(&format!("retention = \"7d\"\n{text}"));
+    env.prepend_config("retention = \"7d\"");
     old_history(&env, 12_000);
     env.enqueue("t", "fresh", "{}");
     env.run();
@@ -383,19 +368,10 @@ fn a_long_admin_read_does_not_stop_a_run() {
     env.enqueue("t", "acme", "{}");
     env.ok(&["migrate"]);
     // sqlite3 holds a read transaction open until we close its stdin.
-    let mut shell = Command::new("sqlite3")
-        .arg(&env.db)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = shell.stdin.take().unwrap();
-    stdin
-        .write_all(b"BEGIN; SELECT count(*) FROM deliveries; SELECT 'reading';\n")
-        .unwrap();
-    stdin.flush().unwrap();
-    let mut stdout = std::io::BufReader::new(shell.stdout.take().unwrap());
-    wait_for_line(&mut stdout, "reading");
+    let (mut shell, stdin) = env.sqlite3_holding(
+        "BEGIN; SELECT count(*) FROM deliveries; SELECT 'reading';",
+        "reading",
+    );
 
     env.run();
     assert_eq!(
@@ -412,22 +388,9 @@ fn a_long_admin_read_does_not_stop_a_run() {
 fn an_admin_write_lock_makes_dispatch_wait_then_fail_clearly_losing_nothing() {
     let rx = Receiver::start();
     let env = Env::new("", &endpoint("hook", &rx.url("/hook"), &["t"], ""));
-    let text = std::fs::read_to_string(&env.config).unwrap();
-    env.write_config(&format!("busy_timeout = \"500ms\"\n{text}"));
+    env.prepend_config("busy_timeout = \"500ms\"");
     env.enqueue("t", "acme", "{}");
-    let mut shell = Command::new("sqlite3")
-        .arg(&env.db)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = shell.stdin.take().unwrap();
-    stdin
-        .write_all(b"BEGIN IMMEDIATE; SELECT 'locked';\n")
-        .unwrap();
-    stdin.flush().unwrap();
-    let mut stdout = std::io::BufReader::new(shell.stdout.take().unwrap());
-    wait_for_line(&mut stdout, "locked");
+    let (mut shell, stdin) = env.sqlite3_holding("BEGIN IMMEDIATE; SELECT 'locked';", "locked");
 
     for args in [
         &["run"][..],

@@ -103,8 +103,7 @@ fn chaos_loses_nothing() {
         &format!("[account_budget]\nrate = 200\n\n{endpoints}"),
     );
     // For the daemon; top-level keys go before the first table.
-    let text = std::fs::read_to_string(&env.config).unwrap();
-    env.write_config(&format!("schedule = \"*/1 * * * * *\"\n{text}"));
+    env.prepend_config("schedule = \"*/1 * * * * *\"");
 
     let topics = ["a.created", "b.updated", "c.deleted"];
     let messages = 3000;

@@ -64,8 +64,7 @@ impl Drop for Daemon {
 }
 
 fn with_schedule(env: &Env, schedule: &str) {
-    let text = std::fs::read_to_string(&env.config).unwrap();
-    env.write_config(&format!("schedule = \"{schedule}\"\n{text}"));
+    env.prepend_config(&format!("schedule = \"{schedule}\""));
 }
 
 #[test]
@@ -347,8 +346,7 @@ fn each_run_writes_a_prometheus_text_file_that_agrees_with_stats() {
     let endpoints =
         endpoint("a", &rx.url("/a"), &["t"], "") + &endpoint("b", &rx.url("/b"), &["t"], "");
     let env = Env::new("", &endpoints);
-    let text = std::fs::read_to_string(&env.config).unwrap();
-    env.write_config(&format!("metrics_file = \"cronpost.prom\"\n{text}"));
+    env.prepend_config("metrics_file = \"cronpost.prom\"");
     for _ in 0..3 {
         env.enqueue("t", "acme", "{}");
     }

@@ -582,8 +582,7 @@ fn secrets_never_appear_in_logs_stats_show_list_or_metrics() {
         "",
         &endpoint("e", &rx.url("/e"), &["t"], "").replace(SECRET, secret_text),
     );
-    let text = std::fs::read_to_string(&env.config).unwrap();
-    env.write_config(&format!("metrics_file = \"m.prom\"\n{text}"));
+    env.prepend_config("metrics_file = \"m.prom\"");
     std::fs::set_permissions(&env.config, std::fs::Permissions::from_mode(0o644)).unwrap();
     rx.queue("/e", &[Reply::Status(500)]);
     env.enqueue("t", "a", "{}");

@@ -271,6 +271,42 @@ impl Env {
         std::fs::set_permissions(&self.config, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
 
+    /// Puts top-level `lines` at the head of the config, before any table.
+    pub fn prepend_config(&self, lines: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        self.write_config(&format!("{lines}\n{text}"));
+    }
+
+    /// Starts the sqlite3 shell on the database with `sql` (which must end
+    /// by printing `marker`), and waits for the marker: the shell then holds
+    /// whatever transaction `sql` opened until its stdin is dropped.
+    pub fn sqlite3_holding(
+        &self,
+        sql: &str,
+        marker: &str,
+    ) -> (std::process::Child, std::process::ChildStdin) {
+        use std::io::{BufRead, Write};
+        let mut shell = Command::new("sqlite3")
+            .arg(&self.db)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the sqlite3 shell is installed (.ci/run installs it)");
+        let mut stdin = shell.stdin.take().unwrap();
+        writeln!(stdin, "{sql}").unwrap();
+        stdin.flush().unwrap();
+        let mut out = std::io::BufReader::new(shell.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains(marker) {
+            line.clear();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "sqlite3 ended before printing {marker:?}"
+            );
+        }
+        (shell, stdin)
+    }
+
     /// The binary with this environment's config, not yet run.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cronpost"));

@@ -91,9 +91,8 @@ fn deliver_one(config: &Config, ctx: &ChildContext) -> Result<ChildExit, Error> 
             ),
         ),
         Some(endpoint) => {
-            let client = crate::delivery::client(endpoint).map_err(Error::software)?;
             let started = Instant::now();
-            let result = crate::delivery::post(&client, endpoint, &lease, now / 1000);
+            let result = crate::delivery::post(endpoint, &lease, now / 1000);
             let finished = now_ms();
             lease::decide(endpoint, &lease, &result, finished, ms(started.elapsed()))
         }

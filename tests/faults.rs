@@ -614,3 +614,31 @@ fn secrets_never_appear_in_logs_stats_show_list_or_metrics() {
         "the secret was used all the same"
     );
 }
+
+#[test]
+fn an_https_endpoint_that_does_not_speak_tls_is_retried_with_the_error() {
+    let rx = Receiver::start();
+    let env = Env::new(
+        "max_messages = 1",
+        &endpoint(
+            "tls",
+            &format!("https://127.0.0.1:{}/hook", rx.port),
+            &["t"],
+            "",
+        ),
+    );
+    env.enqueue("t", "a", "{}");
+    let started = Instant::now();
+    env.run();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let (state, error, outcome): (String, String, String) = env
+        .db()
+        .query_row(
+            "SELECT d.state, d.last_error, a.outcome FROM deliveries d JOIN attempts a ON a.delivery_id = d.id",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!((state.as_str(), outcome.as_str()), ("delayed", "retry"));
+    assert!(!error.is_empty(), "the TLS failure is recorded");
+}

@@ -21,7 +21,10 @@ pub(super) fn post(
     {
         Ok(client) => client,
         Err(e) => {
-            return PostResult::Failed(format!("cannot build the HTTP client: {}", error_chain(&e)));
+            return PostResult::Failed(format!(
+                "cannot build the HTTP client: {}",
+                error_chain(&e)
+            ));
         }
     };
     let mut request = client

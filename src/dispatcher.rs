@@ -121,8 +121,8 @@ fn open(config: &Config) -> Result<SqliteStore> {
     crate::store::open(config)
 }
 
-/// Migrates, routes new messages, takes back expired leases, promotes due
-/// retries and opens the run record; the connection is closed on return.
+/// Migrates, routes new messages, takes back expired leases and opens the
+/// run record; the connection is closed on return.
 fn prepare(config: &Config) -> Result<RunRecord> {
     let mut store = open(config)?;
     let now = now_ms();

@@ -90,15 +90,17 @@ fn a_file_that_is_not_sqlite_is_refused_and_left_alone() {
     assert_eq!(std::fs::read(&env.db).unwrap(), junk);
 }
 
-/// Runs the binary as user nobody, so file permissions apply.
+/// Runs the binary as user nobody, so file permissions apply. The binary is
+/// copied beside the database, where nobody can reach it whatever the
+/// permissions of the checkout's directories.
 fn as_nobody(env: &Env, args: &[&str]) -> Output {
+    let binary = env.path().join("cronpost");
+    if !binary.exists() {
+        std::fs::copy(env!("CARGO_BIN_EXE_cronpost"), &binary).unwrap();
+    }
     Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            env!("CARGO_BIN_EXE_cronpost"),
-        ])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&binary)
         .args(args)
         .env("CRONPOST_CONFIG", &env.config)
         .output()

@@ -400,6 +400,15 @@ fn set_tat(tx: &Connection, kind: &str, key: &str, tat: f64) -> rusqlite::Result
     .map(drop)
 }
 
+/// An endpoint's breaker: saturated until, and signals in a row (a healthy
+/// endpoint has no row).
+fn endpoint_health(tx: &Connection, endpoint: &str) -> rusqlite::Result<(Option<i64>, u32)> {
+    tx.prepare_cached("SELECT saturated_until, failures FROM endpoint_health WHERE endpoint = ?1")?
+        .query_row([endpoint], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .map(|found| found.unwrap_or((None, 0)))
+}
+
 /// Whether a candidate still holds the slot it was given when rerouted for
 /// `reason`. A slot older than the burst window was missed (no run was
 /// there): the delivery queues again, so missed slots never add a burst on
@@ -411,13 +420,7 @@ fn holds_fresh_slot(c: &Candidate, reason: &str, rate: Rate, now: f64) -> bool {
 
 fn decide(tx: &Connection, p: &LeaseParams, c: &Candidate) -> rusqlite::Result<Decision> {
     let now = p.now as f64;
-    let health: Option<(Option<i64>, u32)> = tx
-        .prepare_cached(
-            "SELECT saturated_until, failures FROM endpoint_health WHERE endpoint = ?1",
-        )?
-        .query_row([&c.endpoint], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    let (saturated_until, failures) = health.unwrap_or((None, 0));
+    let (saturated_until, failures) = endpoint_health(tx, &c.endpoint)?;
     if let Some(until) = saturated_until.filter(|&u| u > p.now) {
         return Ok(Decision::Hold(Hold {
             reason: reason::ENDPOINT_SATURATED,
@@ -471,6 +474,23 @@ fn decide(tx: &Connection, p: &LeaseParams, c: &Candidate) -> rusqlite::Result<D
     })
 }
 
+/// Reroutes every ready delivery whose `$column` is ?1 to the delayed queue
+/// (reason ?2), the k-th in priority order at ?3 + k * ?4. Slots are rounded
+/// up by a millisecond: never earlier than the rate allows.
+macro_rules! reroute_ready_sql {
+    ($column:literal) => {
+        concat!(
+            "UPDATE deliveries
+             SET state = 'delayed', reason = ?2, not_before = CAST(?3 + r.k * ?4 AS INTEGER) + 1, updated_at = ?5
+             FROM (SELECT id, row_number() OVER (ORDER BY priority DESC, id) - 1 AS k
+                   FROM deliveries WHERE state = 'ready' AND ",
+            $column,
+            " = ?1) AS r
+             WHERE deliveries.id = r.id"
+        )
+    };
+}
+
 /// Moves a held candidate to the delayed queue; from the ready queue, with
 /// every other ready delivery of its account or endpoint, each with its own
 /// slot `first + k * interval` in priority order.
@@ -483,9 +503,9 @@ fn reroute(tx: &Connection, c: &Candidate, hold: &Hold, now: i64) -> rusqlite::R
     let moved = match c.from {
         Queue::Ready => {
             let sql = if hold.by_account {
-                REROUTE_READY_OF_ACCOUNT_SQL
+                reroute_ready_sql!("account")
             } else {
-                REROUTE_READY_OF_ENDPOINT_SQL
+                reroute_ready_sql!("endpoint")
             };
             tx.prepare_cached(sql)?
                 .execute(params![key, hold.reason, hold.first, hold.interval, now])?
@@ -503,21 +523,6 @@ fn reroute(tx: &Connection, c: &Candidate, hold: &Hold, now: i64) -> rusqlite::R
     }
     Ok(())
 }
-
-// Slots are rounded up by a millisecond: never earlier than the rate allows.
-const REROUTE_READY_OF_ACCOUNT_SQL: &str = "\
-UPDATE deliveries
-SET state = 'delayed', reason = ?2, not_before = CAST(?3 + r.k * ?4 AS INTEGER) + 1, updated_at = ?5
-FROM (SELECT id, row_number() OVER (ORDER BY priority DESC, id) - 1 AS k
-      FROM deliveries WHERE state = 'ready' AND account = ?1) AS r
-WHERE deliveries.id = r.id";
-
-const REROUTE_READY_OF_ENDPOINT_SQL: &str = "\
-UPDATE deliveries
-SET state = 'delayed', reason = ?2, not_before = CAST(?3 + r.k * ?4 AS INTEGER) + 1, updated_at = ?5
-FROM (SELECT id, row_number() OVER (ORDER BY priority DESC, id) - 1 AS k
-      FROM deliveries WHERE state = 'ready' AND endpoint = ?1) AS r
-WHERE deliveries.id = r.id";
 
 fn lease_candidate(
     tx: &Connection,
@@ -575,13 +580,7 @@ fn record_signal(tx: &Connection, f: &FinishAttempt) -> rusqlite::Result<Option<
             retry_after,
             limits,
         } => {
-            let (until, failures): (Option<i64>, u32) = tx
-                .prepare_cached(
-                    "SELECT saturated_until, failures FROM endpoint_health WHERE endpoint = ?1",
-                )?
-                .query_row([&f.endpoint], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?
-                .unwrap_or((None, 0));
+            let (until, failures) = endpoint_health(tx, &f.endpoint)?;
             // Children already in flight when the breaker opened do not count
             // as repeats: the cool-down grows once per probe, not per child.
             let already_open = until.is_some_and(|u| u > f.now);

@@ -10,16 +10,12 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::store::{
     AttemptRow, DeliveryFilter, DeliveryRow, DeliveryState, ListedDelivery, MessageRow,
-    RequeueParams, SqliteStore, Store, ms, now_ms,
+    RequeueParams, Store, ms, now_ms,
 };
 
 /// Rows removed per purge transaction: small enough that a run waiting for
 /// the write lock waits milliseconds, not seconds.
 pub const PURGE_BATCH: u64 = 2_000;
-
-fn open(config: &Config) -> Result<SqliteStore> {
-    crate::store::open(config)
-}
 
 fn print(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
@@ -75,7 +71,7 @@ fn waiting(d: &DeliveryRow, now: i64) -> String {
 
 /// `cronpost list`.
 pub fn list(config: &Config, filter: &DeliveryFilter, limit: u64, as_json: bool) -> Result<()> {
-    let rows = open(config)?.deliveries_list(filter, limit)?;
+    let rows = crate::store::open(config)?.deliveries_list(filter, limit)?;
     if as_json {
         let items: Vec<Value> = rows
             .iter()
@@ -125,7 +121,7 @@ fn list_table(rows: &[ListedDelivery], now: i64) -> String {
 
 /// `cronpost show ID`: a message (by id or uid), its deliveries and attempts.
 pub fn show(config: &Config, key: &str, as_json: bool) -> Result<()> {
-    let mut store = open(config)?;
+    let mut store = crate::store::open(config)?;
     let message = store.message_get(key)?.ok_or_else(|| {
         Error::data(format!(
             "no message {key:?} (give a message id or its msg_... uid)"
@@ -228,7 +224,7 @@ pub fn requeue(
         now: now_ms(),
         dry_run,
     };
-    let n = open(config)?.deliveries_requeue(&params)?;
+    let n = crate::store::open(config)?.deliveries_requeue(&params)?;
     if as_json {
         return print(&format!("{}\n", json!({"requeued": n, "dry_run": dry_run})));
     }
@@ -241,7 +237,7 @@ pub fn requeue(
 
 /// `cronpost purge --older-than D`: delivered history, in batches.
 pub fn purge(config: &Config, older_than: Duration, as_json: bool) -> Result<()> {
-    let mut store = open(config)?;
+    let mut store = crate::store::open(config)?;
     let before = now_ms() - ms(older_than);
     let (mut deliveries, mut messages, mut runs, mut batches) = (0, 0, 0, 0);
     loop {

@@ -72,7 +72,7 @@ pub fn run_once(
     loop_result?;
 
     run.finished_at = Some(now_ms());
-    let mut store = open(config)?;
+    let mut store = crate::store::open(config)?;
     store.run_finish(&run)?;
     purge_history(config, &mut store)?;
     log::info!("{}", summary(&run, started.elapsed()));
@@ -117,14 +117,10 @@ fn purge_history(config: &Config, store: &mut SqliteStore) -> Result<()> {
     Ok(())
 }
 
-fn open(config: &Config) -> Result<SqliteStore> {
-    crate::store::open(config)
-}
-
 /// Migrates, routes new messages, takes back expired leases and opens the
 /// run record; the connection is closed on return.
 fn prepare(config: &Config) -> Result<RunRecord> {
-    let mut store = open(config)?;
+    let mut store = crate::store::open(config)?;
     let now = now_ms();
     store.subscriptions_replace(&routing::subscriptions(config))?;
     let routed = store.messages_route(RouteParams {
@@ -182,7 +178,7 @@ struct Parent<'c> {
 
 impl Parent<'_> {
     fn fork_until_done(&mut self, run: &mut RunRecord) -> Result<()> {
-        self.count_ready(&mut open(self.config)?, run)?;
+        self.count_ready(&mut crate::store::open(self.config)?, run)?;
         loop {
             (self.heartbeat)();
             self.reap(run);
@@ -221,7 +217,7 @@ impl Parent<'_> {
     }
 
     fn more_work(&mut self, run: &mut RunRecord) -> Result<bool> {
-        let mut store = open(self.config)?;
+        let mut store = crate::store::open(self.config)?;
         let now = now_ms();
         run.reclaimed += store.leases_reclaim_expired(now)? as u64;
         self.count_ready(&mut store, run)?;
@@ -361,7 +357,7 @@ impl Parent<'_> {
         if self.dead_children.is_empty() {
             return Ok(());
         }
-        let mut store = open(self.config)?;
+        let mut store = crate::store::open(self.config)?;
         for (owner, how, timed_out) in std::mem::take(&mut self.dead_children) {
             let Some(lease) = store.lease_by_owner(&owner)? else {
                 continue;

@@ -63,32 +63,17 @@ pub fn decide(
                 .with_signal(healthy);
         }
         PostResult::NoAnswer => (
-            Failure {
-                error: format!(
-                    "no answer within {}",
-                    humantime::format_duration(endpoint.timeout)
-                ),
-                status: None,
-                at_least: None,
-            },
+            Failure::new(format!(
+                "no answer within {}",
+                humantime::format_duration(endpoint.timeout)
+            )),
             saturated(None),
         ),
         PostResult::ConnectFailed(e) => (
-            Failure {
-                error: format!("connect failed: {e}"),
-                status: None,
-                at_least: None,
-            },
+            Failure::new(format!("connect failed: {e}")),
             saturated(None),
         ),
-        PostResult::Failed(e) => (
-            Failure {
-                error: e.clone(),
-                status: None,
-                at_least: None,
-            },
-            EndpointSignal::Unknown,
-        ),
+        PostResult::Failed(e) => (Failure::new(e.clone()), EndpointSignal::Unknown),
     };
     retry_or_dead(endpoint, lease, now, failure.error, failure.at_least)
         .with_answer(failure.status, duration_ms)
@@ -129,6 +114,17 @@ struct Failure {
     error: String,
     status: Option<u16>,
     at_least: Option<Duration>,
+}
+
+impl Failure {
+    /// A failure without an HTTP answer.
+    fn new(error: String) -> Failure {
+        Failure {
+            error,
+            status: None,
+            at_least: None,
+        }
+    }
 }
 
 fn is_retryable(status: u16) -> bool {

@@ -225,7 +225,7 @@ fn execute(cli: Cli) -> Result<()> {
                     let run = dispatcher::run_once(&config, &signals, &mut || {})?;
                     metrics::publish(&config, &run, started.elapsed())
                 }
-                Command::Daemon => daemon::run(&cli.config),
+                Command::Daemon => daemon::run(&cli.config, config),
                 Command::Enqueue(args) => enqueue(&config, args),
                 Command::Stats { json } => stats(&config, json),
                 Command::CheckConfig => check_config(&config),

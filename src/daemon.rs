@@ -49,9 +49,10 @@ impl Notifier {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT.
-pub fn run(config_path: &Path) -> Result<()> {
-    let mut config = load(config_path)?;
+/// Runs the daemon with `config` (read from `config_path`, read again on
+/// SIGHUP) until SIGTERM/SIGINT.
+pub fn run(config_path: &Path, config: Config) -> Result<()> {
+    let mut config = with_schedule(config)?;
     let signals = Signals::install()?;
     let mut notifier = Notifier::new();
     log::info!(
@@ -109,11 +110,14 @@ pub fn run(config_path: &Path) -> Result<()> {
 }
 
 fn load(path: &Path) -> Result<Config> {
-    let config = Config::load(path)?;
+    with_schedule(Config::load(path)?)
+}
+
+fn with_schedule(config: Config) -> Result<Config> {
     if config.schedule.is_none() {
         return Err(Error::config(format!(
             "config {}: schedule is required for `cronpost daemon`, e.g. schedule = \"*/5 * * * * *\"",
-            path.display()
+            config.path.display()
         )));
     }
     Ok(config)

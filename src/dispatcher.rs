@@ -21,6 +21,7 @@ use nix::unistd::{ForkResult, Pid, fork};
 use crate::child::{self, ChildContext, ChildExit};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::keeper::Keeper;
 use crate::lease;
 use crate::routing;
 use crate::signals::Signals;
@@ -50,6 +51,8 @@ pub fn run_once(
 ) -> Result<RunRecord> {
     let started = Instant::now();
     let mut run = prepare(config)?;
+    let keeper = Keeper::start(config);
+    crate::signature::warm_up();
     let mut parent = Parent {
         config,
         signals,
@@ -75,14 +78,18 @@ pub fn run_once(
     let mut store = crate::store::open(config)?;
     store.run_finish(&run)?;
     purge_history(config, &mut store)?;
+    drop(store);
+    // Last to close, the keeper checkpoints the WAL into the file.
+    drop(keeper);
     log::info!("{}", summary(&run, started.elapsed()));
     Ok(run)
 }
 
-/// The one-line summary of a run.
+/// The one-line summary of a run, with the peak memory of this process and
+/// of its largest child so far.
 pub fn summary(run: &RunRecord, took: Duration) -> String {
     format!(
-        "run {}: routed {} messages, reclaimed {} leases, forked {} children: {} delivered, {} retried, {} dead, {} failed in {:.2}s",
+        "run {}: routed {} messages, reclaimed {} leases, forked {} children: {} delivered, {} retried, {} dead, {} failed in {:.2}s; peak RSS {:.1} MiB parent, {:.1} MiB child",
         run.id,
         run.routed,
         run.reclaimed,
@@ -91,8 +98,27 @@ pub fn summary(run: &RunRecord, took: Duration) -> String {
         run.retried,
         run.dead,
         run.failed,
-        took.as_secs_f64()
+        took.as_secs_f64(),
+        peak_rss_kib() as f64 / 1024.0,
+        nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+            .map_or(0, |u| u.max_rss()) as f64
+            / 1024.0,
     )
+}
+
+/// This process's peak RSS in KiB: VmHWM, which starts afresh at exec
+/// (getrusage's maxrss would carry over the RSS of the process that
+/// spawned us, from before the exec).
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Retention, bounded per run: a few small batches of delivered history
@@ -439,7 +465,7 @@ impl Parent<'_> {
 }
 
 /// A child must not run the parent's signal handlers: back to the defaults.
-fn reset_signals_in_child() {
+pub(crate) fn reset_signals_in_child() {
     for sig in [
         Signal::SIGCHLD,
         Signal::SIGTERM,

@@ -30,25 +30,6 @@ impl Dice {
 }
 
 /// Pids whose parent is `parent`, read from /proc.
-fn children_of(parent: u32) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    // pid (comm) state ppid ...; comm may hold spaces.
-                    let after = &stat[stat.rfind(')')? + 2..];
-                    after.split(' ').nth(1)?.parse::<u32>().ok()
-                })
-                == Some(parent)
-        })
-        .collect()
-}
-
 #[derive(Default, Debug)]
 struct Damage {
     children_killed: u64,

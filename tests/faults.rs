@@ -7,7 +7,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -631,4 +631,34 @@ fn an_https_endpoint_that_does_not_speak_tls_is_retried_with_the_error() {
         error.is_some_and(|e| !e.is_empty()),
         "the TLS failure is recorded"
     );
+}
+
+#[test]
+fn a_killed_parent_leaves_neither_its_keeper_nor_its_children_behind() {
+    let receiver = Receiver::start();
+    receiver.set_default("/slow", Reply::Delayed(Duration::from_millis(500), 200));
+    let env = Env::new(
+        "max_children = 2\nmax_messages = 2",
+        &endpoint("slow", &receiver.url("/slow"), &["t"], ""),
+    );
+    env.enqueue("t", "a", "{}");
+    env.enqueue("t", "b", "{}");
+    let mut run = env.command(&["run"]).stderr(Stdio::null()).spawn().unwrap();
+    let parent = run.id();
+    let mut family = Vec::new();
+    let limit = Duration::from_secs(60);
+    wait_until(limit, "the keeper and two children", || {
+        family = children_of(parent);
+        family.len() >= 3
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(parent as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    run.wait().unwrap();
+    // The children finish their POST; the keeper leaves when they are gone.
+    wait_until(limit, "the keeper and the children to exit", || {
+        family.iter().all(|&pid| exited(pid))
+    });
 }

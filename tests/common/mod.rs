@@ -464,3 +464,49 @@ pub fn run_until(env: &Env, limit: Duration, what: &str, mut cond: impl FnMut() 
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// The processes whose parent is `parent`.
+pub fn children_of(parent: u32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            proc_stat(*pid).and_then(|(_, ppid)| ppid.parse::<u32>().ok()) == Some(parent)
+        })
+        .collect()
+}
+
+/// Whether `pid` has exited (gone, or a zombie nobody reaped yet).
+pub fn exited(pid: i32) -> bool {
+    proc_stat(pid).is_none_or(|(state, _)| state == "Z")
+}
+
+/// A process's state letter and parent pid, from /proc/PID/stat.
+fn proc_stat(pid: i32) -> Option<(String, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid ...; comm may hold spaces.
+    let mut after = stat[stat.rfind(')')? + 2..].split(' ');
+    Some((after.next()?.to_string(), after.next()?.to_string()))
+}
+
+/// TIME_WAIT sockets of `port` on 127.0.0.1: (held by the side listening on
+/// it, held by the side that connected to it).
+pub fn time_wait(port: u16) -> (usize, usize) {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port_of = |addr: &str| u16::from_str_radix(addr.rsplit(':').next().unwrap(), 16).ok();
+    let (mut server, mut client) = (0, 0);
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 4 || fields[3] != "06" {
+            continue;
+        }
+        if port_of(fields[1]) == Some(port) {
+            server += 1;
+        } else if port_of(fields[2]) == Some(port) {
+            client += 1;
+        }
+    }
+    (server, client)
+}

@@ -6,6 +6,7 @@
 use std::time::Instant;
 
 use crate::config::Config;
+use crate::delivery::Client;
 use crate::error::Error;
 use crate::lease;
 use crate::store::{FinishAttempt, LeaseParams, Queue, SqliteStore, Store, ms, now_ms};
@@ -52,9 +53,41 @@ pub struct ChildContext {
     pub prefer: Queue,
 }
 
+/// The steps of a child's life after fork, in order; the benchmark times
+/// them (`main_traced`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Its database connection is open.
+    Opened,
+    /// It holds a lease (or found nothing: the last step then).
+    Leased,
+    /// The request is built and signed.
+    Prepared,
+    /// The TCP connection to the endpoint is up (http:// only).
+    Connected,
+    /// The answer came, or the answer window closed.
+    Answered,
+    /// The outcome is recorded.
+    Recorded,
+}
+
 /// The whole life of a child; returns its exit code.
 pub fn main(config: &Config, ctx: &ChildContext) -> ChildExit {
-    match deliver_one(config, ctx) {
+    main_traced(config, ctx, &mut |_| {})
+}
+
+/// [`main`], calling `mark` as each [`Step`] ends.
+pub fn main_traced(config: &Config, ctx: &ChildContext, mark: &mut dyn FnMut(Step)) -> ChildExit {
+    let delivered = SqliteStore::open_existing(&config.database, config.busy_timeout)
+        .inspect(|_| mark(Step::Opened))
+        .and_then(|mut store| {
+            let exit = deliver_one(&mut store, &mut Client::one_shot(), config, ctx, mark);
+            // The process ends now: its exit releases the locks and closes the
+            // files; sqlite3_close would only free memory first.
+            std::mem::forget(store);
+            exit
+        });
+    match delivered {
         Ok(exit) => exit,
         Err(e) => {
             log::error!("child {}: {e}", std::process::id());
@@ -63,8 +96,16 @@ pub fn main(config: &Config, ctx: &ChildContext) -> ChildExit {
     }
 }
 
-fn deliver_one(config: &Config, ctx: &ChildContext) -> Result<ChildExit, Error> {
-    let mut store = SqliteStore::open_existing(&config.database, config.busy_timeout)?;
+/// A child's work once its connection is open: leases one delivery, POSTs
+/// it with `client`, records the outcome. The benchmark's no-fork harness
+/// calls it in a loop with one store and one kept-alive client.
+pub fn deliver_one(
+    store: &mut impl Store,
+    client: &mut Client,
+    config: &Config,
+    ctx: &ChildContext,
+    mark: &mut dyn FnMut(Step),
+) -> Result<ChildExit, Error> {
     let now = now_ms();
     let params = LeaseParams {
         owner: ctx.owner.clone(),
@@ -75,7 +116,9 @@ fn deliver_one(config: &Config, ctx: &ChildContext) -> Result<ChildExit, Error> 
         prefer: ctx.prefer,
         policy: config,
     };
-    let Some(lease) = store.delivery_lease_next(&params)? else {
+    let lease = store.delivery_lease_next(&params)?;
+    mark(Step::Leased);
+    let Some(lease) = lease else {
         return Ok(ChildExit::Empty);
     };
     let finish = match config.endpoint(&lease.endpoint) {
@@ -92,12 +135,14 @@ fn deliver_one(config: &Config, ctx: &ChildContext) -> Result<ChildExit, Error> 
         ),
         Some(endpoint) => {
             let started = Instant::now();
-            let result = crate::delivery::post(endpoint, &lease, now / 1000);
+            let result = client.post(endpoint, &lease, now / 1000, mark);
             let finished = now_ms();
             lease::decide(endpoint, &lease, &result, finished, ms(started.elapsed()))
         }
     };
-    if !store.attempt_finish(&finish)? {
+    let recorded = store.attempt_finish(&finish)?;
+    mark(Step::Recorded);
+    if !recorded {
         log::warn!(
             "child {}: delivery {} was taken back before its outcome was recorded (lease_timeout too short?)",
             std::process::id(),

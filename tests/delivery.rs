@@ -321,3 +321,34 @@ fn a_child_killed_past_its_deadline_loses_its_lease_and_a_later_run_delivers() {
     );
     assert_eq!(env.count_state("leased"), 0);
 }
+
+#[test]
+fn the_receiver_closes_first_so_time_wait_stays_on_its_side() {
+    let receiver = Receiver::start();
+    let env = Env::new(
+        "max_children = 4",
+        &endpoint("e", &receiver.url("/e"), &["t"], ""),
+    );
+    let ndjson: String = (0..40)
+        .map(|i| format!("{{\"topic\":\"t\",\"account\":\"a\",\"payload\":{{\"n\":{i}}}}}\n"))
+        .collect();
+    env.enqueue_ndjson(&ndjson);
+    let out = env.cronpost(&["run"]);
+    assert!(out.status.success());
+    let log = stderr(&out);
+    assert!(log.contains("40 delivered"), "{log}");
+    assert!(
+        log.contains("MiB parent") && log.contains("MiB child"),
+        "{log}"
+    );
+    let port: u16 = receiver
+        .url("")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (receiver_side, client_side) = time_wait(port);
+    assert!(receiver_side >= 36, "{receiver_side} / {client_side}");
+    assert!(client_side <= 4, "{receiver_side} / {client_side}");
+}

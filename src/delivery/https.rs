@@ -3,30 +3,29 @@
 //! so a timeout that is not a connect error means the request went out on a
 //! connected socket and no answer came in the window.
 
-use reqwest::blocking::Client;
+pub(super) use reqwest::blocking::Client;
 use reqwest::header::RETRY_AFTER;
 
 use super::{PostResult, parse_retry_after};
 use crate::config::Endpoint;
 
+/// A client for `endpoint`, or the failure to report.
+pub(super) fn client(endpoint: &Endpoint) -> Result<Client, PostResult> {
+    Client::builder()
+        .connect_timeout(endpoint.connect_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| {
+            PostResult::Failed(format!("cannot build the HTTP client: {}", error_chain(&e)))
+        })
+}
+
 pub(super) fn post(
+    client: &Client,
     endpoint: &Endpoint,
     headers: &[(&'static str, String)],
     body: &[u8],
 ) -> PostResult {
-    let client = match Client::builder()
-        .connect_timeout(endpoint.connect_timeout)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-    {
-        Ok(client) => client,
-        Err(e) => {
-            return PostResult::Failed(format!(
-                "cannot build the HTTP client: {}",
-                error_chain(&e)
-            ));
-        }
-    };
     let mut request = client
         .post(endpoint.url.clone())
         .timeout(endpoint.connect_timeout + endpoint.answer_wait())

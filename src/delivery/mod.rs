@@ -14,6 +14,7 @@ mod plain;
 
 use std::time::Duration;
 
+use crate::child::Step;
 use crate::config::Endpoint;
 use crate::signature;
 use crate::store::Lease;
@@ -43,12 +44,76 @@ pub const TOPIC_HEADER: &str = "cronpost-topic";
 /// Header with the message's account.
 pub const ACCOUNT_HEADER: &str = "cronpost-account";
 
-/// POSTs `lease` to `endpoint`; `timestamp` (Unix seconds) is signed.
-pub fn post(endpoint: &Endpoint, lease: &Lease, timestamp: i64) -> PostResult {
-    let headers = headers(endpoint, lease, timestamp);
-    match endpoint.url.scheme() {
-        "http" => plain::post(endpoint, &headers, lease.payload.as_bytes()),
-        _ => https::post(endpoint, &headers, lease.payload.as_bytes()),
+/// An HTTP client for deliveries. A child makes a one-shot client and posts
+/// once on a fresh connection (`connection: close`, and the receiver closes
+/// first); the benchmark's no-fork harness keeps one client and its
+/// connections alive across deliveries.
+pub struct Client {
+    keep_alive: bool,
+    plain: Option<plain::Connection>,
+    /// The https client and the endpoint it was built for.
+    https: Option<(String, https::Client)>,
+}
+
+impl Client {
+    /// A client for one POST: what a child uses.
+    pub fn one_shot() -> Client {
+        Client {
+            keep_alive: false,
+            plain: None,
+            https: None,
+        }
+    }
+
+    /// A client that keeps its connection open between POSTs.
+    pub fn keep_alive() -> Client {
+        Client {
+            keep_alive: true,
+            ..Client::one_shot()
+        }
+    }
+
+    /// POSTs `lease` to `endpoint`; `timestamp` (Unix seconds) is signed.
+    /// Calls `mark` as the request is prepared, connected and answered.
+    pub fn post(
+        &mut self,
+        endpoint: &Endpoint,
+        lease: &Lease,
+        timestamp: i64,
+        mark: &mut dyn FnMut(Step),
+    ) -> PostResult {
+        let headers = headers(endpoint, lease, timestamp);
+        let body = lease.payload.as_bytes();
+        let result = match endpoint.url.scheme() {
+            "http" => {
+                mark(Step::Prepared);
+                plain::post(
+                    &mut self.plain,
+                    self.keep_alive,
+                    endpoint,
+                    &headers,
+                    body,
+                    mark,
+                )
+            }
+            _ => {
+                let client = match &self.https {
+                    Some((name, client)) if *name == endpoint.name => client,
+                    _ => match https::client(endpoint) {
+                        Ok(client) => &self.https.insert((endpoint.name.clone(), client)).1,
+                        Err(failed) => return failed,
+                    },
+                };
+                mark(Step::Prepared);
+                let result = https::post(client, endpoint, &headers, body);
+                if !self.keep_alive {
+                    self.https = None;
+                }
+                result
+            }
+        };
+        mark(Step::Answered);
+        result
     }
 }
 

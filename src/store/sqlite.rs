@@ -36,6 +36,59 @@ SELECT id, endpoint, account, reason, not_before FROM deliveries INDEXED BY deli
 WHERE state = 'delayed' AND not_before <= ?2 AND endpoint NOT IN (SELECT value FROM json_each(?1))
 ORDER BY priority DESC, not_before LIMIT 1";
 
+const PROBES_IN_FLIGHT_SQL: &str =
+    "SELECT endpoint FROM endpoint_health WHERE probe_owner IS NOT NULL AND probe_expires_at > ?1";
+
+const ENDPOINT_HEALTH_SQL: &str =
+    "SELECT saturated_until, failures FROM endpoint_health WHERE endpoint = ?1";
+
+const LEASE_DELIVERY_SQL: &str = "\
+UPDATE deliveries
+SET state = 'leased', reason = NULL, lease_owner = ?2, lease_expires_at = ?3,
+    attempts = attempts + 1, updated_at = ?4
+WHERE id = ?1
+RETURNING id, message_id, endpoint, attempts";
+
+const INSERT_ATTEMPT_SQL: &str = "\
+INSERT INTO attempts (delivery_id, number, run_id, pid, lease_owner, started_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+const MESSAGE_OF_LEASE_SQL: &str =
+    "SELECT uid, topic, account, payload FROM messages WHERE id = ?1";
+
+const ENDPOINT_HEALTHY_SQL: &str = "\
+UPDATE endpoint_health
+SET failures = 0, saturated_until = NULL, probe_owner = NULL, probe_expires_at = NULL, updated_at = ?2
+WHERE endpoint = ?1 AND (failures > 0 OR probe_owner IS NOT NULL)";
+
+const FINISH_DELIVERY_SQL: &str = "\
+UPDATE deliveries
+SET state = ?3, not_before = ?4, reason = ?5, lease_owner = NULL, lease_expires_at = NULL,
+    last_status = coalesce(?6, last_status), last_error = ?7, updated_at = ?8
+WHERE id = ?1 AND state = 'leased' AND lease_owner = ?2";
+
+const FINISH_ATTEMPT_SQL: &str = "\
+UPDATE attempts SET finished_at = ?2, outcome = ?3, http_status = ?4, error = ?5, duration_ms = ?6
+WHERE id = ?1";
+
+/// The statements of a plain lease and of a plain finish, prepared before
+/// their transaction begins: a child's connection is new, so each statement
+/// is compiled once per child, and compiling inside the transaction would
+/// hold the write lock that every other child waits for.
+const LEASE_STATEMENTS: [&str; 6] = [
+    PROBES_IN_FLIGHT_SQL,
+    PICK_READY_SQL,
+    ENDPOINT_HEALTH_SQL,
+    LEASE_DELIVERY_SQL,
+    INSERT_ATTEMPT_SQL,
+    MESSAGE_OF_LEASE_SQL,
+];
+const FINISH_STATEMENTS: [&str; 3] = [
+    ENDPOINT_HEALTHY_SQL,
+    FINISH_DELIVERY_SQL,
+    FINISH_ATTEMPT_SQL,
+];
+
 /// How many deliveries one lease transaction may reroute before it gives up
 /// (the next child goes on where it stopped).
 const MAX_REROUTES: usize = 64;
@@ -158,6 +211,14 @@ impl SqliteStore {
         db_error(&self.path, e)
     }
 
+    /// Compiles `statements` into the statement cache, outside any transaction.
+    fn prepare_ahead(&self, statements: &[&str]) -> Result<()> {
+        for sql in statements {
+            self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
     /// Runs `f` in one IMMEDIATE transaction, committed if `f` succeeds.
     fn write<T>(
         &mut self,
@@ -265,7 +326,7 @@ fn complete_lease(
     attempt_id: i64,
     owner: &str,
 ) -> rusqlite::Result<Lease> {
-    tx.prepare_cached("SELECT uid, topic, account, payload FROM messages WHERE id = ?1")?
+    tx.prepare_cached(MESSAGE_OF_LEASE_SQL)?
         .query_row([message_id], |r| {
             Ok(Lease {
                 delivery_id,
@@ -338,9 +399,7 @@ fn lease_next(tx: &Connection, p: &LeaseParams) -> rusqlite::Result<Option<Lease
 /// they are at their in-flight cap. As a JSON array, for `json_each`.
 fn blocked_endpoints(tx: &Connection, p: &LeaseParams) -> rusqlite::Result<String> {
     let mut blocked: Vec<String> = tx
-        .prepare_cached(
-            "SELECT endpoint FROM endpoint_health WHERE probe_owner IS NOT NULL AND probe_expires_at > ?1",
-        )?
+        .prepare_cached(PROBES_IN_FLIGHT_SQL)?
         .query_map([p.now], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     let caps = p.policy.endpoints_with_in_flight_caps();
@@ -403,7 +462,7 @@ fn set_tat(tx: &Connection, kind: &str, key: &str, tat: f64) -> rusqlite::Result
 /// An endpoint's breaker: saturated until, and signals in a row (a healthy
 /// endpoint has no row).
 fn endpoint_health(tx: &Connection, endpoint: &str) -> rusqlite::Result<(Option<i64>, u32)> {
-    tx.prepare_cached("SELECT saturated_until, failures FROM endpoint_health WHERE endpoint = ?1")?
+    tx.prepare_cached(ENDPOINT_HEALTH_SQL)?
         .query_row([endpoint], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()
         .map(|found| found.unwrap_or((None, 0)))
@@ -532,21 +591,12 @@ fn lease_candidate(
 ) -> rusqlite::Result<Lease> {
     let expires = p.now + p.lease_timeout_ms;
     let leased: (i64, i64, String, u32) = tx
-        .prepare_cached(
-            "UPDATE deliveries
-             SET state = 'leased', reason = NULL, lease_owner = ?2, lease_expires_at = ?3,
-                 attempts = attempts + 1, updated_at = ?4
-             WHERE id = ?1
-             RETURNING id, message_id, endpoint, attempts",
-        )?
+        .prepare_cached(LEASE_DELIVERY_SQL)?
         .query_row(params![c.id, p.owner, expires, p.now], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
         })?;
-    tx.prepare_cached(
-        "INSERT INTO attempts (delivery_id, number, run_id, pid, lease_owner, started_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![leased.0, leased.3, p.run_id, p.pid, p.owner, p.now])?;
+    tx.prepare_cached(INSERT_ATTEMPT_SQL)?
+        .execute(params![leased.0, leased.3, p.run_id, p.pid, p.owner, p.now])?;
     let attempt_id = tx.last_insert_rowid();
     if probe {
         // Half-open: this is the one request the endpoint gets until it answers.
@@ -568,12 +618,8 @@ fn record_signal(tx: &Connection, f: &FinishAttempt) -> rusqlite::Result<Option<
             Ok(None)
         }
         EndpointSignal::Healthy => {
-            tx.prepare_cached(
-                "UPDATE endpoint_health
-                 SET failures = 0, saturated_until = NULL, probe_owner = NULL, probe_expires_at = NULL, updated_at = ?2
-                 WHERE endpoint = ?1 AND (failures > 0 OR probe_owner IS NOT NULL)",
-            )?
-            .execute(params![f.endpoint, f.now])?;
+            tx.prepare_cached(ENDPOINT_HEALTHY_SQL)?
+                .execute(params![f.endpoint, f.now])?;
             Ok(None)
         }
         EndpointSignal::Saturated {
@@ -749,6 +795,7 @@ impl Store for SqliteStore {
     }
 
     fn delivery_lease_next(&mut self, p: &LeaseParams) -> Result<Option<Lease>> {
+        self.prepare_ahead(&LEASE_STATEMENTS)?;
         self.write(|tx| lease_next(tx, p))
     }
 
@@ -770,13 +817,16 @@ impl Store for SqliteStore {
     }
 
     fn attempt_finish(&mut self, f: &FinishAttempt) -> Result<bool> {
+        self.prepare_ahead(&FINISH_STATEMENTS)?;
         self.write(|tx| {
             let saturated_until = record_signal(tx, f)?;
             let (state, not_before, reason) = match (f.next, saturated_until) {
                 (NextState::Delivered, _) => (DeliveryState::Delivered, f.now, None),
-                (NextState::Retry { not_before }, None) => {
-                    (DeliveryState::Delayed, not_before, Some(reason::RETRY_BACKOFF))
-                }
+                (NextState::Retry { not_before }, None) => (
+                    DeliveryState::Delayed,
+                    not_before,
+                    Some(reason::RETRY_BACKOFF),
+                ),
                 (NextState::Retry { not_before }, Some(until)) => (
                     DeliveryState::Delayed,
                     not_before.max(until),
@@ -784,13 +834,7 @@ impl Store for SqliteStore {
                 ),
                 (NextState::Dead, _) => (DeliveryState::Dead, f.now, None),
             };
-            let moved = tx.prepare_cached(
-                "UPDATE deliveries
-                 SET state = ?3, not_before = ?4, reason = ?5, lease_owner = NULL, lease_expires_at = NULL,
-                     last_status = coalesce(?6, last_status), last_error = ?7, updated_at = ?8
-                 WHERE id = ?1 AND state = 'leased' AND lease_owner = ?2",
-            )?
-            .execute(params![
+            let moved = tx.prepare_cached(FINISH_DELIVERY_SQL)?.execute(params![
                 f.delivery_id,
                 f.owner,
                 state.as_str(),
@@ -800,12 +844,19 @@ impl Store for SqliteStore {
                 f.error,
                 f.now
             ])? == 1;
-            let outcome = if moved { f.outcome.as_str() } else { outcome::LEASE_LOST };
-            tx.prepare_cached(
-                "UPDATE attempts SET finished_at = ?2, outcome = ?3, http_status = ?4, error = ?5, duration_ms = ?6
-                 WHERE id = ?1",
-            )?
-            .execute(params![f.attempt_id, f.now, outcome, f.http_status, f.error, f.duration_ms])?;
+            let outcome = if moved {
+                f.outcome.as_str()
+            } else {
+                outcome::LEASE_LOST
+            };
+            tx.prepare_cached(FINISH_ATTEMPT_SQL)?.execute(params![
+                f.attempt_id,
+                f.now,
+                outcome,
+                f.http_status,
+                f.error,
+                f.duration_ms
+            ])?;
             Ok(moved)
         })
     }

@@ -1,0 +1,825 @@
+//! cronpost's benchmark: builds queues with the library, drains them with the
+//! real `cronpost` binary against a fast receiver on 127.0.0.1, and prints
+//! one markdown table. Run with `bench/run.sh` (or `bench/run.sh --quick`).
+//!
+//! The same executable plays three roles, so that nothing forks from a
+//! process with threads: the orchestrator (no arguments but flags), the
+//! receiver (`receive`), and the per-step child harness (`steps`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cronpost::config::Config;
+use cronpost::store::{self, NewMessage, RouteParams, Store};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cronpost");
+const ACCOUNTS: usize = 50;
+const PAYLOAD_BYTES: usize = 512;
+const SECRET: &str = "whsec_YmVuY2htYXJrLXNlY3JldA==";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("receive") => receive(args.get(1).map_or(4, |t| t.parse().unwrap())),
+        Some("steps") => steps(Path::new(&args[1]), args[2].parse().unwrap()),
+        _ => orchestrate(&args),
+    }
+}
+
+// ---------------------------------------------------------------- receiver
+
+/// The fast receiver: `threads` threads blocking in accept(2) on one socket,
+/// each serving a connection to its end. It reads each request whole,
+/// answers 200 with an empty body and, when the client asked for
+/// `connection: close`, closes first, so TIME_WAIT stays on this side.
+/// Prints its URL, then one count per line whenever stdin gets a line.
+fn receive(threads: usize) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let count = Arc::new(AtomicU64::new(0));
+    for _ in 0..threads {
+        let listener = listener.try_clone().expect("clone listener");
+        let count = count.clone();
+        std::thread::spawn(move || {
+            loop {
+                if let Ok((stream, _)) = listener.accept() {
+                    serve_connection(stream, &count);
+                }
+            }
+        });
+    }
+    println!("http://{}", listener.local_addr().unwrap());
+    for _ in std::io::stdin().lock().lines() {
+        println!("{}", count.load(Ordering::Relaxed));
+    }
+}
+
+fn serve_connection(mut stream: TcpStream, count: &AtomicU64) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut buf = vec![0u8; 8192];
+    let mut filled = 0;
+    loop {
+        let head_end = loop {
+            if let Some(p) = find(&buf[..filled], b"\r\n\r\n") {
+                break p + 4;
+            }
+            if filled == buf.len() {
+                return;
+            }
+            match stream.read(&mut buf[filled..]) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => filled += n,
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let header = |name: &str| {
+            head.lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+        };
+        let length: usize = header("content-length:").map_or(0, |v| v.parse().unwrap_or(0));
+        let close = header("connection:").is_some_and(|v| v == "close");
+        let end = head_end + length;
+        if buf.len() < end {
+            buf.resize(end, 0);
+        }
+        while filled < end {
+            match stream.read(&mut buf[filled..]) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => filled += n,
+            }
+        }
+        count.fetch_add(1, Ordering::Relaxed);
+        let answer: &[u8] = if close {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+        };
+        if stream.write_all(answer).is_err() || close {
+            return;
+        }
+        buf.copy_within(end..filled, 0);
+        filled -= end;
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A receiver process.
+struct Receiver {
+    process: Child,
+    url: String,
+    lines: BufReader<std::process::ChildStdout>,
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        let mut process = Command::new(std::env::current_exe().unwrap())
+            .arg("receive")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the receiver");
+        let mut lines = BufReader::new(process.stdout.take().unwrap());
+        let mut url = String::new();
+        lines.read_line(&mut url).unwrap();
+        Receiver {
+            process,
+            url: url.trim().to_string(),
+            lines,
+        }
+    }
+
+    fn count(&mut self) -> u64 {
+        writeln!(self.process.stdin.as_mut().unwrap()).unwrap();
+        let mut line = String::new();
+        self.lines.read_line(&mut line).unwrap();
+        line.trim().parse().unwrap()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+// ---------------------------------------------------------------- steps
+
+/// The names of the intervals `steps` reports, in order.
+const STEP_NAMES: [&str; 9] = [
+    "fork",
+    "open DB",
+    "lease",
+    "build request",
+    "connect",
+    "POST",
+    "record",
+    "exit",
+    "total",
+];
+
+/// Forks `n` children one after another, each running the real child code
+/// (`child::main_traced`), and prints the median of each step in
+/// microseconds, tab-separated in `STEP_NAMES` order. The marks go through
+/// a shared anonymous mapping; `fork` runs from before fork(2) in the parent
+/// to the child's first instruction, `exit` from the child's last mark to
+/// waitpid(2) returning in the parent.
+fn steps(config: &Path, n: usize) {
+    use cronpost::child::{self, ChildContext, Step};
+    use cronpost::store::Queue;
+    let config = Config::load(config).unwrap();
+    // As the dispatcher does: open the database before forking (so SQLite
+    // is initialised in the parent), close it, start the keeper.
+    drop(store::open(&config).unwrap());
+    let _keeper = cronpost::keeper::Keeper::start(&config);
+    let base = Instant::now();
+    // SAFETY: a fresh anonymous shared mapping of 8 u64s, never unmapped.
+    let marks = unsafe {
+        let p = nix::libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            nix::libc::PROT_READ | nix::libc::PROT_WRITE,
+            nix::libc::MAP_SHARED | nix::libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(p, nix::libc::MAP_FAILED);
+        std::slice::from_raw_parts_mut(p as *mut AtomicU64, 8)
+    };
+    let at = |marks: &[AtomicU64], i: usize| marks[i].load(Ordering::SeqCst) as f64 / 1000.0;
+    let mut intervals: Vec<Vec<f64>> = vec![Vec::new(); STEP_NAMES.len()];
+    for i in 0..n {
+        for m in marks.iter() {
+            m.store(0, Ordering::SeqCst);
+        }
+        let forked = base.elapsed().as_nanos() as u64;
+        // SAFETY: this process has one thread; the child runs the child's
+        // code and _exits, as the dispatcher's children do.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                marks[0].store(base.elapsed().as_nanos() as u64, Ordering::SeqCst);
+                let ctx = ChildContext {
+                    owner: format!("steps.{i}"),
+                    run_id: 0,
+                    prefer: Queue::Ready,
+                };
+                let code = child::main_traced(&config, &ctx, &mut |step| {
+                    let slot = match step {
+                        Step::Opened => 1,
+                        Step::Leased => 2,
+                        Step::Prepared => 3,
+                        Step::Connected => 4,
+                        Step::Answered => 5,
+                        Step::Recorded => 6,
+                    };
+                    marks[slot].store(base.elapsed().as_nanos() as u64, Ordering::SeqCst);
+                });
+                unsafe { nix::libc::_exit(code as i32) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                let reaped = base.elapsed().as_nanos() as f64 / 1000.0;
+                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+                let forked = forked as f64 / 1000.0;
+                let mut points = vec![forked];
+                points.extend((0..7).map(|k| at(marks, k)));
+                points.push(reaped);
+                for k in 0..8 {
+                    intervals[k].push(points[k + 1] - points[k]);
+                }
+                intervals[8].push(reaped - forked);
+            }
+        }
+    }
+    let medians: Vec<String> = intervals
+        .into_iter()
+        .map(|xs| format!("{:.0}", median(xs)))
+        .collect();
+    println!("{}", medians.join("\t"));
+}
+
+// ---------------------------------------------------------------- queues
+
+/// A scratch directory with a config and a database built by the library.
+struct Bench {
+    dir: tempfile::TempDir,
+    url: String,
+}
+
+impl Bench {
+    fn new(url: &str) -> Bench {
+        Bench {
+            dir: tempfile::tempdir().unwrap(),
+            url: url.to_string(),
+        }
+    }
+
+    /// Writes `NAME.toml` for `db` with `children` children and
+    /// `endpoints` endpoints on topic t; returns its path.
+    fn config(&self, name: &str, db: &str, children: usize, endpoints: usize) -> PathBuf {
+        let path = self.dir.path().join(format!("{name}.toml"));
+        let mut text = format!(
+            "database = \"{db}\"\n[run]\nmax_children = {children}\nmax_messages = 10000000\nmax_runtime = \"1h\"\n"
+        );
+        for e in 0..endpoints {
+            text.push_str(&format!(
+                "[endpoints.e{e}]\nurl = \"{}/hook\"\ntopics = [\"t\"]\nsecret = \"{SECRET}\"\n",
+                self.url
+            ));
+        }
+        std::fs::write(&path, text).unwrap();
+        // Secrets inside: cronpost warns about a world-readable config.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        path
+    }
+
+    fn load(&self, config: &Path) -> Config {
+        Config::load(config).unwrap()
+    }
+
+    /// A database `name.db` with `n` ready deliveries, built once and copied.
+    fn ready_db(&self, name: &str, n: usize) -> PathBuf {
+        let db = self.dir.path().join(format!("{name}.db"));
+        if !db.exists() {
+            let config = self.load(&self.config(name, &format!("{name}.db"), 1, 1));
+            let mut store = store::open(&config).unwrap();
+            insert_messages(&mut store, n);
+            store
+                .subscriptions_replace(&cronpost::routing::subscriptions(&config))
+                .unwrap();
+            store
+                .messages_route(RouteParams {
+                    now: store::now_ms(),
+                    batch_size: 5_000,
+                })
+                .unwrap();
+        }
+        db
+    }
+
+    /// A fresh copy of `name.db` as `copy.db`; returns its config for
+    /// `children` children.
+    fn copy_of(&self, name: &str, n: usize, children: usize) -> PathBuf {
+        let template = self.ready_db(name, n);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(self.dir.path().join(format!("copy.db{suffix}")));
+        }
+        std::fs::copy(template, self.dir.path().join("copy.db")).unwrap();
+        self.config("copy", "copy.db", children, 1)
+    }
+}
+
+/// A 512-byte JSON payload.
+fn payload(i: usize) -> String {
+    let head = format!("{{\"n\":{i},\"pad\":\"");
+    format!("{head}{}\"}}", "x".repeat(PAYLOAD_BYTES - head.len() - 2))
+}
+
+fn insert_messages(store: &mut impl Store, n: usize) {
+    let now = store::now_ms();
+    let mut i = 0;
+    while i < n {
+        let batch: Vec<NewMessage> = (i..n.min(i + 50_000))
+            .map(|k| NewMessage {
+                topic: "t".into(),
+                account: format!("a{}", k % ACCOUNTS),
+                payload: payload(k),
+                priority: 0,
+                created_at: now,
+                available_at: None,
+                dedup_key: None,
+            })
+            .collect();
+        i += batch.len();
+        store.messages_insert(&batch).unwrap();
+    }
+}
+
+// ---------------------------------------------------------------- measures
+
+/// What `cronpost run` said and how long it took.
+struct RunReport {
+    took: Duration,
+    parent_mib: f64,
+    child_mib: f64,
+    log: String,
+}
+
+/// Runs `cronpost run` on `config`.
+fn cronpost_run(config: &Path) -> RunReport {
+    let started = Instant::now();
+    let out = Command::new(BIN)
+        .arg("run")
+        .env("CRONPOST_CONFIG", config)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "cronpost run failed: {log}");
+    let mib = |after: &str| -> f64 {
+        let at = log
+            .find(after)
+            .unwrap_or_else(|| panic!("no {after:?} in {log}"));
+        let text = log[..at].trim_end().rsplit(' ').next().unwrap();
+        text.parse().unwrap()
+    };
+    RunReport {
+        took,
+        parent_mib: mib(" MiB parent"),
+        child_mib: mib(" MiB child"),
+        log,
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    xs[xs.len() / 2]
+}
+
+/// The median of `repeats` runs of `f`, and every reading.
+fn repeat(repeats: usize, mut f: impl FnMut() -> f64) -> (f64, Vec<f64>) {
+    let xs: Vec<f64> = (0..repeats).map(|_| f()).collect();
+    (median(xs.clone()), xs)
+}
+
+/// `requests` POSTs of 512 bytes from `threads` threads, each on a new
+/// connection with `connection: close` (as children send them), waiting
+/// for the receiver to close first; requests per second.
+fn receiver_ceiling(url: &str, requests: usize, threads: usize) -> f64 {
+    let addr = url.trim_start_matches("http://").to_string();
+    let body = payload(0);
+    let request = format!(
+        "POST /hook HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {}\r\nconnection: close\r\ncontent-type: application/json\r\nwebhook-id: msg_0123456789abcdef01234567\r\nwebhook-timestamp: 1700000000\r\nwebhook-signature: v1,K5oZfzN95Z9UVu1EsfQmfVNQhnkZ2pj9o9NDN/H/pI4=\r\n\r\n{body}",
+        body.len()
+    );
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                for _ in 0..requests / threads {
+                    let mut stream = TcpStream::connect(&addr).unwrap();
+                    stream.write_all(request.as_bytes()).unwrap();
+                    let mut answer = Vec::new();
+                    stream.read_to_end(&mut answer).unwrap();
+                    assert!(answer.starts_with(b"HTTP/1.1 200"));
+                }
+            });
+        }
+    });
+    requests as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Drives the child's lease → POST → record (`child::deliver_one`) in this
+/// process, with one database connection and one HTTP client, until the
+/// queue is empty; deliveries per second.
+fn no_fork(config: &Path, client: &mut cronpost::delivery::Client) -> f64 {
+    use cronpost::child::{self, ChildContext, ChildExit};
+    let config = Config::load(config).unwrap();
+    let mut store =
+        store::SqliteStore::open_existing(&config.database, config.busy_timeout).unwrap();
+    let started = Instant::now();
+    let mut delivered = 0;
+    loop {
+        let ctx = ChildContext {
+            owner: format!("no-fork.{delivered}"),
+            run_id: 0,
+            prefer: store::Queue::Ready,
+        };
+        match child::deliver_one(&mut store, client, &config, &ctx, &mut |_| {}).unwrap() {
+            ChildExit::Delivered => delivered += 1,
+            ChildExit::Empty => break,
+            other => panic!("no-fork delivery ended {other:?}"),
+        }
+    }
+    delivered as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Leases and records `n` deliveries (no HTTP), on a new connection each
+/// (as children do) or all on one; per second.
+fn lease_record_rate(config: &Path, n: usize, fresh: bool) -> f64 {
+    use cronpost::store::{AttemptOutcome, FinishAttempt, LeaseParams};
+    let config = Config::load(config).unwrap();
+    let open = || store::SqliteStore::open_existing(&config.database, config.busy_timeout).unwrap();
+    // Open all along, as the keeper is in a run.
+    let _held_open = store::open(&config).unwrap();
+    let mut store = open();
+    let started = Instant::now();
+    for i in 0..n {
+        if fresh {
+            store = open();
+        }
+        let now = store::now_ms();
+        let lease = store
+            .delivery_lease_next(&LeaseParams {
+                owner: format!("scale.{i}"),
+                pid: std::process::id(),
+                run_id: None,
+                now,
+                lease_timeout_ms: 60_000,
+                prefer: store::Queue::Ready,
+                policy: &config,
+            })
+            .unwrap()
+            .expect("a ready delivery");
+        let finish = FinishAttempt::delivered(&lease, now, AttemptOutcome::Delivered);
+        assert!(store.attempt_finish(&finish).unwrap());
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// TIME_WAIT sockets towards or from `port` on 127.0.0.1: (held by the
+/// receiver, held by clients).
+fn time_wait(port: u16) -> (usize, usize) {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let (mut server, mut client) = (0, 0);
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(3) != Some(&"06") {
+            continue;
+        }
+        let port_of =
+            |addr: &str| u16::from_str_radix(addr.rsplit(':').next().unwrap(), 16).unwrap();
+        if port_of(fields[1]) == port {
+            server += 1;
+        } else if port_of(fields[2]) == port {
+            client += 1;
+        }
+    }
+    (server, client)
+}
+
+struct Options {
+    quick: bool,
+    repeats: usize,
+    only: Option<String>,
+}
+
+impl Options {
+    fn wants(&self, name: &str) -> bool {
+        self.only.as_deref().is_none_or(|o| o == name)
+    }
+}
+
+/// The table's rows: measure, result, every reading.
+struct Table(Vec<(String, String, String)>);
+
+impl Table {
+    fn row(&mut self, what: String, result: String, readings: &[f64]) {
+        let readings: Vec<String> = readings
+            .iter()
+            .map(|r| {
+                if *r < 100.0 {
+                    format!("{r:.1}")
+                } else {
+                    format!("{r:.0}")
+                }
+            })
+            .collect();
+        eprintln!("{what}: {result} ({})", readings.join(", "));
+        self.0.push((what, result, readings.join(", ")));
+    }
+}
+
+fn orchestrate(args: &[String]) {
+    let quick = args.iter().any(|a| a == "--quick");
+    let options = Options {
+        quick,
+        repeats: if quick { 1 } else { 3 },
+        only: args
+            .iter()
+            .position(|a| a == "--only")
+            .and_then(|i| args.get(i + 1).cloned()),
+    };
+    let mut receiver = Receiver::start();
+    let port: u16 = receiver.url.rsplit(':').next().unwrap().parse().unwrap();
+    let bench = Bench::new(&receiver.url);
+    let n = if options.quick { 2_000 } else { 20_000 };
+    let big = if options.quick { 100_000 } else { 1_000_000 };
+    let mut table = Table(Vec::new());
+    let r = options.repeats;
+
+    if options.wants("receiver") {
+        let requests = if options.quick { 5_000 } else { 20_000 };
+        let (rate, xs) = repeat(r, || receiver_ceiling(&receiver.url, requests, 4));
+        table.row(
+            format!("receiver ceiling: {requests} POSTs, a new connection each, 4 client threads"),
+            format!("{rate:.0} requests/s"),
+            &xs,
+        );
+    }
+
+    let mut best = (0, 0.0);
+    if options.wants("drain") {
+        for children in [1, 2, 4, 8, 16] {
+            let mut parent = Vec::new();
+            let (rate, xs) = repeat(r, || {
+                let config = bench.copy_of("drain", n, children);
+                let before = receiver.count();
+                let report = cronpost_run(&config);
+                assert_eq!((receiver.count() - before) as usize, n, "{}", report.log);
+                parent.push(report.parent_mib);
+                n as f64 / report.took.as_secs_f64()
+            });
+            if rate > best.1 {
+                best = (children, rate);
+            }
+            table.row(
+                format!("fork per delivery: {n} deliveries, max_children {children}"),
+                format!("{rate:.0} deliveries/s"),
+                &xs,
+            );
+        }
+    }
+
+    if options.wants("nofork") {
+        for (name, keep_alive) in [
+            ("one kept-alive connection", true),
+            ("a new connection per delivery", false),
+        ] {
+            let (rate, xs) = repeat(r, || {
+                let config = bench.copy_of("drain", n, 1);
+                let mut client = if keep_alive {
+                    cronpost::delivery::Client::keep_alive()
+                } else {
+                    cronpost::delivery::Client::one_shot()
+                };
+                no_fork(&config, &mut client)
+            });
+            let ratio = if best.1 > 0.0 {
+                format!(
+                    "; fork per delivery at max_children {} is {:.0}% of it",
+                    best.0,
+                    100.0 * best.1 / rate
+                )
+            } else {
+                String::new()
+            };
+            table.row(
+                format!("no fork (bench harness): lease → POST → record in one process, {name}"),
+                format!("{rate:.0} deliveries/s{ratio}"),
+                &xs,
+            );
+        }
+    }
+
+    if options.wants("steps") {
+        let per_run = if options.quick { 300 } else { 2_000 };
+        let runs: Vec<Vec<f64>> = (0..r)
+            .map(|_| {
+                let config = bench.copy_of("drain", n, 1);
+                let out = Command::new(std::env::current_exe().unwrap())
+                    .args(["steps", config.to_str().unwrap(), &per_run.to_string()])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .map(|x| x.parse().unwrap())
+                    .collect()
+            })
+            .collect();
+        for (k, name) in STEP_NAMES.iter().enumerate() {
+            let xs: Vec<f64> = runs.iter().map(|run| run[k]).collect();
+            table.row(
+                format!("child step (median of {per_run} sequential children): {name}"),
+                format!("{:.0} µs", median(xs.clone())),
+                &xs,
+            );
+        }
+    }
+
+    if options.wants("scale") {
+        let ops = if options.quick { 1_000 } else { 5_000 };
+        let mut rates = Vec::new();
+        for backlog in [10_000, big] {
+            let name = format!("backlog{backlog}");
+            for (fresh, how) in [
+                (true, "a new connection per delivery, as children"),
+                (false, "one connection"),
+            ] {
+                let (rate, xs) = repeat(r, || {
+                    let config = bench.copy_of(&name, backlog, 1);
+                    lease_record_rate(&config, ops, fresh)
+                });
+                rates.push(rate);
+                table.row(
+                    format!("lease + record (no HTTP), {how}, {backlog} ready deliveries"),
+                    format!("{rate:.0} deliveries/s"),
+                    &xs,
+                );
+            }
+            let mut child = Vec::new();
+            let (parent, xs) = repeat(r, || {
+                let config = bench.copy_of(&name, backlog, 4);
+                let text = std::fs::read_to_string(&config).unwrap();
+                let text = text.replace("max_messages = 10000000", "max_messages = 2000");
+                std::fs::write(&config, text).unwrap();
+                let report = cronpost_run(&config);
+                child.push(report.child_mib);
+                report.parent_mib
+            });
+            table.row(
+                format!("peak RSS of the parent, {backlog} ready deliveries (a run of 2,000)"),
+                format!("{parent:.1} MiB"),
+                &xs,
+            );
+            table.row(
+                format!("peak RSS of the largest child, {backlog} ready deliveries"),
+                format!("{:.1} MiB", median(child.clone())),
+                &child,
+            );
+        }
+        table.row(
+            format!(
+                "lease + record rate at {big} vs 10,000 ready: new connections / one connection"
+            ),
+            format!("{:.2}x / {:.2}x", rates[2] / rates[0], rates[3] / rates[1]),
+            &[],
+        );
+    }
+
+    if options.wants("enqueue") {
+        let count = if options.quick { 20_000 } else { 100_000 };
+        let ndjson = bench.dir.path().join("messages.ndjson");
+        let mut text = String::new();
+        for i in 0..count {
+            text.push_str(&format!(
+                "{{\"topic\":\"t\",\"account\":\"a{}\",\"payload\":{}}}\n",
+                i % ACCOUNTS,
+                payload(i)
+            ));
+        }
+        std::fs::write(&ndjson, text).unwrap();
+        let (rate, xs) = repeat(r, || {
+            let config = bench.config("enqueue", "enqueue.db", 1, 1);
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(bench.dir.path().join(format!("enqueue.db{suffix}")));
+            }
+            let started = Instant::now();
+            let status = Command::new(BIN)
+                .args(["enqueue", "--ndjson"])
+                .env("CRONPOST_CONFIG", &config)
+                .stdin(std::fs::File::open(&ndjson).unwrap())
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success());
+            count as f64 / started.elapsed().as_secs_f64()
+        });
+        table.row(
+            format!("enqueue --ndjson, {count} messages of 512 bytes"),
+            format!("{rate:.0} messages/s"),
+            &xs,
+        );
+        let calls = if options.quick { 100 } else { 500 };
+        let (rate, xs) = repeat(r, || {
+            let config = bench.config("enqueue", "enqueue.db", 1, 1);
+            let started = Instant::now();
+            for i in 0..calls {
+                let status = Command::new(BIN)
+                    .args([
+                        "enqueue",
+                        "--topic",
+                        "t",
+                        "--account",
+                        "a1",
+                        "--data",
+                        &payload(i),
+                    ])
+                    .env("CRONPOST_CONFIG", &config)
+                    .stdout(Stdio::null())
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+            }
+            calls as f64 / started.elapsed().as_secs_f64()
+        });
+        table.row(
+            format!("one `cronpost enqueue` process per message, {calls} in a row"),
+            format!("{rate:.0} messages/s"),
+            &xs,
+        );
+    }
+
+    if options.wants("route") {
+        let count = if options.quick { 20_000 } else { 100_000 };
+        let (seconds, xs) = repeat(r, || {
+            let config = bench.config("route", "route.db", 1, 3);
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(bench.dir.path().join(format!("route.db{suffix}")));
+            }
+            let config = Config::load(&config).unwrap();
+            let mut store = store::open(&config).unwrap();
+            insert_messages(&mut store, count);
+            store
+                .subscriptions_replace(&cronpost::routing::subscriptions(&config))
+                .unwrap();
+            let started = Instant::now();
+            let report = store
+                .messages_route(RouteParams {
+                    now: store::now_ms(),
+                    batch_size: 5_000,
+                })
+                .unwrap();
+            assert_eq!(report.deliveries, 3 * count);
+            started.elapsed().as_secs_f64()
+        });
+        table.row(
+            format!(
+                "route {count} messages to 3 endpoints ({} deliveries)",
+                3 * count
+            ),
+            format!("{seconds:.2} s"),
+            &xs.iter().map(|x| x * 1000.0).collect::<Vec<_>>(),
+        );
+    }
+
+    if options.wants("sustained") && best.0 > 0 {
+        let long = if options.quick { 6_000 } else { 60_000 };
+        let mut waits = Vec::new();
+        let (rate, xs) = repeat(r, || {
+            let config = bench.copy_of("sustained", long, best.0);
+            let before = receiver.count();
+            let report = cronpost_run(&config);
+            assert_eq!((receiver.count() - before) as usize, long, "{}", report.log);
+            waits.push(time_wait(port));
+            long as f64 / report.took.as_secs_f64()
+        });
+        table.row(
+            format!(
+                "sustained: {long} deliveries in one run, max_children {}",
+                best.0
+            ),
+            format!(
+                "{rate:.0} deliveries/s = {:.0}% of the {n}-delivery rate",
+                100.0 * rate / best.1
+            ),
+            &xs,
+        );
+        let (server, client) = waits.last().copied().unwrap_or_default();
+        table.row(
+            "TIME_WAIT sockets right after it: receiver side / client side".into(),
+            format!("{server} / {client}"),
+            &[],
+        );
+    }
+
+    println!("| measure | result | readings |\n|---|---|---|");
+    for (what, result, readings) in table.0 {
+        println!("| {what} | {result} | {readings} |");
+    }
+}

@@ -21,23 +21,26 @@ use crate::saturation::{self, Admit, Rate};
 
 /// Picks the next ready delivery: a seek on `deliveries_queue`
 /// (state, priority DESC, id), highest priority first, then oldest,
-/// skipping the endpoints listed in ?1 (a JSON array).
+/// skipping the endpoints listed in ?1 (a JSON array) and those with a probe
+/// in flight at ?2, with its endpoint's breaker (one statement where there
+/// were three: each child compiles every statement it runs).
 pub const PICK_READY_SQL: &str = "\
-SELECT id, endpoint, account, reason, not_before FROM deliveries
-WHERE state = 'ready' AND endpoint NOT IN (SELECT value FROM json_each(?1))
-ORDER BY priority DESC, id LIMIT 1";
+SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, coalesce(h.failures, 0)
+FROM deliveries d LEFT JOIN endpoint_health h ON h.endpoint = d.endpoint
+WHERE d.state = 'ready' AND d.endpoint NOT IN (SELECT value FROM json_each(?1))
+  AND NOT coalesce(h.probe_owner IS NOT NULL AND h.probe_expires_at > ?2, 0)
+ORDER BY d.priority DESC, d.id LIMIT 1";
 
 /// Picks the next delayed delivery whose time (?2) has come, by priority,
-/// then the longest eligible, skipping the endpoints listed in ?1. The index
+/// then the longest eligible, skipping as [`PICK_READY_SQL`] does. The index
 /// is named: left to itself the planner seeks `deliveries_queue` and sorts
 /// every delayed delivery of the top priority by not_before.
 pub const PICK_DELAYED_SQL: &str = "\
-SELECT id, endpoint, account, reason, not_before FROM deliveries INDEXED BY deliveries_delayed
-WHERE state = 'delayed' AND not_before <= ?2 AND endpoint NOT IN (SELECT value FROM json_each(?1))
-ORDER BY priority DESC, not_before LIMIT 1";
-
-const PROBES_IN_FLIGHT_SQL: &str =
-    "SELECT endpoint FROM endpoint_health WHERE probe_owner IS NOT NULL AND probe_expires_at > ?1";
+SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, coalesce(h.failures, 0)
+FROM deliveries d INDEXED BY deliveries_delayed LEFT JOIN endpoint_health h ON h.endpoint = d.endpoint
+WHERE d.state = 'delayed' AND d.not_before <= ?2 AND d.endpoint NOT IN (SELECT value FROM json_each(?1))
+  AND NOT coalesce(h.probe_owner IS NOT NULL AND h.probe_expires_at > ?2, 0)
+ORDER BY d.priority DESC, d.not_before LIMIT 1";
 
 const ENDPOINT_HEALTH_SQL: &str =
     "SELECT saturated_until, failures FROM endpoint_health WHERE endpoint = ?1";
@@ -75,10 +78,8 @@ WHERE id = ?1";
 /// their transaction begins: a child's connection is new, so each statement
 /// is compiled once per child, and compiling inside the transaction would
 /// hold the write lock that every other child waits for.
-const LEASE_STATEMENTS: [&str; 6] = [
-    PROBES_IN_FLIGHT_SQL,
+const LEASE_STATEMENTS: [&str; 4] = [
     PICK_READY_SQL,
-    ENDPOINT_HEALTH_SQL,
     LEASE_DELIVERY_SQL,
     INSERT_ATTEMPT_SQL,
     MESSAGE_OF_LEASE_SQL,
@@ -349,6 +350,9 @@ struct Candidate {
     account: String,
     reason: Option<String>,
     not_before: i64,
+    /// Its endpoint's breaker: saturated until, signals in a row.
+    saturated_until: Option<i64>,
+    failures: u32,
     from: Queue,
 }
 
@@ -371,7 +375,7 @@ enum Decision {
 }
 
 fn lease_next(tx: &Connection, p: &LeaseParams) -> rusqlite::Result<Option<Lease>> {
-    let blocked = blocked_endpoints(tx, p)?;
+    let blocked = endpoints_at_cap(tx, p)?;
     let order = match p.prefer {
         Queue::Ready => [Queue::Ready, Queue::Delayed],
         Queue::Delayed => [Queue::Delayed, Queue::Ready],
@@ -395,13 +399,10 @@ fn lease_next(tx: &Connection, p: &LeaseParams) -> rusqlite::Result<Option<Lease
     Ok(None)
 }
 
-/// Endpoints no child may start on now: a probe of theirs is in flight, or
-/// they are at their in-flight cap. As a JSON array, for `json_each`.
-fn blocked_endpoints(tx: &Connection, p: &LeaseParams) -> rusqlite::Result<String> {
-    let mut blocked: Vec<String> = tx
-        .prepare_cached(PROBES_IN_FLIGHT_SQL)?
-        .query_map([p.now], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
+/// Endpoints at their in-flight cap, where no child may start now. As a
+/// JSON array, for `json_each`.
+fn endpoints_at_cap(tx: &Connection, p: &LeaseParams) -> rusqlite::Result<String> {
+    let mut blocked: Vec<String> = Vec::new();
     let caps = p.policy.endpoints_with_in_flight_caps();
     if !caps.is_empty() {
         let in_flight: HashMap<String, u32> = tx
@@ -430,13 +431,15 @@ fn pick(
             account: r.get(2)?,
             reason: r.get(3)?,
             not_before: r.get(4)?,
+            saturated_until: r.get(5)?,
+            failures: r.get(6)?,
             from: queue,
         })
     };
     match queue {
         Queue::Ready => tx
             .prepare_cached(PICK_READY_SQL)?
-            .query_row(params![blocked], row),
+            .query_row(params![blocked, now], row),
         Queue::Delayed => tx
             .prepare_cached(PICK_DELAYED_SQL)?
             .query_row(params![blocked, now], row),
@@ -479,8 +482,7 @@ fn holds_fresh_slot(c: &Candidate, reason: &str, rate: Rate, now: f64) -> bool {
 
 fn decide(tx: &Connection, p: &LeaseParams, c: &Candidate) -> rusqlite::Result<Decision> {
     let now = p.now as f64;
-    let (saturated_until, failures) = endpoint_health(tx, &c.endpoint)?;
-    if let Some(until) = saturated_until.filter(|&u| u > p.now) {
+    if let Some(until) = c.saturated_until.filter(|&u| u > p.now) {
         return Ok(Decision::Hold(Hold {
             reason: reason::ENDPOINT_SATURATED,
             by_account: false,
@@ -529,7 +531,7 @@ fn decide(tx: &Connection, p: &LeaseParams, c: &Candidate) -> rusqlite::Result<D
         set_tat(tx, kind, key, tat)?;
     }
     Ok(Decision::Go {
-        probe: failures > 0,
+        probe: c.failures > 0,
     })
 }
 

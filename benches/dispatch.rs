@@ -27,6 +27,11 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("receive") => receive(args.get(1).map_or(4, |t| t.parse().unwrap())),
         Some("steps") => steps(Path::new(&args[1]), args[2].parse().unwrap()),
+        Some("fork-post") => fork_post(
+            Path::new(&args[1]),
+            args[2].parse().unwrap(),
+            args[3].parse().unwrap(),
+        ),
         _ => orchestrate(&args),
     }
 }
@@ -244,6 +249,55 @@ fn steps(config: &Path, n: usize) {
         .map(|xs| format!("{:.0}", median(xs)))
         .collect();
     println!("{}", medians.join("\t"));
+}
+
+/// The fork tax without SQLite: forks `n` children, at most `children` at a
+/// time, each POSTing one fixed 512-byte message with a one-shot client
+/// and exiting; prints deliveries per second. A lower bound on the cost of
+/// any fork-per-delivery design on this machine.
+fn fork_post(config: &Path, n: usize, children: usize) {
+    use nix::sys::wait::{WaitStatus, wait};
+    let config = Config::load(config).unwrap();
+    let endpoint = &config.endpoints[0];
+    let lease = store::Lease {
+        delivery_id: 1,
+        attempt_id: 1,
+        attempt: 1,
+        owner: "fork-post".into(),
+        endpoint: endpoint.name.clone(),
+        message_uid: "msg_0123456789abcdef01234567".into(),
+        topic: "t".into(),
+        account: "a1".into(),
+        payload: payload(1),
+    };
+    cronpost::signature::warm_up();
+    let started = Instant::now();
+    let (mut forked, mut alive) = (0, 0);
+    while forked < n || alive > 0 {
+        if forked < n && alive < children {
+            // SAFETY: one thread; the child posts and _exits.
+            match unsafe { nix::unistd::fork() }.unwrap() {
+                nix::unistd::ForkResult::Child => {
+                    let mut client = cronpost::delivery::Client::one_shot();
+                    let result = client.post(endpoint, &lease, 1_700_000_000, &mut |_| {});
+                    let ok = matches!(
+                        result,
+                        cronpost::delivery::PostResult::Answered { status: 200, .. }
+                    );
+                    unsafe { nix::libc::_exit(if ok { 0 } else { 1 }) }
+                }
+                nix::unistd::ForkResult::Parent { .. } => {
+                    forked += 1;
+                    alive += 1;
+                }
+            }
+        } else {
+            let status = wait().unwrap();
+            assert!(matches!(status, WaitStatus::Exited(_, 0)), "{status:?}");
+            alive -= 1;
+        }
+    }
+    println!("{:.0}", n as f64 / started.elapsed().as_secs_f64());
 }
 
 // ---------------------------------------------------------------- queues
@@ -612,6 +666,35 @@ fn orchestrate(args: &[String]) {
         }
     }
 
+    if options.wants("forkpost") {
+        let count = if options.quick { 2_000 } else { n };
+        for children in [1, 8] {
+            let (rate, xs) = repeat(r, || {
+                let config = bench.copy_of("drain", n, 1);
+                let out = Command::new(std::env::current_exe().unwrap())
+                    .args([
+                        "fork-post",
+                        config.to_str().unwrap(),
+                        &count.to_string(),
+                        &children.to_string(),
+                    ])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+            });
+            table.row(
+                format!("fork + POST + exit, no SQLite in the child (bench harness), {children} at a time"),
+                format!("{rate:.0} deliveries/s"),
+                &xs,
+            );
+        }
+    }
+
     if options.wants("steps") {
         let per_run = if options.quick { 300 } else { 2_000 };
         let runs: Vec<Vec<f64>> = (0..r)
@@ -784,7 +867,7 @@ fn orchestrate(args: &[String]) {
                 3 * count
             ),
             format!("{seconds:.2} s"),
-            &xs.iter().map(|x| x * 1000.0).collect::<Vec<_>>(),
+            &xs,
         );
     }
 

@@ -360,13 +360,18 @@ impl Bench {
         db
     }
 
+    /// Removes `name.db` and its -wal and -shm files.
+    fn remove_db(&self, name: &str) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(self.dir.path().join(format!("{name}.db{suffix}")));
+        }
+    }
+
     /// A fresh copy of `name.db` as `copy.db`; returns its config for
     /// `children` children.
     fn copy_of(&self, name: &str, n: usize, children: usize) -> PathBuf {
         let template = self.ready_db(name, n);
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(self.dir.path().join(format!("copy.db{suffix}")));
-        }
+        self.remove_db("copy");
         std::fs::copy(template, self.dir.path().join("copy.db")).unwrap();
         self.config("copy", "copy.db", children, 1)
     }
@@ -433,6 +438,20 @@ fn cronpost_run(config: &Path) -> RunReport {
         child_mib: mib(" MiB child"),
         log,
     }
+}
+
+/// Runs this executable in another `role`; returns its stdout.
+fn run_role(args: &[&str]) -> String {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -571,12 +590,10 @@ impl Table {
     fn row(&mut self, what: String, result: String, readings: &[f64]) {
         let readings: Vec<String> = readings
             .iter()
-            .map(|r| {
-                if *r < 100.0 {
-                    format!("{r:.1}")
-                } else {
-                    format!("{r:.0}")
-                }
+            .map(|r| match *r {
+                r if r < 10.0 => format!("{r:.2}"),
+                r if r < 100.0 => format!("{r:.1}"),
+                r => format!("{r:.0}"),
             })
             .collect();
         eprintln!("{what}: {result} ({})", readings.join(", "));
@@ -671,21 +688,15 @@ fn orchestrate(args: &[String]) {
         for children in [1, 8] {
             let (rate, xs) = repeat(r, || {
                 let config = bench.copy_of("drain", n, 1);
-                let out = Command::new(std::env::current_exe().unwrap())
-                    .args([
-                        "fork-post",
-                        config.to_str().unwrap(),
-                        &count.to_string(),
-                        &children.to_string(),
-                    ])
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+                run_role(&[
+                    "fork-post",
+                    config.to_str().unwrap(),
+                    &count.to_string(),
+                    &children.to_string(),
+                ])
+                .trim()
+                .parse()
+                .unwrap()
             });
             table.row(
                 format!("fork + POST + exit, no SQLite in the child (bench harness), {children} at a time"),
@@ -700,16 +711,7 @@ fn orchestrate(args: &[String]) {
         let runs: Vec<Vec<f64>> = (0..r)
             .map(|_| {
                 let config = bench.copy_of("drain", n, 1);
-                let out = Command::new(std::env::current_exe().unwrap())
-                    .args(["steps", config.to_str().unwrap(), &per_run.to_string()])
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                String::from_utf8_lossy(&out.stdout)
+                run_role(&["steps", config.to_str().unwrap(), &per_run.to_string()])
                     .split_whitespace()
                     .map(|x| x.parse().unwrap())
                     .collect()
@@ -789,9 +791,7 @@ fn orchestrate(args: &[String]) {
         std::fs::write(&ndjson, text).unwrap();
         let (rate, xs) = repeat(r, || {
             let config = bench.config("enqueue", "enqueue.db", 1, 1);
-            for suffix in ["", "-wal", "-shm"] {
-                let _ = std::fs::remove_file(bench.dir.path().join(format!("enqueue.db{suffix}")));
-            }
+            bench.remove_db("enqueue");
             let started = Instant::now();
             let status = Command::new(BIN)
                 .args(["enqueue", "--ndjson"])
@@ -842,9 +842,7 @@ fn orchestrate(args: &[String]) {
         let count = if options.quick { 20_000 } else { 100_000 };
         let (seconds, xs) = repeat(r, || {
             let config = bench.config("route", "route.db", 1, 3);
-            for suffix in ["", "-wal", "-shm"] {
-                let _ = std::fs::remove_file(bench.dir.path().join(format!("route.db{suffix}")));
-            }
+            bench.remove_db("route");
             let config = Config::load(&config).unwrap();
             let mut store = store::open(&config).unwrap();
             insert_messages(&mut store, count);

@@ -348,7 +348,7 @@ fn the_receiver_closes_first_so_time_wait_stays_on_its_side() {
         .unwrap()
         .parse()
         .unwrap();
-    let (receiver_side, client_side) = time_wait(port);
+    let (receiver_side, client_side) = tcp::time_wait(port);
     assert!(receiver_side >= 36, "{receiver_side} / {client_side}");
     assert!(client_side <= 4, "{receiver_side} / {client_side}");
 }

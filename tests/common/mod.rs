@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod tcp;
+
 /// The secret every test endpoint uses.
 pub const SECRET: &str = "whsec_dGVzdCBzZWNyZXQ=";
 
@@ -489,24 +491,4 @@ fn proc_stat(pid: i32) -> Option<(String, String)> {
     // pid (comm) state ppid ...; comm may hold spaces.
     let mut after = stat[stat.rfind(')')? + 2..].split(' ');
     Some((after.next()?.to_string(), after.next()?.to_string()))
-}
-
-/// TIME_WAIT sockets of `port` on 127.0.0.1: (held by the side listening on
-/// it, held by the side that connected to it).
-pub fn time_wait(port: u16) -> (usize, usize) {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    let port_of = |addr: &str| u16::from_str_radix(addr.rsplit(':').next().unwrap(), 16).ok();
-    let (mut server, mut client) = (0, 0);
-    for line in table.lines().skip(1) {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() < 4 || fields[3] != "06" {
-            continue;
-        }
-        if port_of(fields[1]) == Some(port) {
-            server += 1;
-        } else if port_of(fields[2]) == Some(port) {
-            client += 1;
-        }
-    }
-    (server, client)
 }

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod dispatcher;
 pub mod enqueue;
 pub mod error;
+pub mod files;
 pub mod keeper;
 pub mod lease;
 pub mod metrics;

@@ -168,15 +168,29 @@ fn escape(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Writes `text` to `path` atomically: a temporary file beside it, renamed.
+/// Writes `text` to `path` atomically: a temporary file beside it, renamed
+/// over the old one. The temporary file has an unguessable name and is
+/// created with O_EXCL|O_NOFOLLOW, so a symlink planted beside it cannot
+/// redirect the write; it is 0644 whatever the umask, so node_exporter (another
+/// user) can read it: it holds counts, no payloads or secrets.
 pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    std::fs::write(&tmp, text)
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let tmp = crate::files::with_suffix(path, &format!(".{:016x}.tmp", rand::random::<u64>()));
+    let fail = |e| Error::io(format!("metrics file {}", path.display()), e);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(fail)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o644))
+        .and_then(|()| file.write_all(text.as_bytes()))
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
-            Error::io(format!("metrics file {}", path.display()), e)
+            fail(e)
         })
 }
 

@@ -11,22 +11,31 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::files::{self, Sharing};
 
 /// The slots of one database.
 pub struct Slots {
     dir: PathBuf,
     count: usize,
+    sharing: Sharing,
 }
 
 impl Slots {
-    /// The `count` slots beside `database`; creates their directory.
+    /// The `count` slots beside `database`; creates their directory. Slot
+    /// files get the database's group and mode, so any process that may
+    /// dispatch can take a slot, and nobody else can hold one.
     pub fn new(database: &Path, count: usize) -> Result<Slots> {
-        let mut dir = database.as_os_str().to_owned();
-        dir.push(".slots");
-        let dir = PathBuf::from(dir);
-        std::fs::create_dir_all(&dir)
+        let dir = files::with_suffix(database, ".slots");
+        let sharing = Sharing::of_database(database)
+            .map_err(|e| Error::io(format!("database {}", database.display()), e))?;
+        sharing
+            .create_dir(&dir)
             .map_err(|e| Error::io(format!("slot directory {}", dir.display()), e))?;
-        Ok(Slots { dir, count })
+        Ok(Slots {
+            dir,
+            count,
+            sharing,
+        })
     }
 
     /// A free slot, locked; None when all are taken. Keep the file open
@@ -34,12 +43,19 @@ impl Slots {
     pub fn try_acquire(&self) -> Result<Option<File>> {
         for n in 0..self.count {
             let path = self.dir.join(n.to_string());
-            let file = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|e| Error::io(format!("slot {}", path.display()), e))?;
+            let fail = |e| Error::io(format!("slot {}", path.display()), e);
+            let file = match self.sharing.create_new(&path).map_err(fail)? {
+                Some(created) => created,
+                None => {
+                    let file = OpenOptions::new().read(true).open(&path).map_err(fail)?;
+                    // A world-readable slot, left by an older version, could
+                    // be locked by anyone.
+                    if let Err(e) = self.sharing.fix_if_owned(&file) {
+                        log::warn!("slot {}: cannot tighten its mode: {e}", path.display());
+                    }
+                    file
+                }
+            };
             // SAFETY: flock on a descriptor we own; no memory is involved.
             let locked = unsafe {
                 nix::libc::flock(file.as_raw_fd(), nix::libc::LOCK_EX | nix::libc::LOCK_NB)

@@ -39,7 +39,8 @@ fn a_missing_database_is_created_private_and_a_missing_directory_is_a_clear_erro
         "database = \"shared.db\"\ndatabase_group = \"root\"",
     ));
     env.enqueue("t", "a", "{}");
-    assert_eq!(mode(&env.path().join("shared.db")), 0o640);
+    // Shared with the group: producers and admins in it read and write.
+    assert_eq!(mode(&env.path().join("shared.db")), 0o660);
 
     env.write_config(&text.replace("database = \"q.db\"", "database = \"nowhere/q.db\""));
     let out = env.cronpost(&["enqueue", "--topic", "t", "--account", "a", "--data", "{}"]);
@@ -61,6 +62,63 @@ fn a_missing_database_is_created_private_and_a_missing_directory_is_a_clear_erro
         "{}",
         stderr(&out)
     );
+}
+
+/// (group id, mode) of a file.
+fn group_and_mode(path: &std::path::Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap();
+    (meta.gid(), meta.mode() & 0o7777)
+}
+
+#[test]
+fn files_of_a_shared_database_take_its_group_and_mode_whatever_the_umask() {
+    let rx = Receiver::start();
+    let daemon_gid = 1; // group "daemon": not root's own
+    let env = Env::new(
+        "max_children = 2",
+        &endpoint("e", &rx.url("/e"), &["t"], ""),
+    );
+    env.prepend_config("database_group = \"daemon\"\nmetrics_file = \"m.prom\"");
+    // As a producer or service with a strict umask would run it.
+    let with_umask = |args: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "umask 077; exec {} {args}",
+                env!("CARGO_BIN_EXE_cronpost")
+            ))
+            .env("CRONPOST_CONFIG", &env.config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args}: {}", stderr(&out));
+    };
+    with_umask("enqueue --topic t --account a --data {}");
+    with_umask("run");
+    assert_eq!(group_and_mode(&env.db), (daemon_gid, 0o660));
+    let slots = env.path().join("q.db.slots");
+    assert_eq!(group_and_mode(&slots), (daemon_gid, 0o770));
+    for slot in std::fs::read_dir(&slots).unwrap() {
+        assert_eq!(group_and_mode(&slot.unwrap().path()), (daemon_gid, 0o660));
+    }
+    // node_exporter, another user, reads the metrics.
+    assert_eq!(group_and_mode(&env.path().join("m.prom")).1, 0o644);
+    assert_eq!(rx.received_on("/e").len(), 1);
+
+    // A setgid directory shares a new database with its group, no
+    // database_group needed (the package's /var/lib/cronpost is one).
+    let shared = env.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    nix::unistd::chown(&shared, None, Some(nix::unistd::Gid::from_raw(daemon_gid))).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o2770)).unwrap();
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(
+        &text
+            .replace("database_group = \"daemon\"\n", "")
+            .replace("database = \"q.db\"", "database = \"shared/q.db\""),
+    );
+    with_umask("enqueue --topic t --account a --data {}");
+    assert_eq!(group_and_mode(&shared.join("q.db")), (daemon_gid, 0o660));
 }
 
 #[test]
@@ -116,25 +174,45 @@ fn a_read_only_database_or_directory_is_a_clear_error_and_nothing_is_lost() {
     std::fs::set_permissions(&env.config, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::set_permissions(&env.db, std::fs::Permissions::from_mode(0o644)).unwrap();
     let enqueue = ["enqueue", "--topic", "t", "--account", "a", "--data", "{}"];
-    // nobody may read the file but not write it, nor create files beside it.
-    for args in [&enqueue[..], &["run"]] {
+    // nobody may read the file but not write it, nor create files beside
+    // it: one error naming the file, its owner and mode, and the fix.
+    for args in [&enqueue[..], &["run"], &["stats"]] {
         let out = as_nobody(&env, args);
-        assert_eq!(code(&out), 73, "{args:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains("q.db"), "{}", stderr(&out));
+        assert_eq!(code(&out), 77, "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("q.db"), "{err}");
+        assert!(
+            err.contains("user nobody cannot read and write it: owner root:root, mode 0644"),
+            "{err}"
+        );
+        assert!(err.contains("chmod g+rw"), "{err}");
+        assert!(err.contains("usermod -aG root nobody"), "{err}");
         assert_eq!(
-            stderr(&out)
-                .lines()
-                .filter(|l| l.starts_with("cronpost:"))
-                .count(),
+            err.lines().filter(|l| l.starts_with("cronpost:")).count(),
             1,
-            "{}",
-            stderr(&out)
+            "{err}"
         );
     }
     // Give nobody the file but not the directory: the WAL cannot be made.
     nix::unistd::chown(&env.db, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
     let out = as_nobody(&env, &enqueue);
-    assert_eq!(code(&out), 73, "{}", stderr(&out));
+    assert_eq!(code(&out), 77, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot create files in directory"),
+        "{}",
+        stderr(&out)
+    );
+    // Nothing was created on the way.
+    let names: Vec<String> = std::fs::read_dir(env.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.ends_with("-wal") || n.ends_with(".slots")),
+        "{names:?}"
+    );
 
     // The fault goes away: the message accepted before is delivered.
     std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o700)).unwrap();

@@ -713,7 +713,11 @@ macro_rules! conformance {
 
 conformance!(sqlite, {
     let dir = tempfile::tempdir().unwrap();
-    let store =
-        SqliteStore::open(&dir.path().join("q.db"), std::time::Duration::from_secs(5)).unwrap();
+    let store = SqliteStore::open(
+        &dir.path().join("q.db"),
+        None,
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap();
     (dir, store)
 });

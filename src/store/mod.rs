@@ -17,11 +17,11 @@ use crate::saturation::Rate;
 pub use sqlite::SqliteStore;
 
 /// Opens the configured database (the one backend today: SQLite), creating
-/// it when missing, readable by its owner only, or by `database_group` too,
-/// since it holds every payload.
+/// it when missing: shared with `database_group` (or the group of a setgid
+/// directory) as 0660, else readable by its owner only, since it holds every
+/// payload (see `files`).
 pub fn open(config: &crate::config::Config) -> Result<SqliteStore> {
-    SqliteStore::create_private(&config.database, config.database_group)?;
-    SqliteStore::open(&config.database, config.busy_timeout)
+    SqliteStore::open(&config.database, config.database_group, config.busy_timeout)
 }
 
 /// Now, in Unix epoch milliseconds.

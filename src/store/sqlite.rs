@@ -17,6 +17,7 @@ use rusqlite::{
 
 use super::*;
 use crate::error::{Error, ExitCode};
+use crate::files::{self, Sharing};
 use crate::saturation::{self, Admit, Rate};
 
 /// Picks the next ready delivery: a seek on `deliveries_queue`
@@ -105,11 +106,17 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating it if missing) and migrates the database: what the
-    /// dispatcher parent, `enqueue` and admin commands do.
-    pub fn open(path: &Path, busy_timeout: Duration) -> Result<SqliteStore> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-            && !dir.is_dir()
-        {
+    /// dispatcher parent, `enqueue` and admin commands do. A new file is
+    /// shared as [`Sharing::for_new_database`] says (`database_group`: its
+    /// group); a file this process cannot read and write is an error that
+    /// names its owner, mode and the fix.
+    pub fn open(
+        path: &Path,
+        database_group: Option<u32>,
+        busy_timeout: Duration,
+    ) -> Result<SqliteStore> {
+        let dir = files::parent_dir(path);
+        if !dir.is_dir() {
             return Err(Error::new(
                 ExitCode::CantCreate,
                 format!(
@@ -119,6 +126,12 @@ impl SqliteStore {
                 ),
             ));
         }
+        Sharing::for_new_database(path, database_group)
+            .create_new(path)
+            .map_err(|e| {
+                Error::io(format!("database {}", path.display()), e).with_code_for_create()
+            })?;
+        files::check_read_write(path)?;
         let mut store = SqliteStore::connect(path, busy_timeout, OpenFlags::SQLITE_OPEN_CREATE)?;
         // WAL is persistent in the file; setting it again is a cheap no-op.
         store
@@ -131,41 +144,10 @@ impl SqliteStore {
                 format!("database {}: migration failed: {e}", path.display()),
             )
         })?;
+        if let Ok(sharing) = Sharing::of_database(path) {
+            sharing.fix_companions(path);
+        }
         Ok(store)
-    }
-
-    /// Creates an empty database file with mode 0600, or 0640 and group `gid`
-    /// when given, unless it exists. SQLite gives its -wal and -shm files the
-    /// same mode.
-    pub fn create_private(path: &Path, gid: Option<u32>) -> Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
-        if path.exists()
-            || path
-                .parent()
-                .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir())
-        {
-            return Ok(()); // open() reports a missing directory
-        }
-        let mode = if gid.is_some() { 0o640 } else { 0o600 };
-        let created = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(path);
-        let fail = |e| Error::io(format!("database {}", path.display()), e).with_code_for_create();
-        match created {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
-            Err(e) => return Err(fail(e)),
-        }
-        if let Some(gid) = gid {
-            nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
-                .map_err(|e| fail(std::io::Error::from(e)))?;
-            // umask may have taken the group bit away.
-            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
-                .map_err(fail)?;
-        }
-        Ok(())
     }
 
     /// Opens an existing, migrated database without checks or migrations: a

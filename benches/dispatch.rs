@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 mod tcp;
 
 use cronpost::config::Config;
-use cronpost::store::{self, NewMessage, RouteParams, Store};
+use cronpost::store::{self, NewMessage, Store};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cronpost");
 const ACCOUNTS: usize = 50;
@@ -353,12 +353,7 @@ impl Bench {
             store
                 .subscriptions_replace(&cronpost::routing::subscriptions(&config))
                 .unwrap();
-            store
-                .messages_route(RouteParams {
-                    now: store::now_ms(),
-                    batch_size: 5_000,
-                })
-                .unwrap();
+            cronpost::routing::route_all(&mut store, store::now_ms(), &mut || {}).unwrap();
         }
         db
     }
@@ -832,12 +827,8 @@ fn orchestrate(args: &[String]) {
                 .subscriptions_replace(&cronpost::routing::subscriptions(&config))
                 .unwrap();
             let started = Instant::now();
-            let report = store
-                .messages_route(RouteParams {
-                    now: store::now_ms(),
-                    batch_size: 5_000,
-                })
-                .unwrap();
+            let report =
+                cronpost::routing::route_all(&mut store, store::now_ms(), &mut || {}).unwrap();
             assert_eq!(report.deliveries, 3 * count);
             started.elapsed().as_secs_f64()
         });

@@ -26,10 +26,8 @@ use crate::lease;
 use crate::routing;
 use crate::signals::Signals;
 use crate::slots::Slots;
-use crate::store::{Queue, RouteParams, RunRecord, SqliteStore, Store, now_ms};
+use crate::store::{Queue, RunRecord, SqliteStore, Store, now_ms};
 
-/// Messages routed per transaction.
-const ROUTE_BATCH: usize = 5_000;
 /// Retention batches (of `admin::PURGE_BATCH`) at the end of each run.
 const RETENTION_BATCHES_PER_RUN: usize = 5;
 /// How long to wait before forking again when the counted work was all held
@@ -50,7 +48,7 @@ pub fn run_once(
     heartbeat: &mut dyn FnMut(),
 ) -> Result<RunRecord> {
     let started = Instant::now();
-    let mut run = prepare(config)?;
+    let mut run = prepare(config, heartbeat)?;
     let keeper = Keeper::start(config);
     crate::signature::warm_up();
     let mut parent = Parent {
@@ -77,7 +75,7 @@ pub fn run_once(
     run.finished_at = Some(now_ms());
     let mut store = crate::store::open(config)?;
     store.run_finish(&run)?;
-    purge_history(config, &mut store)?;
+    purge_history(config, &mut store, &mut *parent.heartbeat)?;
     drop(store);
     // Last to close, the keeper checkpoints the WAL into the file.
     drop(keeper);
@@ -123,12 +121,17 @@ fn peak_rss_kib() -> u64 {
 
 /// Retention, bounded per run: a few small batches of delivered history
 /// older than `retention`, so the file does not grow forever and no run
-/// spends long on it.
-fn purge_history(config: &Config, store: &mut SqliteStore) -> Result<()> {
+/// spends long on it; `between` is called after each batch.
+fn purge_history(
+    config: &Config,
+    store: &mut SqliteStore,
+    between: &mut dyn FnMut(),
+) -> Result<()> {
     let before = now_ms() - crate::store::ms(config.retention);
     let mut purged = 0;
     for _ in 0..RETENTION_BATCHES_PER_RUN {
         let report = store.delivered_purge(before, crate::admin::PURGE_BATCH)?;
+        between();
         purged += report.deliveries;
         if report.deliveries + report.messages + report.runs == 0 {
             break;
@@ -144,18 +147,16 @@ fn purge_history(config: &Config, store: &mut SqliteStore) -> Result<()> {
 }
 
 /// Migrates, routes new messages, takes back expired leases and opens the
-/// run record; the connection is closed on return.
-fn prepare(config: &Config) -> Result<RunRecord> {
+/// run record; the connection is closed on return. `between` is called
+/// between routing batches.
+fn prepare(config: &Config, between: &mut dyn FnMut()) -> Result<RunRecord> {
     let mut store = crate::store::open(config)?;
     let now = now_ms();
     store.subscriptions_replace(&routing::subscriptions(config))?;
-    let routed = store.messages_route(RouteParams {
-        now,
-        batch_size: ROUTE_BATCH,
-    })?;
+    let routed = routing::route_all(&mut store, now, between)?;
     if routed.unroutable > 0 {
         log::warn!(
-            "{} messages wait unrouted: no endpoint subscribes to {}",
+            "{} messages marked unroutable: no endpoint subscribes to {} (see the unroutable_messages view)",
             routed.unroutable,
             routed.unroutable_topics.join(", ")
         );

@@ -5,7 +5,10 @@
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::store::Subscription;
+use crate::store::{RouteParams, RouteReport, Store, Subscription};
+
+/// Messages routed per transaction.
+pub const ROUTE_BATCH: usize = 5_000;
 
 /// Every (topic, endpoint) pair the config subscribes.
 pub fn subscriptions(config: &Config) -> Vec<Subscription> {
@@ -48,4 +51,39 @@ pub fn check_topic(config: &Config, topic: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Routes every unrouted message, one batch (one transaction) at a time,
+/// calling `between` after each batch (the daemon's watchdog beats there).
+/// Returns the batches' reports added up.
+pub fn route_all(
+    store: &mut dyn Store,
+    now: i64,
+    between: &mut dyn FnMut(),
+) -> Result<RouteReport> {
+    route_all_in_batches(store, now, ROUTE_BATCH, between)
+}
+
+/// [`route_all`] with batches of `batch_size`.
+pub fn route_all_in_batches(
+    store: &mut dyn Store,
+    now: i64,
+    batch_size: usize,
+    between: &mut dyn FnMut(),
+) -> Result<RouteReport> {
+    let mut total = RouteReport::default();
+    loop {
+        let batch = store.messages_route(RouteParams { now, batch_size })?;
+        total.messages += batch.messages;
+        total.deliveries += batch.deliveries;
+        total.unroutable += batch.unroutable;
+        total.unroutable_topics.extend(batch.unroutable_topics);
+        between();
+        if !batch.more {
+            break;
+        }
+    }
+    total.unroutable_topics.sort();
+    total.unroutable_topics.dedup();
+    Ok(total)
 }

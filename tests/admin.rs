@@ -49,36 +49,12 @@ fn busy_queue(rx: &Receiver) -> Env {
     env
 }
 
-/// The SQL statements of the README's "Querying the queue with sqlite3" section.
-fn readme_queries() -> Vec<String> {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let section = readme
-        .split("## Querying the queue with sqlite3")
-        .nth(1)
-        .unwrap();
-    let section = section.split("\n## ").next().unwrap();
-    let mut queries = Vec::new();
-    for block in section.split("```sql").skip(1) {
-        let sql = block.split("```").next().unwrap();
-        let mut current = String::new();
-        for line in sql.lines().filter(|l| !l.trim_start().starts_with("--")) {
-            current += line;
-            current += "\n";
-            if line.trim_end().ends_with(';') {
-                queries.push(std::mem::take(&mut current));
-            }
-        }
-    }
-    queries
-}
-
 #[test]
 fn every_readme_query_runs_in_the_sqlite3_shell_and_answers() {
     let rx = Receiver::start();
     let env = busy_queue(&rx);
     let queries = readme_queries();
-    assert_eq!(queries.len(), 7, "{queries:?}");
+    assert_eq!(queries.len(), 8, "{queries:?}");
     let answers: Vec<String> = queries.iter().map(|q| sqlite3(&env, q)).collect();
 
     let depth = &answers[0];

@@ -20,6 +20,10 @@ pub const FILES: &[(&str, &str)] = &[
         "0003_admin_views.sql",
         include_str!("../../migrations/0003_admin_views.sql"),
     ),
+    (
+        "0004_unroutable.sql",
+        include_str!("../../migrations/0004_unroutable.sql"),
+    ),
 ];
 
 /// Applies the migrations the database lacks.

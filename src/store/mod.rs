@@ -222,22 +222,25 @@ pub struct Subscription {
 pub struct RouteParams {
     /// Now.
     pub now: i64,
-    /// Messages routed per transaction, so a large backlog never holds the
-    /// write lock for long.
+    /// Messages routed in this call (one transaction), so a large backlog
+    /// never holds the write lock for long.
     pub batch_size: usize,
 }
 
-/// What `messages_route` did.
+/// What one `messages_route` batch did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RouteReport {
     /// Messages given their deliveries.
     pub messages: usize,
     /// Deliveries created (fan-out: one per subscribed endpoint).
     pub deliveries: usize,
-    /// Messages left unrouted because no endpoint subscribes to their topic.
+    /// Messages no endpoint subscribes to, marked unroutable (once: they
+    /// are not looked at again; see `route_error`).
     pub unroutable: usize,
     /// Their topics.
     pub unroutable_topics: Vec<String>,
+    /// Whether the batch was full: more unrouted messages may wait.
+    pub more: bool,
 }
 
 /// Params of `delivery_lease_next`.
@@ -617,7 +620,10 @@ pub trait Store {
     /// Inserts messages in one transaction: all or none.
     fn messages_insert(&mut self, messages: &[NewMessage]) -> Result<InsertReport>;
 
-    /// Gives each unrouted message one delivery per subscribed endpoint.
+    /// Gives the oldest `batch_size` unrouted messages one delivery per
+    /// subscribed endpoint, in one transaction; a message whose topic no
+    /// endpoint subscribes to is marked unroutable instead (routed, with a
+    /// `route_error`), so it is reported once, not at every run.
     fn messages_route(&mut self, params: RouteParams) -> Result<RouteReport>;
 
     /// leased (lease expired) → ready; the open attempt becomes `lease_expired`.

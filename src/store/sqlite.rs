@@ -690,61 +690,57 @@ impl Store for SqliteStore {
     }
 
     fn messages_route(&mut self, params: RouteParams) -> Result<RouteReport> {
-        let mut report = RouteReport::default();
-        let mut after = 0_i64;
-        loop {
-            // One batch per transaction: the write lock is never held for long.
-            let batch = self.write(|tx| {
-                let (upper, count): (Option<i64>, usize) = tx.query_row(
-                    "SELECT max(id), count(*) FROM
-                       (SELECT id FROM messages WHERE routed_at IS NULL AND id > ?1 ORDER BY id LIMIT ?2)",
-                    params![after, params.batch_size as i64],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )?;
-                let Some(upper) = upper else {
-                    return Ok(None);
-                };
-                let deliveries = tx.execute(
-                    "INSERT OR IGNORE INTO deliveries
-                       (message_id, endpoint, account, state, priority, not_before, reason, created_at, updated_at)
-                     SELECT m.id, s.endpoint, m.account,
-                            CASE WHEN m.available_at > ?3 THEN 'delayed' ELSE 'ready' END,
-                            m.priority,
-                            CASE WHEN m.available_at > ?3 THEN m.available_at ELSE ?3 END,
-                            CASE WHEN m.available_at > ?3 THEN 'scheduled' END,
-                            ?3, ?3
-                     FROM messages m JOIN subscriptions s ON s.topic = m.topic
-                     WHERE m.routed_at IS NULL AND m.id > ?1 AND m.id <= ?2
-                     ORDER BY m.id, s.endpoint",
-                    params![after, upper, params.now],
-                )?;
-                let routed = tx.execute(
-                    "UPDATE messages SET routed_at = ?3
-                     WHERE routed_at IS NULL AND id > ?1 AND id <= ?2
-                       AND topic IN (SELECT topic FROM subscriptions)",
-                    params![after, upper, params.now],
-                )?;
-                Ok(Some((upper, count, routed, deliveries)))
-            })?;
-            let Some((upper, count, routed, deliveries)) = batch else {
-                break;
+        // One batch per transaction: the write lock is never held for long.
+        self.write(|tx| {
+            let (upper, count): (Option<i64>, usize) = tx.query_row(
+                "SELECT max(id), count(*) FROM
+                   (SELECT id FROM messages WHERE routed_at IS NULL ORDER BY id LIMIT ?1)",
+                [params.batch_size as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            let Some(upper) = upper else {
+                return Ok(RouteReport::default());
             };
-            report.messages += routed;
-            report.deliveries += deliveries;
-            report.unroutable += count - routed;
-            after = upper;
-        }
-        if report.unroutable > 0 {
-            report.unroutable_topics = self
-                .conn
+            let unroutable_topics: Vec<String> = tx
                 .prepare(
-                    "SELECT DISTINCT topic FROM messages WHERE routed_at IS NULL
-                     AND topic NOT IN (SELECT topic FROM subscriptions) ORDER BY topic",
-                )
-                .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-                .map_err(|e| self.err(e))?;
-        }
-        Ok(report)
+                    "SELECT DISTINCT topic FROM messages
+                     WHERE routed_at IS NULL AND id <= ?1 AND topic NOT IN (SELECT topic FROM subscriptions)
+                     ORDER BY topic",
+                )?
+                .query_map([upper], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let deliveries = tx.execute(
+                "INSERT OR IGNORE INTO deliveries
+                   (message_id, endpoint, account, state, priority, not_before, reason, created_at, updated_at)
+                 SELECT m.id, s.endpoint, m.account,
+                        CASE WHEN m.available_at > ?2 THEN 'delayed' ELSE 'ready' END,
+                        m.priority,
+                        CASE WHEN m.available_at > ?2 THEN m.available_at ELSE ?2 END,
+                        CASE WHEN m.available_at > ?2 THEN 'scheduled' END,
+                        ?2, ?2
+                 FROM messages m JOIN subscriptions s ON s.topic = m.topic
+                 WHERE m.routed_at IS NULL AND m.id <= ?1
+                 ORDER BY m.id, s.endpoint",
+                params![upper, params.now],
+            )?;
+            let unroutable = tx.execute(
+                "UPDATE messages SET routed_at = ?2,
+                        route_error = 'no endpoint subscribes to topic \"' || topic || '\"'
+                 WHERE routed_at IS NULL AND id <= ?1 AND topic NOT IN (SELECT topic FROM subscriptions)",
+                params![upper, params.now],
+            )?;
+            let routed = tx.execute(
+                "UPDATE messages SET routed_at = ?2 WHERE routed_at IS NULL AND id <= ?1",
+                params![upper, params.now],
+            )?;
+            Ok(RouteReport {
+                messages: routed,
+                deliveries,
+                unroutable,
+                unroutable_topics,
+                more: count == params.batch_size,
+            })
+        })
     }
 
     fn leases_reclaim_expired(&mut self, now: i64) -> Result<usize> {

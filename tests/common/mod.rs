@@ -492,3 +492,27 @@ fn proc_stat(pid: i32) -> Option<(String, String)> {
     let mut after = stat[stat.rfind(')')? + 2..].split(' ');
     Some((after.next()?.to_string(), after.next()?.to_string()))
 }
+
+/// The SQL statements of the README's "Querying the queue with sqlite3" section.
+pub fn readme_queries() -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("## Querying the queue with sqlite3")
+        .nth(1)
+        .unwrap();
+    let section = section.split("\n## ").next().unwrap();
+    let mut queries = Vec::new();
+    for block in section.split("```sql").skip(1) {
+        let sql = block.split("```").next().unwrap();
+        let mut current = String::new();
+        for line in sql.lines().filter(|l| !l.trim_start().starts_with("--")) {
+            current += line;
+            current += "\n";
+            if line.trim_end().ends_with(';') {
+                queries.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    queries
+}

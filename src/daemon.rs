@@ -71,7 +71,9 @@ pub fn run(config_path: &Path, config: Config) -> Result<()> {
                 break 'daemon;
             }
             if signals.take_reload() {
-                reload(config_path, &mut config);
+                notifier.send(&reloading());
+                let status = reload(config_path, &mut config);
+                notifier.send(&[NotifyState::Ready, NotifyState::Status(&status)]);
                 continue 'daemon;
             }
             let left = (next - Local::now()).to_std().unwrap_or_default();
@@ -123,7 +125,16 @@ fn with_schedule(config: Config) -> Result<Config> {
     Ok(config)
 }
 
-fn reload(path: &Path, config: &mut Config) {
+/// RELOADING=1, with the monotonic time systemd 253+ asks for.
+fn reloading() -> Vec<NotifyState<'static>> {
+    let mut states = vec![NotifyState::Reloading];
+    states.extend(NotifyState::monotonic_usec_now().ok());
+    states
+}
+
+/// Reloads the config from `path` into `config`, unless the new one is bad;
+/// returns the status line for systemd.
+fn reload(path: &Path, config: &mut Config) -> String {
     match load(path) {
         Ok(new) => {
             log::info!(
@@ -132,8 +143,12 @@ fn reload(path: &Path, config: &mut Config) {
                 schedule_text(&new)
             );
             *config = new;
+            "config reloaded".to_string()
         }
-        Err(e) => log::error!("config reload failed, keeping the old config: {e}"),
+        Err(e) => {
+            log::error!("config reload failed, keeping the old config: {e}");
+            format!("config reload failed, kept the old config: {e}")
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod systemd;
 pub mod tcp;
 
 /// The secret every test endpoint uses.

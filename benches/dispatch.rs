@@ -181,7 +181,8 @@ const STEP_NAMES: [&str; 9] = [
 /// to the child's first instruction, `exit` from the child's last mark to
 /// waitpid(2) returning in the parent.
 fn steps(config: &Path, n: usize) {
-    use cronpost::child::{self, ChildContext, Step};
+    use cronpost::child::{self, ChildContext};
+    use cronpost::steps::Step;
     use cronpost::store::Queue;
     let config = Config::load(config).unwrap();
     // As the dispatcher does: open the database before forking (so SQLite
@@ -218,6 +219,8 @@ fn steps(config: &Path, n: usize) {
                     owner: format!("steps.{i}"),
                     run_id: 0,
                     prefer: Queue::Ready,
+                    boot_id: cronpost::clock::boot_id(),
+                    deadline: Instant::now() + config.run.child_deadline,
                 };
                 let code = child::main_traced(&config, &ctx, &mut |step| {
                     let slot = match step {
@@ -282,7 +285,9 @@ fn fork_post(config: &Path, n: usize, children: usize) {
             match unsafe { nix::unistd::fork() }.unwrap() {
                 nix::unistd::ForkResult::Child => {
                     let mut client = cronpost::delivery::Client::one_shot();
-                    let result = client.post(endpoint, &lease, 1_700_000_000, &mut |_| {});
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    let result =
+                        client.post(endpoint, &lease, 1_700_000_000, deadline, &mut |_| {});
                     let ok = matches!(
                         result,
                         cronpost::delivery::PostResult::Answered { status: 200, .. }
@@ -505,6 +510,8 @@ fn no_fork(config: &Path, client: &mut cronpost::delivery::Client) -> f64 {
             owner: format!("no-fork.{delivered}"),
             run_id: 0,
             prefer: store::Queue::Ready,
+            boot_id: cronpost::clock::boot_id(),
+            deadline: Instant::now() + config.run.child_deadline,
         };
         match child::deliver_one(&mut store, client, &config, &ctx, &mut |_| {}).unwrap() {
             ChildExit::Delivered => delivered += 1,
@@ -539,6 +546,7 @@ fn lease_record_rate(config: &Path, n: usize, fresh: bool) -> f64 {
                 lease_timeout_ms: 60_000,
                 prefer: store::Queue::Ready,
                 policy: &config,
+                boot: None,
             })
             .unwrap()
             .expect("a ready delivery");

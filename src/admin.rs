@@ -235,8 +235,40 @@ pub fn requeue(
     })
 }
 
+/// `cronpost purge --orphaned`: deliveries parked because their endpoint
+/// left the config.
+pub fn purge_orphaned(
+    config: &Config,
+    endpoint: Option<&str>,
+    dry_run: bool,
+    as_json: bool,
+) -> Result<()> {
+    if let Some(name) = endpoint
+        && config.endpoint(name).is_some()
+    {
+        return Err(Error::usage(format!(
+            "--endpoint {name:?} is in {}: its deliveries are not orphaned",
+            config.path.display()
+        )));
+    }
+    let n = crate::store::open(config)?.deliveries_purge_orphaned(endpoint, dry_run)?;
+    if as_json {
+        return print(&format!("{}\n", json!({"purged": n, "dry_run": dry_run})));
+    }
+    print(&if dry_run {
+        format!("would purge {n} orphaned deliveries (dry run: nothing changed)\n")
+    } else {
+        format!("purged {n} orphaned deliveries\n")
+    })
+}
+
 /// `cronpost purge --older-than D`: delivered history, in batches.
-pub fn purge(config: &Config, older_than: Duration, as_json: bool) -> Result<()> {
+pub fn purge(config: &Config, older_than: Duration, dry_run: bool, as_json: bool) -> Result<()> {
+    if dry_run {
+        return Err(Error::usage(
+            "--dry-run goes with --orphaned; delivered history is purged by age only",
+        ));
+    }
     let mut store = crate::store::open(config)?;
     let before = now_ms() - ms(older_than);
     let (mut deliveries, mut messages, mut runs, mut batches) = (0, 0, 0, 0);

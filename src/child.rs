@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::delivery::Client;
 use crate::error::Error;
 use crate::lease;
+use crate::steps::Step;
 use crate::store::{FinishAttempt, LeaseParams, Queue, SqliteStore, Store, ms, now_ms};
 
 /// What a child's exit code says.
@@ -51,24 +52,12 @@ pub struct ChildContext {
     pub run_id: i64,
     /// The queue to take from first.
     pub prefer: Queue,
-}
-
-/// The steps of a child's life after fork, in order; the benchmark times
-/// them (`main_traced`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
-    /// Its database connection is open.
-    Opened,
-    /// It holds a lease (or found nothing: the last step then).
-    Leased,
-    /// The request is built and signed.
-    Prepared,
-    /// The TCP connection to the endpoint is up (http:// only).
-    Connected,
-    /// The answer came, or the answer window closed.
-    Answered,
-    /// The outcome is recorded.
-    Recorded,
+    /// The kernel's boot id (read by the parent once): with the boot
+    /// clock, it times the child's lease.
+    pub boot_id: Option<String>,
+    /// When the child must be gone: its POST ends early enough to record
+    /// the outcome before.
+    pub deadline: Instant,
 }
 
 /// The whole life of a child; returns its exit code.
@@ -115,6 +104,7 @@ pub fn deliver_one(
         lease_timeout_ms: ms(config.run.lease_timeout),
         prefer: ctx.prefer,
         policy: config,
+        boot: ctx.boot_id.as_deref().and_then(crate::clock::boot_time),
     };
     let lease = store.delivery_lease_next(&params)?;
     mark(Step::Leased);
@@ -135,7 +125,11 @@ pub fn deliver_one(
         ),
         Some(endpoint) => {
             let started = Instant::now();
-            let result = client.post(endpoint, &lease, now / 1000, mark);
+            // Leave time to record the outcome before the deadline (a wait
+            // for the lock at worst), but never most of the child's life.
+            let reserve = config.busy_timeout.min(config.run.child_deadline / 4);
+            let post_deadline = ctx.deadline.checked_sub(reserve).unwrap_or(ctx.deadline);
+            let result = client.post(endpoint, &lease, now / 1000, post_deadline, mark);
             let finished = now_ms();
             lease::decide(endpoint, &lease, &result, finished, ms(started.elapsed()))
         }

@@ -1,7 +1,7 @@
 //! The `cronpost` command line: parses arguments with clap, runs one command,
 //! and turns its outcome into output and a sysexits exit code.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -70,11 +70,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Delete delivered history older than a duration, in small batches.
+    /// Delete delivered history older than a duration, in small batches; or
+    /// the deliveries parked because their endpoint left the config.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["older_than", "orphaned"])))]
     Purge {
         /// e.g. 7d, 12h.
         #[arg(long, value_parser = humantime::parse_duration)]
-        older_than: std::time::Duration,
+        older_than: Option<std::time::Duration>,
+        /// The deliveries of endpoints no longer in the config.
+        #[arg(long)]
+        orphaned: bool,
+        /// With --orphaned: only those of this endpoint.
+        #[arg(long, requires = "orphaned")]
+        endpoint: Option<String>,
+        /// Count what would be purged; change nothing.
+        #[arg(long)]
+        dry_run: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -88,9 +99,15 @@ enum Command {
         /// Port (0: any free port; the address is printed first).
         #[arg(long, default_value_t = 0)]
         port: u16,
-        /// Verify signatures with this secret (whsec_... or raw).
+        /// Verify signatures with the secret in this file (whsec_... or raw;
+        /// or set CRONPOST_RECEIVE_SECRET). Not on the command line, where
+        /// every local user can read it.
         #[arg(long)]
-        secret: Option<String>,
+        secret_file: Option<PathBuf>,
+        /// Answer 401 to a request whose signature or timestamp (more than
+        /// 5 minutes off) does not verify.
+        #[arg(long, requires = "secret_file")]
+        reject_invalid: bool,
         /// The status to answer with.
         #[arg(long, default_value_t = 200)]
         status: u16,
@@ -206,14 +223,24 @@ fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Receive {
             port,
-            secret,
+            secret_file,
+            reject_invalid,
             status,
             count,
         } => {
-            let secret = secret
-                .map(|s| Secret::parse(&s).map_err(|e| Error::usage(format!("--secret {e}"))))
-                .transpose()?;
-            receiver::serve(port, secret.as_ref(), status, count)
+            let secret = receiver_secret(secret_file.as_deref())?;
+            if reject_invalid && secret.is_none() {
+                return Err(Error::usage(
+                    "--reject-invalid needs a secret: --secret-file or CRONPOST_RECEIVE_SECRET",
+                ));
+            }
+            receiver::serve(receiver::Options {
+                port,
+                secret,
+                reject_invalid,
+                status,
+                count,
+            })
         }
         Command::Demo => demo::run(),
         command => {
@@ -248,7 +275,18 @@ fn execute(cli: Cli) -> Result<()> {
                     }
                     admin::requeue(&config, filter, dry_run, json)
                 }
-                Command::Purge { older_than, json } => admin::purge(&config, older_than, json),
+                Command::Purge {
+                    older_than,
+                    orphaned,
+                    endpoint,
+                    dry_run,
+                    json,
+                } => match older_than {
+                    Some(older_than) if !orphaned => {
+                        admin::purge(&config, older_than, dry_run, json)
+                    }
+                    _ => admin::purge_orphaned(&config, endpoint.as_deref(), dry_run, json),
+                },
                 Command::Migrate => {
                     let store = crate::store::open(&config)?;
                     println!(
@@ -271,7 +309,7 @@ fn enqueue(config: &Config, args: EnqueueArgs) -> Result<()> {
     } else {
         let payload = match args.data {
             Some(data) => data,
-            None => read_payload_from_stdin()?,
+            None => enqueue::read_payload(std::io::stdin().lock(), config.max_payload_bytes)?,
         };
         let draft = enqueue::Draft {
             topic: args.topic.unwrap_or_default(),
@@ -287,7 +325,7 @@ fn enqueue(config: &Config, args: EnqueueArgs) -> Result<()> {
         };
         vec![draft.validate(config, now)?]
     };
-    let mut store = crate::store::open(config)?;
+    let mut store = crate::store::open_durable(config)?;
     let report = store.messages_insert(&messages)?;
     println!(
         "enqueued {} message{}{}",
@@ -305,19 +343,22 @@ fn enqueue(config: &Config, args: EnqueueArgs) -> Result<()> {
     Ok(())
 }
 
-/// The payload from stdin, less the newline a shell pipe adds.
-fn read_payload_from_stdin() -> Result<String> {
-    let mut bytes = Vec::new();
-    std::io::stdin()
-        .lock()
-        .read_to_end(&mut bytes)
-        .map_err(|e| Error::io("stdin", e))?;
-    let mut text = String::from_utf8(bytes)
-        .map_err(|e| Error::data(format!("payload on stdin is not UTF-8: {e}")))?;
-    while text.ends_with(['\n', '\r']) {
-        text.pop();
-    }
-    Ok(text)
+/// The receiver's secret: from `--secret-file`, else from the environment.
+fn receiver_secret(file: Option<&std::path::Path>) -> Result<Option<Secret>> {
+    let (text, origin) = match file {
+        Some(path) => (
+            std::fs::read_to_string(path)
+                .map_err(|e| Error::io(format!("--secret-file {}", path.display()), e))?,
+            format!("--secret-file {}", path.display()),
+        ),
+        None => match std::env::var("CRONPOST_RECEIVE_SECRET") {
+            Ok(text) => (text, "CRONPOST_RECEIVE_SECRET".to_string()),
+            Err(_) => return Ok(None),
+        },
+    };
+    Secret::parse(text.trim())
+        .map(Some)
+        .map_err(|e| Error::usage(format!("{origin}: the secret {e}")))
 }
 
 fn check_config(config: &Config) -> Result<()> {
@@ -325,10 +366,10 @@ fn check_config(config: &Config) -> Result<()> {
     println!("database: {}", config.database.display());
     for e in &config.endpoints {
         println!(
-            "endpoint {}: {} ({:?}), topics: {}",
+            "endpoint {}: {} ({}), topics: {}",
             e.name,
-            e.url,
-            e.mode,
+            config::redacted(&e.url),
+            e.mode.as_str(),
             e.topics.join(", ")
         );
     }
@@ -388,9 +429,16 @@ fn stats_json(stats: &Stats) -> serde_json::Value {
             })
         })
         .collect();
+    let orphaned: Vec<_> = stats
+        .orphaned
+        .iter()
+        .map(|(endpoint, n)| json!({"endpoint": endpoint, "deliveries": n}))
+        .collect();
     json!({
         "held_accounts": held_accounts,
         "saturated_endpoints": saturated,
+        "orphaned": orphaned,
+        "unroutable_messages": stats.unroutable_messages,
         "endpoints": endpoints,
         "oldest_ready_age_seconds": stats.oldest_ready_age_ms.map(|ms| ms as f64 / 1000.0),
         "unrouted_messages": stats.unrouted_messages,
@@ -417,6 +465,19 @@ fn write_stats_table(out: &mut impl Write, stats: &Stats) -> std::io::Result<()>
         None => writeln!(out, "oldest ready: none ready")?,
     }
     writeln!(out, "unrouted messages: {}", stats.unrouted_messages)?;
+    if stats.unroutable_messages > 0 {
+        writeln!(
+            out,
+            "unroutable messages: {} (no endpoint subscribes to their topic; see the unroutable_messages view)",
+            stats.unroutable_messages
+        )?;
+    }
+    for (endpoint, n) in &stats.orphaned {
+        writeln!(
+            out,
+            "endpoint {endpoint} is not in the config: {n} deliveries parked (back when it returns; `cronpost purge --orphaned` removes them)"
+        )?;
+    }
     for h in &stats.held_accounts {
         writeln!(
             out,

@@ -100,8 +100,15 @@ impl Secret {
         if text.is_empty() {
             return Err("must not be empty".into());
         }
+        // Standard Webhooks libraries write the key with or without padding.
+        const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+            &base64::alphabet::STANDARD,
+            base64::engine::GeneralPurposeConfig::new()
+                .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+        );
         match text.strip_prefix("whsec_") {
-            Some(b64) => base64::engine::general_purpose::STANDARD
+            Some("") => Err("whsec_ secret has an empty key".into()),
+            Some(b64) => BASE64
                 .decode(b64)
                 .map(Secret)
                 .map_err(|e| format!("whsec_ secret is not valid base64 ({e})")),
@@ -127,11 +134,12 @@ pub struct Endpoint {
     /// Its name, the key of its table.
     pub name: String,
     /// Where deliveries are POSTed (http or https).
-    pub url: reqwest::Url,
+    pub url: url::Url,
     /// The topics it subscribes to.
     pub topics: Vec<String>,
-    /// The HMAC-SHA256 key for `webhook-signature`.
-    pub secret: Secret,
+    /// The HMAC-SHA256 keys for `webhook-signature`: one `v1,` signature
+    /// per key, so a receiver can rotate (the first is the newest).
+    pub secrets: Vec<Secret>,
     /// Fire-and-forget or confirm.
     pub mode: DeliveryMode,
     /// Fire-and-forget: how long to wait for an early answer.
@@ -156,6 +164,49 @@ pub struct Endpoint {
     pub cooldown_cap: Duration,
     /// Longest Retry-After honoured.
     pub max_retry_after: Duration,
+}
+
+/// `url` as it may be printed or logged: credentials (`user:pass@`) and
+/// query values (`?token=...`) replaced by `***`.
+pub fn redacted(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    if !shown.username().is_empty() || shown.password().is_some() {
+        let _ = shown.set_username("***");
+        let _ = shown.set_password(None);
+    }
+    if shown.query().is_some() {
+        let pairs: Vec<String> = url
+            .query_pairs()
+            .map(|(name, _)| format!("{name}=***"))
+            .collect();
+        shown.set_query(Some(&pairs.join("&")));
+    }
+    shown.to_string()
+}
+
+/// URL text that did not parse, as it may be printed: whatever sits
+/// between "://" and an "@", and after a "?", replaced by `***`.
+fn redacted_text(text: &str) -> String {
+    let mut shown = text.to_string();
+    if let Some(query) = shown.find('?') {
+        shown.replace_range(query + 1.., "***");
+    }
+    if let (Some(start), Some(at)) = (shown.find("://"), shown.rfind('@'))
+        && at > start + 3
+    {
+        shown.replace_range(start + 3..at, "***");
+    }
+    shown
+}
+
+impl DeliveryMode {
+    /// Its name in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryMode::FireAndForget => "fire_and_forget",
+            DeliveryMode::Confirm => "confirm",
+        }
+    }
 }
 
 impl Endpoint {
@@ -194,9 +245,29 @@ impl Config {
     /// Validates config text; `path` names it in errors and anchors relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<Config> {
         let at = Locator { text, path };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let syntax = |e: toml::de::Error| {
             let line = e.span().map(|s| at.line(s.start)).unwrap_or(1);
             at.error_at_line(line, e.message().trim())
+        };
+        let document = toml::Deserializer::parse(text).map_err(syntax)?;
+        let raw: RawConfig = serde_path_to_error::deserialize(document).map_err(|e| {
+            // The dotted key, as the other errors name it (serde_path_to_error
+            // tracks it; the spans' private fields are not keys).
+            let key = e
+                .path()
+                .iter()
+                .map(|segment| segment.to_string())
+                .filter(|segment| !segment.starts_with("$__") && segment != "?")
+                .collect::<Vec<_>>()
+                .join(".");
+            let inner = e.into_inner();
+            let line = inner.span().map(|s| at.line(s.start)).unwrap_or(1);
+            let message = inner.message().trim().to_string();
+            if key.is_empty() || message.contains(&key) {
+                at.error_at_line(line, message)
+            } else {
+                at.error_at_line(line, format!("{key}: {message}"))
+            }
         })?;
         raw.validate(&at)
     }
@@ -355,12 +426,20 @@ struct RawRate {
     burst: Option<Spanned<i64>>,
 }
 
+/// `secret = "..."` or, while rotating, `secret = ["new", "old"]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Secrets {
+    One(String),
+    Several(Vec<String>),
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEndpoint {
     url: Spanned<String>,
     topics: Spanned<Vec<Spanned<String>>>,
-    secret: Spanned<String>,
+    secret: Spanned<Secrets>,
     mode: Option<DeliveryMode>,
     answer_window: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
@@ -411,7 +490,7 @@ impl RawConfig {
             256 * 1024,
             64 << 20,
         )? as usize;
-        let run = self.run.validate(at)?;
+        let run = self.run.validate(at, busy_timeout)?;
         let schedule = match self.schedule {
             None => None,
             Some(text) => {
@@ -489,7 +568,7 @@ impl RawConfig {
 }
 
 impl RawRun {
-    fn validate(self, at: &Locator) -> Result<RunLimits> {
+    fn validate(self, at: &Locator, busy_timeout: Duration) -> Result<RunLimits> {
         let max_children = at.positive(&self.max_children, "run.max_children", 4, 1024)? as usize;
         let max_messages =
             at.positive(&self.max_messages, "run.max_messages", 10_000, i64::MAX)? as u64;
@@ -519,25 +598,37 @@ impl RawRun {
                 ));
             }
         };
-        if lease_timeout <= child_deadline {
+        if lease_timeout <= child_deadline + busy_timeout {
             // A lease that can expire while its child may still be alive lets a
-            // second child deliver the same message while the first still posts.
-            let (lease, deadline) = (
+            // second child deliver the same message while the first still posts;
+            // a child may wait busy_timeout for the lock to lease, before its
+            // deadline starts to matter.
+            let (lease, deadline, busy) = (
                 humantime::format_duration(lease_timeout),
                 humantime::format_duration(child_deadline),
+                humantime::format_duration(busy_timeout),
             );
             return Err(match (&self.lease_timeout, &self.child_deadline) {
                 (Some(v), _) => at.error(
                     v.span(),
                     "run.lease_timeout",
-                    format!("({lease}) must be longer than run.child_deadline ({deadline})"),
+                    format!(
+                        "({lease}) must be longer than run.child_deadline ({deadline}) plus busy_timeout ({busy})"
+                    ),
                 ),
                 (None, Some(v)) => at.error(
                     v.span(),
                     "run.child_deadline",
-                    format!("({deadline}) must be shorter than run.lease_timeout ({lease})"),
+                    format!(
+                        "({deadline}) plus busy_timeout ({busy}) must be shorter than run.lease_timeout ({lease})"
+                    ),
                 ),
-                (None, None) => unreachable!("the defaults are consistent"),
+                (None, None) => at.error_at_line(
+                    1,
+                    format!(
+                        "busy_timeout ({busy}) is too long for the default run.lease_timeout ({lease}) and run.child_deadline ({deadline})"
+                    ),
+                ),
             });
         }
         Ok(RunLimits {
@@ -566,7 +657,7 @@ impl RawEndpoint {
     ) -> Result<Endpoint> {
         let prefix = format!("endpoints.{name}");
         let key = |field: &str| format!("{prefix}.{field}");
-        let url = reqwest::Url::parse(self.url.get_ref())
+        let url = url::Url::parse(self.url.get_ref())
             .map_err(|e| e.to_string())
             .and_then(|u| match (u.scheme(), u.host_str()) {
                 ("http" | "https", Some(_)) => Ok(u),
@@ -578,7 +669,10 @@ impl RawEndpoint {
                 at.error(
                     self.url.span(),
                     &key("url"),
-                    format!("= {:?} is not a valid URL: {e}", self.url.get_ref()),
+                    format!(
+                        "= {:?} is not a valid URL: {e}",
+                        redacted_text(self.url.get_ref())
+                    ),
                 )
             })?;
         if self.topics.get_ref().is_empty() {
@@ -595,12 +689,26 @@ impl RawEndpoint {
             }
             topics.push(topic.into_inner());
         }
-        let secret = Secret::parse(self.secret.get_ref())
+        let texts = match self.secret.get_ref() {
+            Secrets::One(text) => vec![text.as_str()],
+            Secrets::Several(texts) => texts.iter().map(String::as_str).collect(),
+        };
+        if texts.is_empty() {
+            return Err(at.error(
+                self.secret.span(),
+                &key("secret"),
+                "must list at least one secret",
+            ));
+        }
+        let secrets = texts
+            .into_iter()
+            .map(Secret::parse)
+            .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| at.error(self.secret.span(), &key("secret"), e))?;
         let endpoint = Endpoint {
             url,
             topics,
-            secret,
+            secrets,
             mode: self.mode.unwrap_or(DeliveryMode::FireAndForget),
             answer_window: at.duration_or(
                 &self.answer_window,
@@ -700,9 +808,22 @@ secret = "whsec_c2VjcmV0"
         let config = parse(GOOD).unwrap();
         assert_eq!(config.database, Path::new("/etc/cronpost/q.db"));
         assert_eq!(config.run.max_children, 2);
-        assert_eq!(config.endpoints[0].secret.key(), b"secret");
+        assert_eq!(config.endpoints[0].secrets[0].key(), b"secret");
         assert_eq!(config.endpoints[0].mode, DeliveryMode::FireAndForget);
         assert!(!format!("{config:?}").contains("secret\""));
+    }
+
+    #[test]
+    fn urls_are_shown_without_credentials_or_query_values() {
+        let url = url::Url::parse("https://bob:s3cret@hooks.example.com/in?token=abc&x=1").unwrap();
+        assert_eq!(
+            redacted(&url),
+            "https://***@hooks.example.com/in?token=***&x=***"
+        );
+        assert_eq!(
+            redacted_text("ht tp://bob:pw@host/?k=v"),
+            "ht tp://***@host/?***"
+        );
     }
 
     #[test]

@@ -27,7 +27,8 @@ pub fn run() -> Result<()> {
     );
 
     let mut receiver = Command::new(&exe)
-        .args(["receive", "--port", "0", "--secret", &secret])
+        .args(["receive", "--port", "0"])
+        .env("CRONPOST_RECEIVE_SECRET", &secret)
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| Error::io("cannot start the receiver", e))?;

@@ -14,7 +14,7 @@ use std::fs::File;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::signal::{SigHandler, Signal, kill, signal};
+use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 
@@ -26,7 +26,7 @@ use crate::lease;
 use crate::routing;
 use crate::signals::Signals;
 use crate::slots::Slots;
-use crate::store::{Queue, RunRecord, SqliteStore, Store, now_ms};
+use crate::store::{Queue, ReclaimParams, RunRecord, SqliteStore, Store, now_ms};
 
 /// Retention batches (of `admin::PURGE_BATCH`) at the end of each run.
 const RETENTION_BATCHES_PER_RUN: usize = 5;
@@ -34,10 +34,34 @@ const RETENTION_BATCHES_PER_RUN: usize = 5;
 /// back, or every slot was taken by another process's children.
 const HELD_BACK_PAUSE: Duration = Duration::from_millis(50);
 
+/// Children that fail in a row (exit 70: a database error, a bug) before
+/// the run stops forking: the cause is likely shared, and forking on would
+/// only repeat it thousands of times.
+const FAILURES_IN_A_ROW: u32 = 10;
+
 struct Child {
     owner: String,
     started: Instant,
-    killed: bool,
+    killed: Option<Kill>,
+}
+
+/// Why the parent killed a child.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kill {
+    /// It outlived `child_deadline`: its endpoint kept it waiting.
+    Deadline,
+    /// It was still running when a stop's grace period ended.
+    StopGrace,
+}
+
+/// A child that died maybe holding a lease, to be settled.
+struct DeadChild {
+    /// Its lease token.
+    owner: String,
+    /// How it died, for the attempt's error.
+    how: String,
+    /// Whether it was stopped at its deadline (a saturation signal).
+    timed_out: bool,
 }
 
 /// One dispatcher run, from preparation to the last reaped child.
@@ -50,7 +74,11 @@ pub fn run_once(
     let started = Instant::now();
     let mut run = prepare(config, heartbeat)?;
     let keeper = Keeper::start(config);
+    // Done once here, inherited by every child instead of done by each.
     crate::signature::warm_up();
+    if config.endpoints.iter().any(|e| e.url.scheme() == "https") {
+        crate::delivery::load_ca_certificates();
+    }
     let mut parent = Parent {
         config,
         signals,
@@ -58,17 +86,20 @@ pub fn run_once(
         slots: Slots::new(&config.database, config.run.max_children)?,
         run_id: run.id,
         token: rand::random(),
+        boot_id: crate::clock::boot_id(),
         children: HashMap::new(),
         dead_children: Vec::new(),
         delayed_forks: 0,
         budget: 0,
         saw_empty: false,
+        failed_in_a_row: 0,
         deadline: Instant::now() + config.run.max_runtime,
         stopping_since: None,
     };
     let loop_result = parent.fork_until_done(&mut run);
-    // Whatever happened, no child is left behind.
-    parent.kill_all_and_reap(&mut run);
+    // Whatever happened, no child is left behind (the loop only returns
+    // once its children are gone; this is the safety net).
+    parent.kill_all_and_reap(&mut run, Kill::StopGrace);
     parent.settle_dead_children(&mut run)?;
     loop_result?;
 
@@ -80,6 +111,11 @@ pub fn run_once(
     // Last to close, the keeper checkpoints the WAL into the file.
     drop(keeper);
     log::info!("{}", summary(&run, started.elapsed()));
+    if parent.failed_in_a_row >= FAILURES_IN_A_ROW {
+        return Err(Error::software(format!(
+            "stopped forking after {FAILURES_IN_A_ROW} children in a row failed (their errors are logged above)"
+        )));
+    }
     Ok(run)
 }
 
@@ -87,7 +123,7 @@ pub fn run_once(
 /// of its largest child so far.
 pub fn summary(run: &RunRecord, took: Duration) -> String {
     format!(
-        "run {}: routed {} messages, reclaimed {} leases, forked {} children: {} delivered, {} retried, {} dead, {} failed in {:.2}s; peak RSS {:.1} MiB parent, {:.1} MiB child",
+        "run {}: routed {} messages, reclaimed {} leases, forked {} children: {} delivered, {} retried, {} dead, {} failed, {} found nothing to lease in {:.2}s; peak RSS {:.1} MiB parent, {:.1} MiB child",
         run.id,
         run.routed,
         run.reclaimed,
@@ -96,6 +132,7 @@ pub fn summary(run: &RunRecord, took: Duration) -> String {
         run.retried,
         run.dead,
         run.failed,
+        run.found_nothing,
         took.as_secs_f64(),
         peak_rss_kib() as f64 / 1024.0,
         nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
@@ -161,7 +198,20 @@ fn prepare(config: &Config, between: &mut dyn FnMut()) -> Result<RunRecord> {
             routed.unroutable_topics.join(", ")
         );
     }
-    let reclaimed = store.leases_reclaim_expired(now)?;
+    let restored = store.deliveries_restore_endpoints(
+        &config
+            .endpoints
+            .iter()
+            .map(|e| e.name.clone())
+            .collect::<Vec<_>>(),
+        now,
+    )?;
+    if restored > 0 {
+        log::info!(
+            "{restored} deliveries parked for a removed endpoint are ready again: it is back in the config"
+        );
+    }
+    let reclaimed = store.leases_reclaim_expired(&reclaim_params(now))?;
     if reclaimed > 0 {
         log::warn!(
             "{reclaimed} expired leases returned to the queue (their children died or hung)"
@@ -178,6 +228,15 @@ fn prepare(config: &Config, between: &mut dyn FnMut()) -> Result<RunRecord> {
     })
 }
 
+/// What `leases_reclaim_expired` needs now: the wall clock, and the boot
+/// clock that decides for leases taken on this boot.
+fn reclaim_params(now: i64) -> ReclaimParams {
+    ReclaimParams {
+        now,
+        boot: crate::clock::boot_id().and_then(|id| crate::clock::boot_time(&id)),
+    }
+}
+
 struct Parent<'c> {
     config: &'c Config,
     signals: &'c Signals,
@@ -185,10 +244,11 @@ struct Parent<'c> {
     slots: Slots,
     run_id: i64,
     token: u64,
+    /// The kernel's boot id, read once, for the children's leases.
+    boot_id: Option<String>,
     children: HashMap<Pid, Child>,
-    /// Children that died holding (maybe) a lease: owner, how they died,
-    /// and whether it was at their deadline.
-    dead_children: Vec<(String, String, bool)>,
+    /// Children that died holding (maybe) a lease.
+    dead_children: Vec<DeadChild>,
     /// Children forked that take from the delayed queue first.
     delayed_forks: u64,
     /// Children to fork before the queue is checked again: the leasable count
@@ -198,38 +258,58 @@ struct Parent<'c> {
     /// A child found nothing it could lease although work was counted: the
     /// work is held back (in-flight caps, probes), maybe by another run.
     saw_empty: bool,
+    /// Children that failed (exit 70) one after another, up to now.
+    failed_in_a_row: u32,
     deadline: Instant,
     /// When SIGTERM/SIGINT came.
     stopping_since: Option<Instant>,
 }
 
 impl Parent<'_> {
+    /// Forks while there is work and the limits allow, and returns once
+    /// every child is reaped. A bookkeeping error stops the forking but not
+    /// the children in flight: they finish (or meet their deadline) first,
+    /// then the error is returned.
     fn fork_until_done(&mut self, run: &mut RunRecord) -> Result<()> {
         self.count_ready(&mut crate::store::open(self.config)?, run)?;
+        let mut failure: Option<Error> = None;
         loop {
             (self.heartbeat)();
             self.reap(run);
-            self.settle_dead_children(run)?;
+            if let Err(e) = self.settle_dead_children(run) {
+                failure.get_or_insert(e);
+            }
             self.notice_stop();
             self.kill_overdue();
-            let may_fork = self.stopping_since.is_none()
+            let may_fork = failure.is_none()
+                && self.failed_in_a_row < FAILURES_IN_A_ROW
+                && self.stopping_since.is_none()
                 && run.forked < self.config.run.max_messages
                 && Instant::now() < self.deadline;
             if may_fork && self.budget > 0 && self.children.len() < self.config.run.max_children {
-                match self.slots.try_acquire()? {
-                    Some(slot) => {
-                        self.fork_child(run, slot)?;
+                match self.slots.try_acquire() {
+                    Ok(Some(slot)) => {
+                        if let Err(e) = self.fork_child(run, slot) {
+                            failure = Some(e);
+                        }
                         continue;
                     }
                     // Another process's children hold every slot.
-                    None if self.children.is_empty() => {
+                    Ok(None) if self.children.is_empty() => {
                         self.signals.wait(HELD_BACK_PAUSE);
                         continue;
                     }
-                    None => {}
+                    Ok(None) => {}
+                    Err(e) => {
+                        failure = Some(e);
+                        continue;
+                    }
                 }
             }
             if self.children.is_empty() {
+                if let Some(e) = failure {
+                    return Err(e);
+                }
                 if may_fork && std::mem::take(&mut self.saw_empty) {
                     // Do not spin on work another run is holding.
                     self.signals.wait(HELD_BACK_PAUSE);
@@ -246,7 +326,7 @@ impl Parent<'_> {
     fn more_work(&mut self, run: &mut RunRecord) -> Result<bool> {
         let mut store = crate::store::open(self.config)?;
         let now = now_ms();
-        run.reclaimed += store.leases_reclaim_expired(now)? as u64;
+        run.reclaimed += store.leases_reclaim_expired(&reclaim_params(now))? as u64;
         self.count_ready(&mut store, run)?;
         Ok(self.budget > 0)
     }
@@ -272,11 +352,13 @@ impl Parent<'_> {
         // `child::main` and then `_exit`.
         match unsafe { fork() } {
             Ok(ForkResult::Child) => {
-                reset_signals_in_child();
+                crate::forking::after_fork(Some(self.config.run.child_deadline));
                 let ctx = ChildContext {
                     owner,
                     run_id: self.run_id,
                     prefer,
+                    boot_id: self.boot_id.clone(),
+                    deadline: Instant::now() + self.config.run.child_deadline,
                 };
                 let code = child::main(self.config, &ctx) as i32;
                 // The slot's lock goes with the process. _exit: no destructors
@@ -295,7 +377,7 @@ impl Parent<'_> {
                     Child {
                         owner,
                         started: Instant::now(),
-                        killed: false,
+                        killed: None,
                     },
                 );
                 Ok(())
@@ -343,36 +425,59 @@ impl Parent<'_> {
     fn record_exit(&mut self, status: WaitStatus, run: &mut RunRecord) {
         let (pid, exit) = match status {
             WaitStatus::Exited(pid, code) => (pid, Ok(ChildExit::from_code(code))),
-            WaitStatus::Signaled(pid, signal, _) => (pid, Err(format!("was killed by {signal}"))),
+            WaitStatus::Signaled(pid, signal, _) => (pid, Err(signal)),
             _ => return,
         };
         let Some(child) = self.children.remove(&pid) else {
             return;
         };
+        if exit != Ok(ChildExit::Failed) {
+            self.failed_in_a_row = 0;
+        }
         match exit {
             Ok(ChildExit::Delivered) => run.delivered += 1,
             Ok(ChildExit::Retry) => run.retried += 1,
             Ok(ChildExit::Dead) => run.dead += 1,
             // Another run took what we counted: check again once ours are done.
             Ok(ChildExit::Empty) => {
+                run.found_nothing += 1;
                 self.budget = 0;
                 self.saw_empty = true;
             }
             Ok(ChildExit::LeaseLost) => run.failed += 1,
             Ok(ChildExit::Failed) => {
                 run.failed += 1;
-                self.dead_children
-                    .push((child.owner, "failed".into(), false));
+                self.failed_in_a_row += 1;
+                if self.failed_in_a_row == FAILURES_IN_A_ROW {
+                    log::error!(
+                        "{FAILURES_IN_A_ROW} children in a row failed (see their errors above): forking no more in this run"
+                    );
+                }
+                self.dead_children.push(DeadChild {
+                    owner: child.owner,
+                    how: "failed".into(),
+                    timed_out: false,
+                });
             }
-            Err(how) => {
+            Err(signal) => {
                 run.failed += 1;
-                let how = if child.killed {
-                    "was killed past its deadline".to_string()
-                } else {
-                    how
+                // SIGALRM: the child's own alarm at its deadline.
+                let (how, timed_out) = match (child.killed, signal) {
+                    (Some(Kill::Deadline), _) | (None, Signal::SIGALRM) => {
+                        ("was killed past its deadline".to_string(), true)
+                    }
+                    (Some(Kill::StopGrace), _) => (
+                        "was killed at the end of the stop grace period".to_string(),
+                        false,
+                    ),
+                    (None, signal) => (format!("was killed by {signal}"), false),
                 };
                 log::warn!("child {pid} {how}");
-                self.dead_children.push((child.owner, how, child.killed));
+                self.dead_children.push(DeadChild {
+                    owner: child.owner,
+                    how,
+                    timed_out,
+                });
             }
         }
     }
@@ -385,15 +490,16 @@ impl Parent<'_> {
             return Ok(());
         }
         let mut store = crate::store::open(self.config)?;
-        for (owner, how, timed_out) in std::mem::take(&mut self.dead_children) {
-            let Some(lease) = store.lease_by_owner(&owner)? else {
+        for dead in std::mem::take(&mut self.dead_children) {
+            let Some(lease) = store.lease_by_owner(&dead.owner)? else {
                 continue;
             };
             // An endpoint gone from the config: the lease expires and is retried.
             let Some(endpoint) = self.config.endpoint(&lease.endpoint) else {
                 continue;
             };
-            let finish = lease::after_child_death(endpoint, &lease, now_ms(), &how, timed_out);
+            let finish =
+                lease::after_child_death(endpoint, &lease, now_ms(), &dead.how, dead.timed_out);
             if store.attempt_finish(&finish)? && finish.next == crate::store::NextState::Dead {
                 run.dead += 1;
             }
@@ -409,20 +515,22 @@ impl Parent<'_> {
             .stopping_since
             .is_some_and(|since| since.elapsed() >= self.config.run.stop_grace);
         for (pid, child) in &mut self.children {
-            if child.killed {
+            if child.killed.is_some() {
                 continue;
             }
-            if child.started.elapsed() >= deadline {
+            let kill_for = if child.started.elapsed() >= deadline {
                 log::warn!("child {pid} passed its deadline of {deadline:?}; killing it");
+                Kill::Deadline
             } else if grace_over {
                 log::warn!(
                     "child {pid} still running at the end of the stop grace period; killing it"
                 );
+                Kill::StopGrace
             } else {
                 continue;
-            }
+            };
             let _ = kill(*pid, Signal::SIGKILL);
-            child.killed = true;
+            child.killed = Some(kill_for);
         }
     }
 
@@ -435,7 +543,7 @@ impl Parent<'_> {
         let next = self
             .children
             .values()
-            .filter(|c| !c.killed)
+            .filter(|c| c.killed.is_none())
             .map(|c| c.started + self.config.run.child_deadline)
             .chain([self.deadline])
             .chain(grace_end)
@@ -448,11 +556,11 @@ impl Parent<'_> {
         );
     }
 
-    fn kill_all_and_reap(&mut self, run: &mut RunRecord) {
+    fn kill_all_and_reap(&mut self, run: &mut RunRecord, why: Kill) {
         for (pid, child) in &mut self.children {
-            if !child.killed {
+            if child.killed.is_none() {
                 let _ = kill(*pid, Signal::SIGKILL);
-                child.killed = true;
+                child.killed = Some(why);
             }
         }
         while !self.children.is_empty() {
@@ -461,21 +569,6 @@ impl Parent<'_> {
                 Err(Errno::EINTR) => continue,
                 Err(_) => break,
             }
-        }
-    }
-}
-
-/// A child must not run the parent's signal handlers: back to the defaults.
-pub(crate) fn reset_signals_in_child() {
-    for sig in [
-        Signal::SIGCHLD,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-    ] {
-        // SAFETY: setting SIG_DFL installs no Rust code as a handler.
-        unsafe {
-            let _ = signal(sig, SigHandler::SigDfl);
         }
     }
 }

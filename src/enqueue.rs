@@ -2,7 +2,7 @@
 //! validated messages. Every check happens before anything is written, so a
 //! bad line rejects the whole batch and the database is left as it was.
 
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -38,11 +38,14 @@ pub struct Draft {
 impl Draft {
     /// Checks the draft against the config; `now` is its created_at.
     pub fn validate(self, config: &Config, now: i64) -> Result<NewMessage> {
-        if self.topic.trim().is_empty() {
-            return Err(Error::data("topic must not be empty"));
+        for (what, text) in [("topic", &self.topic), ("account", &self.account)] {
+            if text.trim().is_empty() {
+                return Err(Error::data(format!("{what} must not be empty")));
+            }
+            check_name(what, text)?;
         }
-        if self.account.trim().is_empty() {
-            return Err(Error::data("account must not be empty"));
+        if let Some(key) = &self.dedup_key {
+            check_name("dedup key", key)?;
         }
         routing::check_topic(config, &self.topic)?;
         if self.payload.len() > config.max_payload_bytes {
@@ -52,7 +55,7 @@ impl Draft {
                 config.max_payload_bytes
             )));
         }
-        serde_json::from_str::<serde::de::IgnoredAny>(&self.payload)
+        serde_json::from_str::<ValidJson>(&self.payload)
             .map_err(|e| Error::data(format!("payload is not valid JSON: {e}")))?;
         // Valid JSON is an object exactly when it opens with a brace.
         if config.require_object_payload && !self.payload.trim_start().starts_with('{') {
@@ -94,6 +97,74 @@ impl Draft {
     }
 }
 
+/// The longest topic, account or dedup key, in bytes (the schema's limit).
+pub const MAX_NAME_BYTES: usize = 255;
+
+/// Topics, accounts and dedup keys go into headers and logs: no control
+/// characters, and not too long.
+fn check_name(what: &str, text: &str) -> Result<()> {
+    if text.chars().any(char::is_control) {
+        return Err(Error::data(format!(
+            "{what} {text:?} contains a control character"
+        )));
+    }
+    if text.len() > MAX_NAME_BYTES {
+        return Err(Error::data(format!(
+            "{what} is {} bytes long, over {MAX_NAME_BYTES}",
+            text.len()
+        )));
+    }
+    Ok(())
+}
+
+/// JSON that parses, strings included: unlike serde's `IgnoredAny`, which
+/// skips strings without decoding them, this decodes every string, so a
+/// lone surrogate (`"\ud800"`) that many receivers cannot read is refused.
+/// Nothing is kept.
+struct ValidJson;
+
+impl<'de> serde::Deserialize<'de> for ValidJson {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ValidJsonVisitor)
+    }
+}
+
+struct ValidJsonVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ValidJsonVisitor {
+    type Value = ValidJson;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+    fn visit_unit<E>(self) -> Result<ValidJson, E> {
+        Ok(ValidJson)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ValidJson, A::Error> {
+        while seq.next_element::<ValidJson>()?.is_some() {}
+        Ok(ValidJson)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ValidJson, A::Error> {
+        while map.next_entry::<ValidJson, ValidJson>()?.is_some() {}
+        Ok(ValidJson)
+    }
+}
+
 /// What kind of JSON value valid JSON text is, from its first character.
 fn json_kind(json: &str) -> &'static str {
     match json.as_bytes().first() {
@@ -127,20 +198,40 @@ struct Line<'a> {
     dedup_key: Option<String>,
 }
 
+/// How much longer than `max_payload_bytes` an NDJSON line may be (its
+/// topic, account and other fields).
+const LINE_OVERHEAD: usize = 4096;
+
 /// Reads NDJSON (one message object per line; blank lines skipped). Any bad
-/// line fails the whole batch, naming its line number.
-pub fn read_ndjson(config: &Config, input: impl BufRead, now: i64) -> Result<Vec<NewMessage>> {
+/// line fails the whole batch, naming its line number. A line is read only
+/// up to the longest a valid one can be, so a huge line is refused before
+/// it fills memory.
+pub fn read_ndjson(config: &Config, mut input: impl BufRead, now: i64) -> Result<Vec<NewMessage>> {
+    let max_line = config.max_payload_bytes + LINE_OVERHEAD;
     let mut messages = Vec::new();
-    for (i, line) in input.split(b'\n').enumerate() {
-        let at = |e: Error| e.context(format!("line {}", i + 1));
-        let line = line.map_err(|e| Error::io("stdin", e))?;
-        let line =
+    let mut line = Vec::new();
+    for number in 1.. {
+        let at = |e: Error| e.context(format!("line {number}"));
+        line.clear();
+        let complete = (&mut input)
+            .take(max_line as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| Error::io("stdin", e))?;
+        if complete == 0 {
+            break;
+        }
+        if line.len() > max_line {
+            return Err(at(Error::data(format!(
+                "longer than {max_line} bytes (max_payload_bytes = {} plus the other fields)",
+                config.max_payload_bytes
+            ))));
+        }
+        let text =
             std::str::from_utf8(&line).map_err(|e| at(Error::data(format!("not UTF-8: {e}"))))?;
-        if line.trim().is_empty() {
+        if text.trim().is_empty() {
             continue;
         }
-        let parsed: Line =
-            serde_json::from_str(line).map_err(|e| at(Error::data(format!("{e}"))))?;
+        let parsed: Line = serde_json::from_str(text).map_err(|e| at(json_error(&e)))?;
         let draft = Draft {
             topic: parsed.topic,
             account: parsed.account,
@@ -157,4 +248,34 @@ pub fn read_ndjson(config: &Config, input: impl BufRead, now: i64) -> Result<Vec
         messages.push(draft.validate(config, now).map_err(at)?);
     }
     Ok(messages)
+}
+
+/// A JSON error on one line: its column, without serde_json's "at line 1".
+fn json_error(e: &serde_json::Error) -> Error {
+    let text = e.to_string();
+    let message = text
+        .rsplit_once(" at line ")
+        .map_or(text.as_str(), |(message, _)| message);
+    Error::data(format!("column {}: {message}", e.column()))
+}
+
+/// The payload from `input` (stdin), less the newline a shell pipe adds;
+/// read only up to `max_bytes` (and that newline), so an oversized payload
+/// is refused before it fills memory.
+pub fn read_payload(mut input: impl std::io::Read, max_bytes: usize) -> Result<String> {
+    let mut bytes = Vec::new();
+    input
+        .by_ref()
+        .take(max_bytes as u64 + 3)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io("stdin", e))?;
+    while bytes.ends_with(b"\n") || bytes.ends_with(b"\r") {
+        bytes.pop();
+    }
+    if bytes.len() > max_bytes {
+        return Err(Error::data(format!(
+            "payload on stdin is over max_payload_bytes = {max_bytes}"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| Error::data(format!("payload on stdin is not UTF-8: {e}")))
 }

@@ -44,7 +44,7 @@ impl Keeper {
         match unsafe { fork() } {
             Ok(ForkResult::Child) => {
                 drop(write_end);
-                crate::dispatcher::reset_signals_in_child();
+                crate::forking::after_fork(None);
                 keep(config, read_end);
                 unsafe { nix::libc::_exit(0) }
             }

@@ -9,9 +9,52 @@ use crate::delivery::{ACCOUNT_HEADER, ATTEMPT_HEADER, TOPIC_HEADER};
 use crate::error::{Error, ExitCode, Result};
 use crate::signature;
 
-/// Serves on 127.0.0.1:`port` (0: any free port, printed first), answering
-/// every request with `status`, until `count` requests have come (or forever).
-pub fn serve(port: u16, secret: Option<&Secret>, status: u16, count: Option<u64>) -> Result<()> {
+/// How far a `webhook-timestamp` may be from now: the Standard Webhooks
+/// recommendation, against replays.
+pub const TIMESTAMP_TOLERANCE_SECS: i64 = 5 * 60;
+
+/// What `serve` does.
+pub struct Options {
+    /// Port (0: any free port, printed first).
+    pub port: u16,
+    /// The secret signatures are checked with, when given.
+    pub secret: Option<Secret>,
+    /// Answer 401 to a request that does not verify.
+    pub reject_invalid: bool,
+    /// The status to answer everything else with.
+    pub status: u16,
+    /// Stop after this many requests (else serve forever).
+    pub count: Option<u64>,
+}
+
+/// Whether a request's signature verifies: `valid`, `INVALID` (no
+/// signature matches) or `STALE` (its timestamp is more than the tolerance
+/// away from `now`, Unix seconds).
+pub fn verdict(
+    secret: &Secret,
+    id: &str,
+    timestamp: &str,
+    body: &[u8],
+    signature: &str,
+    now: i64,
+) -> &'static str {
+    let Ok(ts) = timestamp.parse::<i64>() else {
+        return "INVALID";
+    };
+    if !signature::verify(secret, id, ts, body, signature) {
+        "INVALID"
+    } else if (now - ts).abs() > TIMESTAMP_TOLERANCE_SECS {
+        "STALE"
+    } else {
+        "valid"
+    }
+}
+
+/// Serves on 127.0.0.1, answering every request with `options.status` (401
+/// to one that does not verify, with `reject_invalid`), until `count`
+/// requests have come (or forever).
+pub fn serve(options: Options) -> Result<()> {
+    let port = options.port;
     let server = tiny_http::Server::http(("127.0.0.1", port)).map_err(|e| {
         Error::new(
             ExitCode::Unavailable,
@@ -26,7 +69,7 @@ pub fn serve(port: u16, secret: Option<&Secret>, status: u16, count: Option<u64>
     let _ = writeln!(out, "listening on http://{addr}");
     let _ = out.flush();
     let mut seen = 0;
-    while count.is_none_or(|c| seen < c) {
+    while options.count.is_none_or(|c| seen < c) {
         let mut request = server.recv().map_err(|e| Error::io("receiver", e))?;
         seen += 1;
         let header = |name: &str| {
@@ -49,21 +92,60 @@ pub fn serve(port: u16, secret: Option<&Secret>, status: u16, count: Option<u64>
         );
         let mut body = Vec::new();
         let _ = request.as_reader().read_to_end(&mut body);
-        let verdict = match (secret, ts.parse::<i64>()) {
-            (None, _) => "not checked",
-            (Some(secret), Ok(ts)) if signature::verify(secret, &id, ts, &body, &sig) => "valid",
-            (Some(_), _) => "INVALID",
+        let now = crate::store::now_ms();
+        let verdict = match &options.secret {
+            None => "not checked",
+            Some(secret) => verdict(secret, &id, &ts, &body, &sig, now / 1000),
+        };
+        let status = if options.reject_invalid && verdict != "valid" {
+            401
+        } else {
+            options.status
         };
         let _ = writeln!(
             out,
-            "{} {} id={id} topic={topic} account={account} attempt={attempt} signature={verdict} received_ms={} body={}",
+            "{} {} id={id} topic={topic} account={account} attempt={attempt} signature={verdict} status={status} received_ms={now} body={}",
             request.method(),
             request.url(),
-            crate::store::now_ms(),
             String::from_utf8_lossy(&body)
         );
         let _ = out.flush();
         let _ = request.respond(tiny_http::Response::empty(status));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signature_verifies_only_within_the_timestamp_tolerance() {
+        let secret = Secret::parse("whsec_c2VjcmV0").unwrap();
+        let sig = signature::sign(std::slice::from_ref(&secret), "msg_1", 1_000, b"{}");
+        assert_eq!(
+            verdict(&secret, "msg_1", "1000", b"{}", &sig, 1_000),
+            "valid"
+        );
+        assert_eq!(
+            verdict(&secret, "msg_1", "1000", b"{}", &sig, 1_000 + 300),
+            "valid"
+        );
+        assert_eq!(
+            verdict(&secret, "msg_1", "1000", b"{}", &sig, 1_000 + 301),
+            "STALE"
+        );
+        assert_eq!(
+            verdict(&secret, "msg_1", "1000", b"{}", &sig, 1_000 - 301),
+            "STALE"
+        );
+        assert_eq!(
+            verdict(&secret, "msg_2", "1000", b"{}", &sig, 1_000),
+            "INVALID"
+        );
+        assert_eq!(
+            verdict(&secret, "msg_1", "x", b"{}", &sig, 1_000),
+            "INVALID"
+        );
+    }
 }

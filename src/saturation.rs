@@ -122,6 +122,10 @@ impl LeasePolicy for Config {
             .filter_map(|e| e.max_in_flight.map(|cap| (e.name.clone(), cap)))
             .collect()
     }
+
+    fn endpoint_known(&self, endpoint: &str) -> bool {
+        self.endpoint(endpoint).is_some()
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigHandler, Signal, signal};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 
 use crate::error::{Error, Result};
@@ -64,5 +65,22 @@ impl Signals {
         let _ = poll(&mut fds, timeout);
         let mut buf = [0u8; 256];
         while matches!((&self.wake).read(&mut buf), Ok(n) if n > 0) {}
+    }
+}
+
+/// Puts the signals [`Signals::install`] handles back to their default
+/// dispositions, in a forked process that must not run the parent's
+/// handlers (see `forking`).
+pub fn reset_to_defaults() {
+    for sig in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        // SAFETY: setting SIG_DFL installs no Rust code as a handler.
+        unsafe {
+            let _ = signal(sig, SigHandler::SigDfl);
+        }
     }
 }

@@ -27,12 +27,19 @@ pub fn warm_up() {
     let _ = Hmac::<Sha256>::new_from_slice(b"").map(|m| m.finalize());
 }
 
-/// The `webhook-signature` header value: `v1,<base64>`.
-pub fn sign(secret: &Secret, id: &str, timestamp: i64, body: &[u8]) -> String {
-    format!(
-        "v1,{}",
-        STANDARD.encode(mac(secret, id, timestamp, body).finalize().into_bytes())
-    )
+/// The `webhook-signature` header value: `v1,<base64>`, one per secret,
+/// space-separated (so a receiver rotating its secret accepts either).
+pub fn sign(secrets: &[Secret], id: &str, timestamp: i64, body: &[u8]) -> String {
+    secrets
+        .iter()
+        .map(|secret| {
+            format!(
+                "v1,{}",
+                STANDARD.encode(mac(secret, id, timestamp, body).finalize().into_bytes())
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Whether any `v1,` signature in a (space-separated) header value matches,
@@ -59,7 +66,7 @@ mod tests {
         let secret = Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         let id = "msg_p5jXN8AQM9LWM0D4loKWxJek";
         let body = br#"{"test": 2432232314}"#;
-        let sig = sign(&secret, id, 1614265330, body);
+        let sig = sign(std::slice::from_ref(&secret), id, 1614265330, body);
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
         assert!(verify(
             &secret,
@@ -69,5 +76,19 @@ mod tests {
             &format!("v1,bogus {sig}")
         ));
         assert!(!verify(&secret, id, 1614265331, body, &sig));
+    }
+
+    #[test]
+    fn rotation_sends_one_signature_per_secret_and_either_verifies() {
+        let new = Secret::parse("whsec_bmV3IHNlY3JldA").unwrap(); // unpadded base64
+        let old = Secret::parse("old secret").unwrap();
+        let header = sign(&[new.clone(), old.clone()], "msg_1", 7, b"{}");
+        assert_eq!(header.split(' ').count(), 2);
+        assert!(header.split(' ').all(|s| s.starts_with("v1,")));
+        assert!(verify(&new, "msg_1", 7, b"{}", &header));
+        assert!(verify(&old, "msg_1", 7, b"{}", &header));
+        let other = Secret::parse("another").unwrap();
+        assert!(!verify(&other, "msg_1", 7, b"{}", &header));
+        assert!(Secret::parse("whsec_").is_err(), "an empty key");
     }
 }

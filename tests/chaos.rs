@@ -80,7 +80,7 @@ fn chaos_loses_nothing() {
     ]
     .concat();
     let env = Env::new(
-        "max_children = 6\nmax_runtime = \"5s\"\nchild_deadline = \"3s\"\nlease_timeout = \"5s\"\nstop_grace = \"500ms\"",
+        "max_children = 6\nmax_runtime = \"5s\"\nchild_deadline = \"3s\"\nlease_timeout = \"9s\"\nstop_grace = \"500ms\"",
         &format!("[account_budget]\nrate = 200\n\n{endpoints}"),
     );
     // For the daemon; top-level keys go before the first table.

@@ -252,7 +252,7 @@ fn bad_configs_exit_78_naming_the_key_and_line() {
                 "[run]\n",
                 "[run]\nlease_timeout = \"5s\"\nchild_deadline = \"10s\"\n",
             ),
-            "line 4: run.lease_timeout (5s) must be longer than run.child_deadline (10s)",
+            "line 4: run.lease_timeout (5s) must be longer than run.child_deadline (10s) plus busy_timeout (5s)",
         ),
         (
             good.replace("[run]\n", "[run]\nmax_childs = 3\n"),

@@ -273,12 +273,12 @@ fn a_closed_port_is_retried_then_dead_after_max_attempts() {
 }
 
 #[test]
-fn a_child_killed_past_its_deadline_loses_its_lease_and_a_later_run_delivers() {
+fn a_child_bounds_its_own_wait_before_its_deadline_and_records_a_retry() {
     let rx = Receiver::start();
-    // confirm mode waits up to 30 s for an answer; the child deadline is 1 s.
-    // One child per run, so the retry is not tried in the same run.
+    // confirm mode would wait up to 30 s for an answer; the child deadline
+    // is 1 s, and the child stops waiting in time to record the outcome.
     let env = Env::new(
-        "child_deadline = \"1s\"\nlease_timeout = \"3s\"\nmax_messages = 1",
+        "child_deadline = \"1s\"\nlease_timeout = \"7s\"\nmax_messages = 1",
         &endpoint(
             "slow",
             &rx.url("/slow"),
@@ -289,14 +289,65 @@ fn a_child_killed_past_its_deadline_loses_its_lease_and_a_later_run_delivers() {
     rx.queue("/slow", &[Reply::Hang]);
     env.enqueue("t", "acme", r#"{"k":1}"#);
 
+    let started = std::time::Instant::now();
     let out = env.cronpost(&["run"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(5));
     assert!(
-        stderr(&out).contains("passed its deadline"),
+        !stderr(&out).contains("passed its deadline"),
         "{}",
         stderr(&out)
     );
-    assert_eq!(rx.received_on("/slow").len(), 1);
+    let (state, outcome): (String, String) = env
+        .db()
+        .query_row(
+            "SELECT d.state, a.outcome FROM deliveries d JOIN attempts a ON a.delivery_id = d.id",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((state.as_str(), outcome.as_str()), ("delayed", "retry"));
+    run_until(&env, LIMIT, "delivered", || {
+        env.count_state("delivered") == 1
+    });
+    assert_eq!(rx.received_on("/slow").len(), 2);
+}
+
+#[test]
+fn a_child_killed_past_its_deadline_loses_its_lease_and_a_later_run_delivers() {
+    let rx = Receiver::start();
+    let env = Env::new(
+        "child_deadline = \"4s\"\nlease_timeout = \"10s\"\nmax_messages = 1",
+        &endpoint(
+            "slow",
+            &rx.url("/slow"),
+            &["t"],
+            "mode = \"confirm\"\ntimeout = \"30s\"\nbackoff_base = \"10ms\"\nbackoff_cap = \"10ms\"",
+        ),
+    );
+    rx.queue("/slow", &[Reply::Hang]);
+    env.enqueue("t", "acme", r#"{"k":1}"#);
+    let log = env.path().join("run.log");
+    let mut run = env
+        .command(&["run"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until(LIMIT, "the child posts", || {
+        rx.received_on("/slow").len() == 1
+    });
+    // An admin's write lock, taken while the child still waits for the
+    // answer (until 3 s after its fork), keeps it from recording its
+    // outcome (busy_timeout 5 s): it is killed at its deadline, holding
+    // its lease.
+    let (_shell, lock) = env.sqlite3_holding("BEGIN IMMEDIATE; SELECT 'locked';", "locked");
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    // Killed by the parent or by its own alarm, whichever comes first.
+    wait_until(LIMIT, "the child is killed", || {
+        logged().contains("was killed past its deadline")
+    });
+    drop(lock);
+    assert!(run.wait().unwrap().success(), "{}", logged());
     let (state, outcome): (String, String) = env
         .db()
         .query_row(

@@ -352,7 +352,7 @@ fn one_delivery_to(
     extra: &str,
 ) -> (Duration, String, Option<String>, Option<String>, String) {
     let env = Env::new(
-        "max_messages = 1\nchild_deadline = \"5s\"\nlease_timeout = \"10s\"",
+        "max_messages = 1\nchild_deadline = \"5s\"\nlease_timeout = \"11s\"",
         &endpoint("raw", url, &["t"], extra),
     );
     env.enqueue("t", "a", r#"{"hello":"world"}"#);

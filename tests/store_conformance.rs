@@ -15,6 +15,8 @@ const T0: i64 = 1_000_000;
 struct Policy {
     accounts: HashMap<String, Rate>,
     endpoints: HashMap<String, EndpointLimits>,
+    /// Endpoints no longer in the config.
+    removed: Vec<String>,
 }
 
 impl LeasePolicy for Policy {
@@ -30,6 +32,23 @@ impl LeasePolicy for Policy {
             .filter_map(|(name, l)| l.max_in_flight.map(|cap| (name.clone(), cap)))
             .collect()
     }
+    fn endpoint_known(&self, endpoint: &str) -> bool {
+        !self.removed.iter().any(|e| e == endpoint)
+    }
+}
+
+/// The wall clock decides (no boot clock).
+fn reclaim(store: &mut dyn Store, now: i64) -> usize {
+    store
+        .leases_reclaim_expired(&ReclaimParams { now, boot: None })
+        .unwrap()
+}
+
+fn boot(id: &str, ms: i64) -> Option<cronpost::clock::BootTime> {
+    Some(cronpost::clock::BootTime {
+        boot_id: id.into(),
+        ms,
+    })
 }
 
 fn message(topic: &str, priority: i64) -> NewMessage {
@@ -70,6 +89,7 @@ fn lease_params<'a>(owner: &str, now: i64, policy: &'a Policy) -> LeaseParams<'a
         lease_timeout_ms: 10_000,
         prefer: Queue::Ready,
         policy,
+        boot: None,
     }
 }
 
@@ -340,8 +360,8 @@ pub fn dead_keeps_its_error(store: &mut dyn Store) {
 
 pub fn an_expired_lease_is_reclaimed_and_its_late_owner_loses(store: &mut dyn Store) {
     let l = one_leased(store);
-    assert_eq!(store.leases_reclaim_expired(T0 + 9_999).unwrap(), 0);
-    assert_eq!(store.leases_reclaim_expired(T0 + 10_000).unwrap(), 1);
+    assert_eq!(reclaim(store, T0 + 9_999), 0);
+    assert_eq!(reclaim(store, T0 + 10_000), 1);
     let d = state(store, l.delivery_id);
     assert_eq!((d.state, d.lease_owner), (DeliveryState::Ready, None));
     assert_eq!(
@@ -692,6 +712,150 @@ pub fn an_endpoint_over_its_rate_reroutes_with_reserved_slots(store: &mut dyn St
     );
 }
 
+pub fn a_lease_taken_on_this_boot_expires_by_the_boot_clock_not_the_wall_clock(
+    store: &mut dyn Store,
+) {
+    subscribe(store, &[("t", "e")]);
+    store
+        .messages_insert(&[message("t", 0), message("t", 0)])
+        .unwrap();
+    route(store, T0);
+    let policy = Policy::default();
+    let mut params = lease_params("a", T0, &policy);
+    params.boot = boot("boot-1", 5_000);
+    let first = store.delivery_lease_next(&params).unwrap().unwrap();
+    // The wall clock jumps a day ahead: on the same boot, 1 s later by the
+    // boot clock, the lease (10 s) holds: its child may still be posting.
+    let day_later = T0 + 86_400_000;
+    let jumped = |ms| ReclaimParams {
+        now: day_later,
+        boot: boot("boot-1", ms),
+    };
+    assert_eq!(store.leases_reclaim_expired(&jumped(6_000)).unwrap(), 0);
+    assert_eq!(store.leases_reclaim_expired(&jumped(15_000)).unwrap(), 1);
+    assert_eq!(state(store, first.delivery_id).state, DeliveryState::Ready);
+    // A lease from another boot: its child is gone; the wall clock decides.
+    let mut params = lease_params("b", T0, &policy);
+    params.boot = boot("boot-0", 5_000);
+    let second = store.delivery_lease_next(&params).unwrap().unwrap();
+    let after_reboot = |now| ReclaimParams {
+        now,
+        boot: boot("boot-1", 1),
+    };
+    assert_eq!(
+        store
+            .leases_reclaim_expired(&after_reboot(T0 + 9_999))
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .leases_reclaim_expired(&after_reboot(T0 + 10_000))
+            .unwrap(),
+        1
+    );
+    assert_eq!(state(store, second.delivery_id).state, DeliveryState::Ready);
+}
+
+pub fn deliveries_of_a_removed_endpoint_are_parked_restored_or_purged(store: &mut dyn Store) {
+    subscribe(store, &[("t", "gone"), ("t", "kept")]);
+    store
+        .messages_insert(&[message("t", 5), message("t", 0), message("t", 0)])
+        .unwrap();
+    route(store, T0);
+    let policy = Policy {
+        removed: vec!["gone".into()],
+        ..Policy::default()
+    };
+    // Never leased: parked, every ready one of it, and the others flow.
+    for owner in ["a", "b", "c"] {
+        let l = lease_with(store, owner, T0, &policy).unwrap();
+        assert_eq!(l.endpoint, "kept");
+    }
+    assert!(lease_with(store, "d", T0, &policy).is_none());
+    let parked: Vec<DeliveryRow> = (1..=6)
+        .map(|id| state(store, id))
+        .filter(|d| d.endpoint == "gone")
+        .collect();
+    assert_eq!(parked.len(), 3);
+    for d in &parked {
+        assert_eq!(
+            (d.state, d.reason.as_deref(), d.not_before),
+            (
+                DeliveryState::Delayed,
+                Some(reason::ENDPOINT_REMOVED),
+                PARKED_UNTIL
+            )
+        );
+        assert_eq!(d.attempts, 0, "nothing was tried");
+    }
+    let stats = store.stats(T0).unwrap();
+    assert_eq!(stats.orphaned, [("gone".to_string(), 3)]);
+    assert_eq!(store.leasable_count(T0, 100).unwrap(), 0);
+    // The endpoint comes back: its deliveries are ready again.
+    assert_eq!(
+        store
+            .deliveries_restore_endpoints(&["gone".into()], T0 + 1)
+            .unwrap(),
+        3
+    );
+    assert_eq!(lease(store, "e", T0 + 1).unwrap().endpoint, "gone");
+    // Or an admin purges what is parked.
+    let policy = Policy {
+        removed: vec!["gone".into()],
+        ..Policy::default()
+    };
+    assert!(lease_with(store, "f", T0 + 2, &policy).is_none());
+    assert_eq!(
+        store
+            .deliveries_purge_orphaned(Some("kept"), false)
+            .unwrap(),
+        0
+    );
+    assert_eq!(store.deliveries_purge_orphaned(None, true).unwrap(), 2);
+    assert_eq!(store.deliveries_purge_orphaned(None, false).unwrap(), 2);
+    assert!(store.stats(T0).unwrap().orphaned.is_empty());
+}
+
+pub fn dedup_keys_are_per_account(store: &mut dyn Store) {
+    let keyed = |account: &str| NewMessage {
+        account: account.into(),
+        dedup_key: Some("k1".into()),
+        ..message("t", 0)
+    };
+    let report = store
+        .messages_insert(&[keyed("acme"), keyed("globex"), keyed("acme")])
+        .unwrap();
+    assert_eq!(
+        report,
+        InsertReport {
+            inserted: 2,
+            duplicates: 1
+        }
+    );
+}
+
+pub fn a_child_that_lost_its_lease_says_nothing_about_the_endpoint(store: &mut dyn Store) {
+    let l = one_leased(store);
+    assert_eq!(reclaim(store, T0 + 10_000), 1);
+    let second = lease(store, "b", T0 + 10_001).unwrap();
+    // The second child's attempt opens the breaker...
+    let saturated = EndpointSignal::Saturated {
+        retry_after: Some(Duration::from_secs(30)),
+        limits: endpoint_limits(),
+    };
+    let retry = FinishAttempt::retry(&second, T0 + 10_002, T0 + 10_003, "HTTP 429".into())
+        .with_signal(saturated);
+    assert!(store.attempt_finish(&retry).unwrap());
+    // ... and the first, late, cannot close it.
+    let late = FinishAttempt::delivered(&l, T0 + 10_004, AttemptOutcome::Delivered)
+        .with_signal(EndpointSignal::Healthy);
+    assert!(!store.attempt_finish(&late).unwrap());
+    let health = store.stats(T0 + 10_005).unwrap().saturated_endpoints;
+    assert_eq!(health.len(), 1, "still open: {health:?}");
+    assert!(health[0].saturated_until.unwrap() >= T0 + 10_002 + 30_000);
+}
+
 macro_rules! conformance {
     ($backend:ident, $open:expr) => {
         mod $backend {
@@ -713,6 +877,10 @@ macro_rules! conformance {
                 a_saturated_endpoint_is_held_for_its_cool_down_then_probed_once,
                 an_endpoint_at_its_in_flight_cap_is_skipped_until_a_lease_ends,
                 an_endpoint_over_its_rate_reroutes_with_reserved_slots,
+                a_lease_taken_on_this_boot_expires_by_the_boot_clock_not_the_wall_clock,
+                deliveries_of_a_removed_endpoint_are_parked_restored_or_purged,
+                dedup_keys_are_per_account,
+                a_child_that_lost_its_lease_says_nothing_about_the_endpoint,
             );
         }
     };

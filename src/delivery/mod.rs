@@ -2,22 +2,28 @@
 //! the payload byte for byte and the Standard Webhooks headers; the answer is
 //! reduced to a [`PostResult`] that `lease` turns into a state transition.
 //!
-//! `http://` endpoints get a minimal HTTP/1.1 client on a std `TcpStream`
-//! (`plain`): a child posts once and exits, and reqwest's set-up (a tokio
-//! runtime thread, a connection pool, TLS) cost more than the post itself.
-//! It also makes fire-and-forget exact: the delivery is handed over once the
-//! whole request is written, and only then does the answer window start.
-//! `https://` endpoints go through reqwest with rustls (`https`).
+//! A minimal HTTP/1.1 client of our own, on a std `TcpStream` (`connect`,
+//! `http`), with rustls for https (`tls`): a child posts once and exits,
+//! and a general client's set-up (a runtime thread, a pool, per-child CA
+//! loading) cost more than the post itself. It also makes fire-and-forget
+//! exact, over TLS as over plain TCP: the delivery is handed over once the
+//! whole request is written to the socket, and only then does the answer
+//! window start. Every step is bounded: resolution and connect by
+//! `connect_timeout`, writing by the child's deadline (and a stall limit),
+//! the answer by the window.
 
-mod https;
-mod plain;
+mod connect;
+mod http;
+mod tls;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::child::Step;
 use crate::config::Endpoint;
 use crate::signature;
+use crate::steps::Step;
 use crate::store::Lease;
+
+pub use tls::warm_up as load_ca_certificates;
 
 /// What a POST came to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,11 +35,14 @@ pub enum PostResult {
         /// Its Retry-After, when it gave one.
         retry_after: Option<Duration>,
     },
-    /// The request was sent on a connected socket; no answer came in time.
+    /// The whole request was written on a connected socket; no answer came
+    /// in time.
     NoAnswer,
-    /// No connection: refused, unreachable or timed out connecting.
+    /// No connection: unresolvable, refused, unreachable or timed out
+    /// connecting (TLS handshake included).
     ConnectFailed(String),
-    /// The connection broke, or the answer was not HTTP.
+    /// The request could not be written whole, the connection broke, or
+    /// the answer was not HTTP.
     Failed(String),
 }
 
@@ -47,12 +56,10 @@ pub const ACCOUNT_HEADER: &str = "cronpost-account";
 /// An HTTP client for deliveries. A child makes a one-shot client and posts
 /// once on a fresh connection (`connection: close`, and the receiver closes
 /// first); the benchmark's no-fork harness keeps one client and its
-/// connections alive across deliveries.
+/// connection alive across deliveries.
 pub struct Client {
     keep_alive: bool,
-    plain: Option<plain::Connection>,
-    /// The https client and the endpoint it was built for.
-    https: Option<(String, https::Client)>,
+    kept: Option<(connect::Target, connect::Stream)>,
 }
 
 impl Client {
@@ -60,8 +67,7 @@ impl Client {
     pub fn one_shot() -> Client {
         Client {
             keep_alive: false,
-            plain: None,
-            https: None,
+            kept: None,
         }
     }
 
@@ -69,48 +75,55 @@ impl Client {
     pub fn keep_alive() -> Client {
         Client {
             keep_alive: true,
-            ..Client::one_shot()
+            kept: None,
         }
     }
 
     /// POSTs `lease` to `endpoint`; `timestamp` (Unix seconds) is signed.
-    /// Calls `mark` as the request is prepared, connected and answered.
+    /// Everything is over by `deadline`. Calls `mark` as the request is
+    /// prepared, connected and answered.
     pub fn post(
         &mut self,
         endpoint: &Endpoint,
         lease: &Lease,
         timestamp: i64,
+        deadline: Instant,
         mark: &mut dyn FnMut(Step),
     ) -> PostResult {
-        let headers = headers(endpoint, lease, timestamp);
-        let body = lease.payload.as_bytes();
-        let result = match endpoint.url.scheme() {
-            "http" => {
-                mark(Step::Prepared);
-                plain::post(
-                    &mut self.plain,
-                    self.keep_alive,
-                    endpoint,
-                    &headers,
-                    body,
-                    mark,
-                )
+        let target = connect::Target::of(&endpoint.url);
+        let request = http::request(
+            &target,
+            &headers(endpoint, lease, timestamp),
+            lease.payload.as_bytes(),
+            self.keep_alive,
+        );
+        mark(Step::Prepared);
+        let result = loop {
+            let kept = self.kept.take().filter(|(to, _)| *to == target);
+            let reused = kept.is_some();
+            let mut stream = match kept {
+                Some((_, stream)) => stream,
+                None => match connect::open(&target, endpoint.connect_timeout, deadline) {
+                    Ok(stream) => stream,
+                    Err(failed) => break failed,
+                },
+            };
+            mark(Step::Connected);
+            let done = http::exchange(
+                &mut stream,
+                &request,
+                endpoint.answer_wait(),
+                self.keep_alive,
+                deadline,
+            );
+            if reused && done.unsent {
+                // The receiver closed the idle connection: nothing was sent.
+                continue;
             }
-            _ => {
-                let client = match &self.https {
-                    Some((name, client)) if *name == endpoint.name => client,
-                    _ => match https::client(endpoint) {
-                        Ok(client) => &self.https.insert((endpoint.name.clone(), client)).1,
-                        Err(failed) => return failed,
-                    },
-                };
-                mark(Step::Prepared);
-                let result = https::post(client, endpoint, &headers, body);
-                if !self.keep_alive {
-                    self.https = None;
-                }
-                result
+            if done.reusable {
+                self.kept = Some((target, stream));
             }
+            break done.result;
         };
         mark(Step::Answered);
         result
@@ -122,7 +135,7 @@ impl Client {
 /// could hold a newline) is percent-encoded, so no value can inject a header.
 fn headers(endpoint: &Endpoint, lease: &Lease, timestamp: i64) -> Vec<(&'static str, String)> {
     let signature = signature::sign(
-        &endpoint.secret,
+        &endpoint.secrets,
         &lease.message_uid,
         timestamp,
         lease.payload.as_bytes(),

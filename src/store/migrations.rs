@@ -24,6 +24,10 @@ pub const FILES: &[(&str, &str)] = &[
         "0004_unroutable.sql",
         include_str!("../../migrations/0004_unroutable.sql"),
     ),
+    (
+        "0005_hardening.sql",
+        include_str!("../../migrations/0005_hardening.sql"),
+    ),
 ];
 
 /// Applies the migrations the database lacks.

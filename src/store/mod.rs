@@ -11,6 +11,7 @@ pub mod sqlite;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::clock::BootTime;
 use crate::error::Result;
 use crate::saturation::Rate;
 
@@ -22,6 +23,16 @@ pub use sqlite::SqliteStore;
 /// payload (see `files`).
 pub fn open(config: &crate::config::Config) -> Result<SqliteStore> {
     SqliteStore::open(&config.database, config.database_group, config.busy_timeout)
+}
+
+/// [`open`], for producers: a commit survives an OS crash or a power loss
+/// (SQLite's synchronous=FULL), since a producer told "enqueued" forgets
+/// the message. The dispatcher's connections keep synchronous=NORMAL: a
+/// commit lost there is an attempt recorded again, a redelivery at worst.
+pub fn open_durable(config: &crate::config::Config) -> Result<SqliteStore> {
+    let mut store = open(config)?;
+    store.make_durable()?;
+    Ok(store)
 }
 
 /// Now, in Unix epoch milliseconds.
@@ -90,7 +101,15 @@ pub mod reason {
     pub const ENDPOINT_SATURATED: &str = "endpoint_saturated";
     /// Its endpoint is over its rate; it holds a reserved slot of the endpoint's rate.
     pub const ENDPOINT_RATE: &str = "endpoint_rate";
+    /// Its endpoint is not in the config (any more): parked, never leased,
+    /// until the endpoint returns (`deliveries_restore_endpoints`) or an
+    /// admin purges it (`cronpost purge --orphaned`).
+    pub const ENDPOINT_REMOVED: &str = "endpoint_removed";
 }
+
+/// The `not_before` of a parked delivery (reason `endpoint_removed`): the
+/// last millisecond of year 9999, later than any time a run looks at.
+pub const PARKED_UNTIL: i64 = 253_402_300_799_999;
 
 /// Which queue a child takes from first (it falls back to the other).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,6 +143,12 @@ pub trait LeasePolicy {
     fn endpoint_limits(&self, endpoint: &str) -> Option<EndpointLimits>;
     /// Endpoints with a `max_in_flight`, and their caps.
     fn endpoints_with_in_flight_caps(&self) -> Vec<(String, u32)>;
+    /// Whether `endpoint` is configured; deliveries of one that is not are
+    /// parked instead of leased.
+    fn endpoint_known(&self, endpoint: &str) -> bool {
+        let _ = endpoint;
+        true
+    }
 }
 
 /// What an attempt says about its endpoint's health.
@@ -260,6 +285,20 @@ pub struct LeaseParams<'a> {
     pub prefer: Queue,
     /// Budgets and endpoint limits.
     pub policy: &'a dyn LeasePolicy,
+    /// The boot clock now, when the backend times leases by it (SQLite:
+    /// every process is on one host).
+    pub boot: Option<BootTime>,
+}
+
+/// Params of `leases_reclaim_expired`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReclaimParams {
+    /// Now, on the wall clock.
+    pub now: i64,
+    /// The boot clock now: a lease taken on this boot is reclaimed only
+    /// when this clock says it expired, so a wall-clock jump cannot take a
+    /// delivery from a live child. None: the wall clock decides.
+    pub boot: Option<BootTime>,
 }
 
 /// A leased delivery with what its POST needs.
@@ -416,6 +455,9 @@ pub struct RunRecord {
     pub dead: u64,
     /// Children that died or failed without an outcome.
     pub failed: u64,
+    /// Children that found nothing they could lease (another run took it,
+    /// or it was held back by then).
+    pub found_nothing: u64,
 }
 
 /// Which deliveries an admin command is about; empty fields match all.
@@ -610,6 +652,10 @@ pub struct Stats {
     pub held_accounts: Vec<HeldAccount>,
     /// Endpoints whose circuit breaker is open or half-open.
     pub saturated_endpoints: Vec<EndpointHealth>,
+    /// Endpoints gone from the config, with their parked deliveries.
+    pub orphaned: Vec<(String, u64)>,
+    /// Messages marked unroutable (no endpoint subscribed to their topic).
+    pub unroutable_messages: u64,
 }
 
 /// The storage operations of the queue.
@@ -626,8 +672,20 @@ pub trait Store {
     /// `route_error`), so it is reported once, not at every run.
     fn messages_route(&mut self, params: RouteParams) -> Result<RouteReport>;
 
-    /// leased (lease expired) → ready; the open attempt becomes `lease_expired`.
-    fn leases_reclaim_expired(&mut self, now: i64) -> Result<usize>;
+    /// leased (lease expired) → ready; the open attempt becomes
+    /// `lease_expired`. A lease taken on the boot `params.boot` names has
+    /// expired when the boot clock says so; any other, when the wall clock
+    /// does.
+    fn leases_reclaim_expired(&mut self, params: &ReclaimParams) -> Result<usize>;
+
+    /// delayed (`endpoint_removed`) → ready, for the deliveries of these
+    /// endpoints, which are in the config again; returns how many.
+    fn deliveries_restore_endpoints(&mut self, endpoints: &[String], now: i64) -> Result<u64>;
+
+    /// Removes the deliveries parked because their endpoint left the config
+    /// (of `endpoint` only, when given; their attempts go with them);
+    /// returns how many (would) go.
+    fn deliveries_purge_orphaned(&mut self, endpoint: Option<&str>, dry_run: bool) -> Result<u64>;
 
     /// How many deliveries could be leased now (ready, and delayed whose
     /// time has come), counting no further than `limit`.

@@ -5,6 +5,7 @@
 //! transaction, so writers queue on the lock (bounded by busy_timeout)
 //! instead of deadlocking on a read-to-write upgrade.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -49,7 +50,7 @@ const ENDPOINT_HEALTH_SQL: &str =
 const LEASE_DELIVERY_SQL: &str = "\
 UPDATE deliveries
 SET state = 'leased', reason = NULL, lease_owner = ?2, lease_expires_at = ?3,
-    attempts = attempts + 1, updated_at = ?4
+    attempts = attempts + 1, updated_at = ?4, lease_boot_id = ?5, lease_boot_expires_at = ?6
 WHERE id = ?1
 RETURNING id, message_id, endpoint, attempts";
 
@@ -68,8 +69,12 @@ WHERE endpoint = ?1 AND (failures > 0 OR probe_owner IS NOT NULL)";
 const FINISH_DELIVERY_SQL: &str = "\
 UPDATE deliveries
 SET state = ?3, not_before = ?4, reason = ?5, lease_owner = NULL, lease_expires_at = NULL,
+    lease_boot_id = NULL, lease_boot_expires_at = NULL,
     last_status = coalesce(?6, last_status), last_error = ?7, updated_at = ?8
 WHERE id = ?1 AND state = 'leased' AND lease_owner = ?2";
+
+const STILL_OWNER_SQL: &str =
+    "SELECT 1 FROM deliveries WHERE id = ?1 AND state = 'leased' AND lease_owner = ?2";
 
 const FINISH_ATTEMPT_SQL: &str = "\
 UPDATE attempts SET finished_at = ?2, outcome = ?3, http_status = ?4, error = ?5, duration_ms = ?6
@@ -85,7 +90,8 @@ const LEASE_STATEMENTS: [&str; 4] = [
     INSERT_ATTEMPT_SQL,
     MESSAGE_OF_LEASE_SQL,
 ];
-const FINISH_STATEMENTS: [&str; 3] = [
+const FINISH_STATEMENTS: [&str; 4] = [
+    STILL_OWNER_SQL,
     ENDPOINT_HEALTHY_SQL,
     FINISH_DELIVERY_SQL,
     FINISH_ATTEMPT_SQL,
@@ -94,6 +100,9 @@ const FINISH_STATEMENTS: [&str; 3] = [
 /// How many deliveries one lease transaction may reroute before it gives up
 /// (the next child goes on where it stopped).
 const MAX_REROUTES: usize = 64;
+
+/// How many undecodable deliveries one lease may dead-letter on its way.
+const MAX_UNDECODABLE: usize = 16;
 
 const DELIVERY_COLUMNS: &str = "id, message_id, endpoint, account, state, priority, not_before, reason, \
      lease_owner, lease_expires_at, attempts, last_status, last_error";
@@ -178,6 +187,14 @@ impl SqliteStore {
         Ok(store)
     }
 
+    /// Every commit from now on is on disk before it returns
+    /// (synchronous=FULL: the WAL is synced at each commit).
+    pub fn make_durable(&mut self) -> Result<()> {
+        self.conn
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| self.err(e))
+    }
+
     /// The schema version recorded in the file.
     pub fn schema_version(&self) -> Result<i64> {
         self.conn
@@ -194,6 +211,23 @@ impl SqliteStore {
         db_error(&self.path, e)
     }
 
+    /// Dead-letters delivery `id`, whose row (or its message's) cannot be
+    /// decoded.
+    fn dead_letter_undecodable(&mut self, id: i64, error: &str, now: i64) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE deliveries
+                 SET state = 'dead', reason = NULL, lease_owner = NULL, lease_expires_at = NULL,
+                     lease_boot_id = NULL, lease_boot_expires_at = NULL,
+                     last_error = 'cannot be decoded (a column written with plain SQL holds the wrong type): ' || ?2,
+                     updated_at = ?3
+                 WHERE id = ?1 AND state IN ('ready', 'delayed')",
+                params![id, error, now],
+            )
+            .map(drop)
+        })
+    }
+
     /// Compiles `statements` into the statement cache, outside any transaction.
     fn prepare_ahead(&self, statements: &[&str]) -> Result<()> {
         for sql in statements {
@@ -207,10 +241,17 @@ impl SqliteStore {
         &mut self,
         f: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<T>,
     ) -> Result<T> {
-        let path = self.path.clone();
-        let tx = self.conn.transaction().map_err(|e| db_error(&path, e))?;
-        let value = f(&tx).map_err(|e| db_error(&path, e))?;
-        tx.commit().map_err(|e| db_error(&path, e))?;
+        self.write_raw(f).map_err(|e| self.err(e))
+    }
+
+    /// [`SqliteStore::write`], with SQLite's error as it came.
+    fn write_raw<T>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        let tx = self.conn.transaction()?;
+        let value = f(&tx)?;
+        tx.commit()?;
         Ok(value)
     }
 }
@@ -236,6 +277,16 @@ fn filter_clause(f: &DeliveryFilter) -> (String, Vec<Value>) {
         }
     }
     (terms.join(" AND "), values)
+}
+
+/// Whether `e` says a column's value could not be read as its Rust type.
+fn is_undecodable(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..)
+    )
 }
 
 /// Maps a SQLite error to a message naming the file and a sysexits code.
@@ -299,6 +350,7 @@ fn run_row(r: &Row) -> rusqlite::Result<RunRecord> {
         retried: r.get(8)?,
         dead: r.get(9)?,
         failed: r.get(10)?,
+        found_nothing: r.get(11)?,
     })
 }
 
@@ -356,7 +408,11 @@ enum Decision {
     Hold(Hold),
 }
 
-fn lease_next(tx: &Connection, p: &LeaseParams) -> rusqlite::Result<Option<Lease>> {
+fn lease_next(
+    tx: &Connection,
+    p: &LeaseParams,
+    looking_at: &Cell<Option<i64>>,
+) -> rusqlite::Result<Option<Lease>> {
     let blocked = endpoints_at_cap(tx, p)?;
     let order = match p.prefer {
         Queue::Ready => [Queue::Ready, Queue::Delayed],
@@ -365,7 +421,7 @@ fn lease_next(tx: &Connection, p: &LeaseParams) -> rusqlite::Result<Option<Lease
     for _ in 0..MAX_REROUTES {
         let mut candidate = None;
         for queue in order {
-            candidate = pick(tx, queue, &blocked, p.now)?;
+            candidate = pick(tx, queue, &blocked, p.now, looking_at)?;
             if candidate.is_some() {
                 break;
             }
@@ -405,10 +461,15 @@ fn pick(
     queue: Queue,
     blocked: &str,
     now: i64,
+    looking_at: &Cell<Option<i64>>,
 ) -> rusqlite::Result<Option<Candidate>> {
     let row = |r: &Row| {
+        // The id first (an INTEGER PRIMARY KEY always decodes): if another
+        // column does not, the caller knows which delivery to dead-letter.
+        let id = r.get(0)?;
+        looking_at.set(Some(id));
         Ok(Candidate {
-            id: r.get(0)?,
+            id,
             endpoint: r.get(1)?,
             account: r.get(2)?,
             reason: r.get(3)?,
@@ -464,6 +525,17 @@ fn holds_fresh_slot(c: &Candidate, reason: &str, rate: Rate, now: f64) -> bool {
 
 fn decide(tx: &Connection, p: &LeaseParams, c: &Candidate) -> rusqlite::Result<Decision> {
     let now = p.now as f64;
+    if !p.policy.endpoint_known(&c.endpoint) {
+        // Parked, with every ready delivery of the endpoint: leasing them
+        // would only fail, forever, and eat the forks of the others.
+        return Ok(Decision::Hold(Hold {
+            reason: reason::ENDPOINT_REMOVED,
+            by_account: false,
+            first: (PARKED_UNTIL - 1) as f64,
+            interval: 0.0,
+            rate: None,
+        }));
+    }
     if let Some(until) = c.saturated_until.filter(|&u| u > p.now) {
         return Ok(Decision::Hold(Hold {
             reason: reason::ENDPOINT_SATURATED,
@@ -574,11 +646,17 @@ fn lease_candidate(
     probe: bool,
 ) -> rusqlite::Result<Lease> {
     let expires = p.now + p.lease_timeout_ms;
-    let leased: (i64, i64, String, u32) = tx
-        .prepare_cached(LEASE_DELIVERY_SQL)?
-        .query_row(params![c.id, p.owner, expires, p.now], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })?;
+    let (boot_id, boot_expires) = match &p.boot {
+        Some(boot) => (
+            Some(boot.boot_id.as_str()),
+            Some(boot.ms + p.lease_timeout_ms),
+        ),
+        None => (None, None),
+    };
+    let leased: (i64, i64, String, u32) = tx.prepare_cached(LEASE_DELIVERY_SQL)?.query_row(
+        params![c.id, p.owner, expires, p.now, boot_id, boot_expires],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )?;
     tx.prepare_cached(INSERT_ATTEMPT_SQL)?
         .execute(params![leased.0, leased.3, p.run_id, p.pid, p.owner, p.now])?;
     let attempt_id = tx.last_insert_rowid();
@@ -666,7 +744,7 @@ impl Store for SqliteStore {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO messages (topic, account, payload, priority, created_at, available_at, dedup_key)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING",
+                 ON CONFLICT (account, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING",
             )?;
             let mut report = InsertReport::default();
             for m in messages {
@@ -743,21 +821,62 @@ impl Store for SqliteStore {
         })
     }
 
-    fn leases_reclaim_expired(&mut self, now: i64) -> Result<usize> {
+    fn leases_reclaim_expired(&mut self, p: &ReclaimParams) -> Result<usize> {
+        // On the boot that took it, the boot clock says when a lease
+        // expired; otherwise (another boot, no boot clock) the wall clock.
+        const EXPIRED: &str = "state = 'leased' AND CASE WHEN lease_boot_id = ?2 \
+             THEN lease_boot_expires_at <= ?3 ELSE lease_expires_at <= ?1 END";
+        let (boot_id, boot_now) = match &p.boot {
+            Some(boot) => (Some(boot.boot_id.as_str()), Some(boot.ms)),
+            None => (None, None),
+        };
         self.write(|tx| {
             tx.execute(
-                "UPDATE attempts SET outcome = ?2, finished_at = ?1, error = 'lease expired before the child finished'
-                 WHERE outcome = ?3 AND delivery_id IN
-                   (SELECT id FROM deliveries WHERE state = 'leased' AND lease_expires_at <= ?1)",
-                params![now, outcome::LEASE_EXPIRED, outcome::IN_FLIGHT],
+                &format!(
+                    "UPDATE attempts SET outcome = ?4, finished_at = ?1, error = 'lease expired before the child finished'
+                     WHERE outcome = ?5 AND delivery_id IN (SELECT id FROM deliveries WHERE {EXPIRED})"
+                ),
+                params![p.now, boot_id, boot_now, outcome::LEASE_EXPIRED, outcome::IN_FLIGHT],
             )?;
             tx.execute(
-                "UPDATE deliveries
-                 SET state = 'ready', lease_owner = NULL, lease_expires_at = NULL, reason = NULL,
-                     not_before = ?1, updated_at = ?1, last_error = 'lease expired'
-                 WHERE state = 'leased' AND lease_expires_at <= ?1",
-                [now],
+                &format!(
+                    "UPDATE deliveries
+                     SET state = 'ready', lease_owner = NULL, lease_expires_at = NULL, lease_boot_id = NULL,
+                         lease_boot_expires_at = NULL, reason = NULL, not_before = ?1, updated_at = ?1,
+                         last_error = 'lease expired'
+                     WHERE {EXPIRED}"
+                ),
+                params![p.now, boot_id, boot_now],
             )
+        })
+    }
+
+    fn deliveries_restore_endpoints(&mut self, endpoints: &[String], now: i64) -> Result<u64> {
+        let endpoints = serde_json::to_string(endpoints).expect("strings serialize");
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE deliveries SET state = 'ready', reason = NULL, not_before = ?2, updated_at = ?2
+                 WHERE reason = 'endpoint_removed' AND state = 'delayed'
+                   AND endpoint IN (SELECT value FROM json_each(?1))",
+                params![endpoints, now],
+            )
+            .map(|n| n as u64)
+        })
+    }
+
+    fn deliveries_purge_orphaned(&mut self, endpoint: Option<&str>, dry_run: bool) -> Result<u64> {
+        let which =
+            "reason = 'endpoint_removed' AND state = 'delayed' AND (?1 IS NULL OR endpoint = ?1)";
+        self.write(|tx| {
+            if dry_run {
+                return tx.query_row(
+                    &format!("SELECT count(*) FROM deliveries WHERE {which}"),
+                    [endpoint],
+                    |r| r.get(0),
+                );
+            }
+            tx.execute(&format!("DELETE FROM deliveries WHERE {which}"), [endpoint])
+                .map(|n| n as u64)
         })
     }
 
@@ -776,7 +895,22 @@ impl Store for SqliteStore {
 
     fn delivery_lease_next(&mut self, p: &LeaseParams) -> Result<Option<Lease>> {
         self.prepare_ahead(&LEASE_STATEMENTS)?;
-        self.write(|tx| lease_next(tx, p))
+        for _ in 0..MAX_UNDECODABLE {
+            let looking_at = Cell::new(None);
+            match self.write_raw(|tx| lease_next(tx, p, &looking_at)) {
+                Err(e) if is_undecodable(&e) && looking_at.get().is_some() => {
+                    // A row written with plain SQL that cannot be read as a
+                    // delivery: dead-letter it in its own transaction (the
+                    // lease's rolled back), or it would stay at the head of
+                    // the queue and stop all delivery.
+                    let id = looking_at.get().expect("checked");
+                    log::error!("delivery {id} cannot be decoded, dead-lettered: {e}");
+                    self.dead_letter_undecodable(id, &e.to_string(), p.now)?;
+                }
+                other => return other.map_err(|e| self.err(e)),
+            }
+        }
+        Ok(None)
     }
 
     fn lease_by_owner(&mut self, owner: &str) -> Result<Option<Lease>> {
@@ -799,31 +933,41 @@ impl Store for SqliteStore {
     fn attempt_finish(&mut self, f: &FinishAttempt) -> Result<bool> {
         self.prepare_ahead(&FINISH_STATEMENTS)?;
         self.write(|tx| {
-            let saturated_until = record_signal(tx, f)?;
-            let (state, not_before, reason) = match (f.next, saturated_until) {
-                (NextState::Delivered, _) => (DeliveryState::Delivered, f.now, None),
-                (NextState::Retry { not_before }, None) => (
-                    DeliveryState::Delayed,
+            // A child that lost its lease says nothing about the endpoint any
+            // more: its signal could close a breaker another child opened,
+            // or clear another child's probe.
+            let owner = tx
+                .prepare_cached(STILL_OWNER_SQL)?
+                .query_row(params![f.delivery_id, f.owner], |_| Ok(()))
+                .optional()?
+                .is_some();
+            let moved = owner && {
+                let saturated_until = record_signal(tx, f)?;
+                let (state, not_before, reason) = match (f.next, saturated_until) {
+                    (NextState::Delivered, _) => (DeliveryState::Delivered, f.now, None),
+                    (NextState::Retry { not_before }, None) => (
+                        DeliveryState::Delayed,
+                        not_before,
+                        Some(reason::RETRY_BACKOFF),
+                    ),
+                    (NextState::Retry { not_before }, Some(until)) => (
+                        DeliveryState::Delayed,
+                        not_before.max(until),
+                        Some(reason::ENDPOINT_SATURATED),
+                    ),
+                    (NextState::Dead, _) => (DeliveryState::Dead, f.now, None),
+                };
+                tx.prepare_cached(FINISH_DELIVERY_SQL)?.execute(params![
+                    f.delivery_id,
+                    f.owner,
+                    state.as_str(),
                     not_before,
-                    Some(reason::RETRY_BACKOFF),
-                ),
-                (NextState::Retry { not_before }, Some(until)) => (
-                    DeliveryState::Delayed,
-                    not_before.max(until),
-                    Some(reason::ENDPOINT_SATURATED),
-                ),
-                (NextState::Dead, _) => (DeliveryState::Dead, f.now, None),
+                    reason,
+                    f.http_status,
+                    f.error,
+                    f.now
+                ])? == 1
             };
-            let moved = tx.prepare_cached(FINISH_DELIVERY_SQL)?.execute(params![
-                f.delivery_id,
-                f.owner,
-                state.as_str(),
-                not_before,
-                reason,
-                f.http_status,
-                f.error,
-                f.now
-            ])? == 1;
             let outcome = if moved {
                 f.outcome.as_str()
             } else {
@@ -855,7 +999,7 @@ impl Store for SqliteStore {
         self.write(|tx| {
             tx.execute(
                 "UPDATE runs SET finished_at = ?2, routed = ?3, reclaimed = ?4, forked = ?5, delivered = ?6,
-                        retried = ?7, dead = ?8, failed = ?9
+                        retried = ?7, dead = ?8, failed = ?9, found_nothing = ?10
                  WHERE id = ?1",
                 params![
                     run.id,
@@ -866,7 +1010,8 @@ impl Store for SqliteStore {
                     run.delivered,
                     run.retried,
                     run.dead,
-                    run.failed
+                    run.failed,
+                    run.found_nothing
                 ],
             )
             .map(drop)
@@ -878,7 +1023,7 @@ impl Store for SqliteStore {
             .query_row(
                 "SELECT count(*), coalesce(sum(routed), 0), coalesce(sum(reclaimed), 0), coalesce(sum(forked), 0),
                         coalesce(sum(delivered), 0), coalesce(sum(retried), 0), coalesce(sum(dead), 0),
-                        coalesce(sum(failed), 0)
+                        coalesce(sum(failed), 0), coalesce(sum(found_nothing), 0)
                  FROM runs",
                 [],
                 |r| {
@@ -892,6 +1037,7 @@ impl Store for SqliteStore {
                             retried: r.get(5)?,
                             dead: r.get(6)?,
                             failed: r.get(7)?,
+                            found_nothing: r.get(8)?,
                             ..RunRecord::default()
                         },
                     })
@@ -1103,7 +1249,7 @@ impl Store for SqliteStore {
             stats.last_run = conn
                 .query_row(
                     "SELECT id, pid, started_at, finished_at, routed, reclaimed, forked, delivered, retried, dead,
-                            failed
+                            failed, found_nothing
                      FROM runs ORDER BY id DESC LIMIT 1",
                     [],
                     run_row,
@@ -1130,6 +1276,18 @@ impl Store for SqliteStore {
                     })
                 })?
                 .collect::<rusqlite::Result<_>>()?;
+            stats.orphaned = conn
+                .prepare(
+                    "SELECT endpoint, count(*) FROM deliveries
+                     WHERE reason = 'endpoint_removed' AND state = 'delayed' GROUP BY endpoint ORDER BY endpoint",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            stats.unroutable_messages = conn.query_row(
+                "SELECT count(*) FROM messages WHERE route_error IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )?;
             stats.saturated_endpoints = conn
                 .prepare(
                     "SELECT endpoint, saturated_until, failures, last_error FROM endpoint_health

@@ -186,9 +186,10 @@ fn connect_any(addrs: &[SocketAddr], until: Instant) -> Result<TcpStream, String
     Err(last)
 }
 
-/// The TLS handshake, before `until`. A timeout is a connect failure (the
-/// endpoint is slow); a handshake the server refuses or fails (not TLS, a
-/// bad certificate) is a failed attempt.
+/// The TLS handshake, before `until`. A failed handshake (a timeout, not
+/// TLS, a certificate that does not verify) is a failed connection: the
+/// endpoint cannot be reached as configured, so its breaker opens and one
+/// probe per cool-down tries again, instead of every delivery hammering it.
 fn handshake(target: &Target, mut tcp: TcpStream, until: Instant) -> Result<Stream, PostResult> {
     let config = tls::config().map_err(PostResult::Failed)?;
     let host = target.host.trim_start_matches('[').trim_end_matches(']');

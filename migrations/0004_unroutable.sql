@@ -1,8 +1,10 @@
 -- 0004: a message whose topic no endpoint subscribes to (possible with plain
 -- SQL inserts) is marked once with the reason, instead of being looked at
--- and warned about by every run. It is kept for `retention`, like delivered
--- history, and `cronpost requeue --unroutable` routes it again.
+-- and warned about by every run. It is routed again when a subscriber for
+-- its topic appears in the config (or by `cronpost requeue --unroutable`),
+-- and kept for `retention` otherwise, like delivered history.
 ALTER TABLE messages ADD COLUMN route_error TEXT;
+CREATE INDEX messages_unroutable ON messages (topic) WHERE route_error IS NOT NULL;
 
 CREATE VIEW unroutable_messages AS
 SELECT id,

@@ -23,6 +23,7 @@ END;
 CREATE TRIGGER messages_names BEFORE INSERT ON messages
 WHEN NEW.topic GLOB ('*[' || char(1) || '-' || char(31) || char(127) || ']*')
   OR NEW.account GLOB ('*[' || char(1) || '-' || char(31) || char(127) || ']*')
+  OR NEW.dedup_key GLOB ('*[' || char(1) || '-' || char(31) || char(127) || ']*')
   OR length(NEW.topic) > 255 OR length(NEW.account) > 255 OR length(NEW.dedup_key) > 255
 BEGIN
     SELECT RAISE(ABORT, 'messages: topic, account and dedup_key must be at most 255 characters without control characters');
@@ -72,7 +73,7 @@ WHERE routed_at IS NULL AND (
 -- A lease's expiry on the boot-time clock of the boot that took it: on the
 -- same boot, a lease is reclaimed only when that clock says it expired, so
 -- a wall-clock jump cannot hand a live child's delivery to another child;
--- a lease from an earlier boot is reclaimed at once (its child is gone).
+-- a lease from another boot expires by the wall clock.
 ALTER TABLE deliveries ADD COLUMN lease_boot_id TEXT;
 ALTER TABLE deliveries ADD COLUMN lease_boot_expires_at INTEGER;
 

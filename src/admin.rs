@@ -1,5 +1,7 @@
-//! Admin commands over the queue: `list`, `show`, `requeue`, `purge`. Each
-//! prints a human table by default and stable JSON with `--json`.
+//! Admin commands over the queue: `stats`, `list`, `show`, `requeue`,
+//! `purge`. Each prints text for people by default and stable JSON with
+//! `--json`. Ids as `list` prints them (d58 for a delivery, 42 for a message,
+//! msg_... for its uid) are what `show` and `requeue` take (see `ids`).
 
 use std::io::Write;
 use std::time::{Duration, UNIX_EPOCH};
@@ -8,14 +10,20 @@ use serde_json::{Value, json};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::ids::MessageRef;
 use crate::store::{
-    AttemptRow, DeliveryFilter, DeliveryRow, DeliveryState, ListedDelivery, MessageRow,
-    RequeueParams, Store, ms, now_ms,
+    AttemptRow, DeliveryFilter, DeliveryRow, DeliveryState, ListedDelivery, MessageKey, MessageRow,
+    RequeueParams, RunRecord, SqliteStore, Stats, Store, ms, now_ms,
 };
 
 /// Rows removed per purge transaction: small enough that a run waiting for
 /// the write lock waits milliseconds, not seconds.
 pub const PURGE_BATCH: u64 = 2_000;
+
+/// `n` and the noun, singular or plural: "1 delivery", "3 deliveries".
+pub fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
 
 fn print(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
@@ -24,10 +32,28 @@ fn print(text: &str) -> Result<()> {
         .map_err(|e| Error::io("stdout", e))
 }
 
+fn print_json(value: &Value) -> Result<()> {
+    print(&format!("{value}\n"))
+}
+
 /// A time in ms as RFC 3339 (UTC, seconds).
 fn time(ms: i64) -> String {
     let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn seconds(ms: i64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+/// A run's counters as JSON (`run --json`, `stats --json`).
+pub fn run_json(r: &RunRecord) -> String {
+    json!({
+        "id": r.id, "pid": r.pid, "started_at_ms": r.started_at, "finished_at_ms": r.finished_at,
+        "routed": r.routed, "reclaimed": r.reclaimed, "forked": r.forked, "delivered": r.delivered,
+        "retried": r.retried, "dead": r.dead, "failed": r.failed, "found_nothing": r.found_nothing,
+    })
+    .to_string()
 }
 
 fn delivery_json(d: &DeliveryRow) -> Value {
@@ -52,81 +78,289 @@ fn message_json(m: &MessageRow) -> Value {
         "id": m.id, "uid": m.uid, "topic": m.topic, "account": m.account,
         "payload": serde_json::from_str::<Value>(&m.payload).unwrap_or(Value::Null),
         "priority": m.priority, "created_at_ms": m.created_at, "available_at_ms": m.available_at,
-        "dedup_key": m.dedup_key, "routed_at_ms": m.routed_at,
+        "dedup_key": m.dedup_key, "routed_at_ms": m.routed_at, "route_error": m.route_error,
     })
 }
 
 /// What a delivery waits for, in a few words.
 fn waiting(d: &DeliveryRow, now: i64) -> String {
     match d.state {
+        DeliveryState::Delayed if d.not_before == crate::store::PARKED_UNTIL => {
+            "endpoint not in the config".into()
+        }
         DeliveryState::Delayed => format!(
             "{} for {:.1}s",
             d.reason.as_deref().unwrap_or("delayed"),
-            (d.not_before - now).max(0) as f64 / 1000.0
+            seconds((d.not_before - now).max(0))
         ),
         DeliveryState::Leased => d.lease_owner.clone().unwrap_or_default(),
         _ => String::new(),
     }
 }
 
+/// An endpoint filter must name an endpoint of the config, or one that
+/// left it but still has deliveries (parked, or history).
+fn check_endpoint(config: &Config, store: &mut SqliteStore, endpoint: Option<&str>) -> Result<()> {
+    let Some(name) = endpoint else {
+        return Ok(());
+    };
+    if config.endpoint(name).is_some() {
+        return Ok(());
+    }
+    let filter = DeliveryFilter {
+        endpoint: Some(name.to_string()),
+        ..DeliveryFilter::default()
+    };
+    if !store.deliveries_list(&filter, 1)?.is_empty() {
+        return Ok(());
+    }
+    let known: Vec<&str> = config.endpoints.iter().map(|e| e.name.as_str()).collect();
+    Err(Error::data(format!(
+        "unknown endpoint {name:?}: {} defines {}, and no delivery was ever made to it",
+        config.path.display(),
+        known.join(", ")
+    )))
+}
+
+/// `cronpost stats`.
+pub fn stats(config: &Config, as_json: bool) -> Result<()> {
+    let stats = crate::store::open(config)?.stats(now_ms())?;
+    if as_json {
+        return print_json(&stats_json(&stats));
+    }
+    print(&stats_text(config, &stats))
+}
+
+fn stats_json(stats: &Stats) -> Value {
+    let endpoints: Vec<_> = stats
+        .endpoints
+        .iter()
+        .map(|e| {
+            let mut row = serde_json::Map::new();
+            row.insert("endpoint".into(), json!(e.endpoint));
+            for (state, n) in DeliveryState::ALL.iter().zip(e.by_state) {
+                row.insert(state.as_str().into(), json!(n));
+            }
+            Value::Object(row)
+        })
+        .collect();
+    let last_run = stats
+        .last_run
+        .as_ref()
+        .map(|r| serde_json::from_str::<Value>(&run_json(r)).expect("run_json is JSON"));
+    let attempts: serde_json::Map<_, _> = stats
+        .last_run_attempts
+        .iter()
+        .map(|(outcome, n)| (outcome.clone(), json!(n)))
+        .collect();
+    let held_accounts: Vec<_> = stats
+        .held_accounts
+        .iter()
+        .map(|h| json!({"account": h.account, "delayed": h.delayed, "until_ms": h.until}))
+        .collect();
+    let saturated: Vec<_> = stats
+        .saturated_endpoints
+        .iter()
+        .map(|h| {
+            json!({
+                "endpoint": h.endpoint, "saturated_until_ms": h.saturated_until,
+                "cooldown_left_seconds": h.saturated_until.map(|u| seconds((u - stats.now).max(0))),
+                "failures": h.failures, "last_error": h.last_error,
+            })
+        })
+        .collect();
+    let orphaned: Vec<_> = stats
+        .orphaned
+        .iter()
+        .map(|(endpoint, n)| json!({"endpoint": endpoint, "deliveries": n}))
+        .collect();
+    json!({
+        "held_accounts": held_accounts,
+        "saturated_endpoints": saturated,
+        "orphaned": orphaned,
+        "endpoints": endpoints,
+        "oldest_ready_age_seconds": stats.oldest_ready_age_ms.map(seconds),
+        "unrouted_messages": stats.unrouted_messages,
+        "unroutable_messages": stats.unroutable_messages,
+        "last_run": last_run,
+        "last_run_attempts": attempts,
+    })
+}
+
+fn stats_text(config: &Config, stats: &Stats) -> String {
+    let mut out = format!("{:<20}", "endpoint");
+    for state in DeliveryState::ALL {
+        out += &format!(" {:>10}", state.as_str());
+    }
+    out += "\n";
+    for e in &stats.endpoints {
+        out += &format!("{:<20}", e.endpoint);
+        for n in e.by_state {
+            out += &format!(" {n:>10}");
+        }
+        out += "\n";
+    }
+    out += &match stats.oldest_ready_age_ms {
+        Some(age) => format!("oldest ready: {:.1}s old\n", seconds(age)),
+        None => "oldest ready: none ready\n".to_string(),
+    };
+    out += &format!("unrouted messages: {}\n", stats.unrouted_messages);
+    if stats.unroutable_messages > 0 {
+        out += &format!(
+            "unroutable messages: {} (no endpoint subscribes to their topic; see the unroutable_messages view, `cronpost requeue --unroutable`)\n",
+            stats.unroutable_messages
+        );
+    }
+    for (endpoint, n) in &stats.orphaned {
+        let parked = plural(*n, "delivery", "deliveries");
+        out += &if config.endpoint(endpoint).is_some() {
+            format!(
+                "endpoint {endpoint} is back in the config: {parked} parked, ready at the next run\n"
+            )
+        } else {
+            format!(
+                "endpoint {endpoint} is not in the config: {parked} parked (ready again when it returns; `cronpost purge --orphaned` removes them)\n"
+            )
+        };
+    }
+    for h in &stats.held_accounts {
+        out += &format!(
+            "account {} held back by its budget: {} delayed, the last until {:.1}s from now\n",
+            h.account,
+            plural(h.delayed, "delivery", "deliveries"),
+            seconds((h.until - stats.now).max(0))
+        );
+    }
+    for h in &stats.saturated_endpoints {
+        let state = match h.saturated_until {
+            Some(until) if until > stats.now => {
+                format!(
+                    "saturated, cool-down {:.1}s left",
+                    seconds(until - stats.now)
+                )
+            }
+            _ => "cool-down over, waiting for a probe to succeed".to_string(),
+        };
+        out += &format!(
+            "endpoint {} {state} ({} in a row; last: {})\n",
+            h.endpoint,
+            plural(u64::from(h.failures), "signal", "signals"),
+            h.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    if let Some(r) = &stats.last_run {
+        let took = r.finished_at.map_or("still running".to_string(), |f| {
+            format!("{:.2}s", seconds(f - r.started_at))
+        });
+        out += &format!(
+            "last run {} (pid {}, {took}): forked {}: {} delivered, {} retried, {} dead, {} failed, {} found nothing to lease\n",
+            r.id, r.pid, r.forked, r.delivered, r.retried, r.dead, r.failed, r.found_nothing
+        );
+        let attempts: Vec<String> = stats
+            .last_run_attempts
+            .iter()
+            .map(|(o, n)| format!("{o} {n}"))
+            .collect();
+        out += &format!(
+            "attempts in last run: {}\n",
+            if attempts.is_empty() {
+                "none".into()
+            } else {
+                attempts.join(", ")
+            }
+        );
+    }
+    out
+}
+
 /// `cronpost list`.
 pub fn list(config: &Config, filter: &DeliveryFilter, limit: u64, as_json: bool) -> Result<()> {
-    let rows = crate::store::open(config)?.deliveries_list(filter, limit)?;
+    let mut store = crate::store::open(config)?;
+    check_endpoint(config, &mut store, filter.endpoint.as_deref())?;
+    let rows = store.deliveries_list(filter, limit)?;
     if as_json {
         let items: Vec<Value> = rows
             .iter()
             .map(|r| {
                 let mut v = delivery_json(&r.delivery);
                 v["topic"] = json!(r.topic);
+                v["uid"] = json!(r.uid);
                 v["created_at_ms"] = json!(r.created_at);
                 v
             })
             .collect();
-        return print(&format!("{}\n", Value::Array(items)));
+        return print_json(&Value::Array(items));
     }
     print(&list_table(&rows, now_ms()))
 }
 
 fn list_table(rows: &[ListedDelivery], now: i64) -> String {
-    let mut out = format!(
-        "{:>8} {:>8} {:<16} {:<16} {:<20} {:<9} {:>8} {:<28} {}\n",
-        "id",
+    let line = |cells: [&str; 10]| {
+        format!(
+            "{:>8} {:>8} {:<28} {:<16} {:<16} {:<20} {:<9} {:>8} {:<28} {}\n",
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            cells[4],
+            cells[5],
+            cells[6],
+            cells[7],
+            cells[8],
+            cells[9]
+        )
+    };
+    let mut out = line([
+        "delivery",
         "message",
+        "uid",
         "endpoint",
         "account",
         "topic",
         "state",
         "attempts",
         "waiting",
-        "last error"
-    );
+        "last error",
+    ]);
     for r in rows {
         let d = &r.delivery;
-        out += &format!(
-            "{:>8} {:>8} {:<16} {:<16} {:<20} {:<9} {:>8} {:<28} {}\n",
-            d.id,
-            d.message_id,
-            d.endpoint,
-            d.account,
-            r.topic,
+        out += &line([
+            &format!("d{}", d.id),
+            &d.message_id.to_string(),
+            &r.uid,
+            &d.endpoint,
+            &d.account,
+            &r.topic,
             d.state.as_str(),
-            d.attempts,
-            waiting(d, now),
-            d.last_error.as_deref().unwrap_or("")
-        );
+            &d.attempts.to_string(),
+            &waiting(d, now),
+            d.last_error.as_deref().unwrap_or(""),
+        ]);
     }
-    out += &format!("({} deliveries)\n", rows.len());
+    out += &format!(
+        "({}; `cronpost show` takes a delivery id, a message id or a uid)\n",
+        plural(rows.len() as u64, "delivery", "deliveries")
+    );
     out
 }
 
-/// `cronpost show ID`: a message (by id or uid), its deliveries and attempts.
-pub fn show(config: &Config, key: &str, as_json: bool) -> Result<()> {
+/// `cronpost show ID`: a message (by id, uid, or one of its delivery ids),
+/// its deliveries and their attempts.
+pub fn show(config: &Config, key: &MessageRef, as_json: bool) -> Result<()> {
     let mut store = crate::store::open(config)?;
-    let message = store.message_get(key)?.ok_or_else(|| {
-        Error::data(format!(
-            "no message {key:?} (give a message id or its msg_... uid)"
-        ))
-    })?;
+    let not_found = || Error::data(format!("no {key} in {}", config.database.display()));
+    let (message_key, found_by) = match key {
+        MessageRef::Message(id) => (MessageKey::Id(*id), "its message id".to_string()),
+        MessageRef::Uid(uid) => (MessageKey::Uid(uid.clone()), "its uid".to_string()),
+        MessageRef::Delivery(id) => {
+            let delivery = store.delivery_get(*id)?.ok_or_else(not_found)?;
+            (
+                MessageKey::Id(delivery.message_id),
+                format!("its delivery d{id} to {}", delivery.endpoint),
+            )
+        }
+    };
+    let message = store.message_get(&message_key)?.ok_or_else(not_found)?;
     let mut deliveries = Vec::new();
     for d in store.deliveries_of_message(message.id)? {
         let attempts = store.attempts_of_delivery(d.id)?;
@@ -142,12 +376,13 @@ pub fn show(config: &Config, key: &str, as_json: bool) -> Result<()> {
             })
             .collect();
         let mut v = message_json(&message);
+        v["found_by"] = json!(found_by);
         v["deliveries"] = Value::Array(items);
-        return print(&format!("{v}\n"));
+        return print_json(&v);
     }
     let now = now_ms();
     let mut out = format!(
-        "message {} ({})\n  topic {}, account {}, priority {}\n  created {}{}\n  payload {}\n",
+        "message {} ({}), found by {found_by}\n  topic {}, account {}, priority {}\n  created {}{}\n  payload {}\n",
         message.id,
         message.uid,
         message.topic,
@@ -159,12 +394,14 @@ pub fn show(config: &Config, key: &str, as_json: bool) -> Result<()> {
             .map_or(String::new(), |t| format!(", not before {}", time(t))),
         message.payload
     );
-    if deliveries.is_empty() {
-        out += "  no deliveries yet (routed by the next run, if an endpoint subscribes to its topic)\n";
+    if let Some(why) = &message.route_error {
+        out += &format!("  unroutable: {why}\n");
+    } else if deliveries.is_empty() {
+        out += "  no deliveries yet (routed by the next run)\n";
     }
     for (d, attempts) in &deliveries {
         out += &format!(
-            "delivery {} to {}: {} {}(attempts {})\n",
+            "delivery d{} to {}: {} {}({})\n",
             d.id,
             d.endpoint,
             d.state.as_str(),
@@ -172,7 +409,7 @@ pub fn show(config: &Config, key: &str, as_json: bool) -> Result<()> {
                 w if w.is_empty() => String::new(),
                 w => format!("[{w}] "),
             },
-            d.attempts
+            plural(u64::from(d.attempts), "attempt", "attempts")
         );
         for a in attempts {
             out += &format!(
@@ -194,44 +431,69 @@ pub fn show(config: &Config, key: &str, as_json: bool) -> Result<()> {
     print(&out)
 }
 
-/// `cronpost requeue`: dead (or delayed) deliveries back to ready.
+/// `cronpost requeue`: dead (or delayed) deliveries back to ready. Ids that
+/// name no delivery, or one that is neither dead nor delayed, are an error
+/// naming them, and nothing changes.
 pub fn requeue(
     config: &Config,
     filter: DeliveryFilter,
     dry_run: bool,
     as_json: bool,
 ) -> Result<()> {
-    if let Some(endpoint) = &filter.endpoint
-        && config.endpoint(endpoint).is_none()
-    {
-        let known: Vec<&str> = config.endpoints.iter().map(|e| e.name.as_str()).collect();
-        return Err(Error::data(format!(
-            "unknown endpoint {endpoint:?}: {} defines {}",
-            config.path.display(),
-            known.join(", ")
-        )));
+    let mut store = crate::store::open(config)?;
+    check_endpoint(config, &mut store, filter.endpoint.as_deref())?;
+    let (mut missing, mut unmovable) = (Vec::new(), Vec::new());
+    for &id in &filter.ids {
+        match store.delivery_get(id)? {
+            None => missing.push(format!("d{id}")),
+            Some(d) if !matches!(d.state, DeliveryState::Dead | DeliveryState::Delayed) => {
+                unmovable.push(format!("d{id} ({})", d.state.as_str()))
+            }
+            Some(_) => {}
+        }
     }
-    if let Some(state) = filter.state
-        && !matches!(state, DeliveryState::Dead | DeliveryState::Delayed)
-    {
-        return Err(Error::usage(format!(
-            "--state {}: only dead or delayed deliveries are requeued",
-            state.as_str()
-        )));
+    if !missing.is_empty() || !unmovable.is_empty() {
+        let mut why = Vec::new();
+        if !missing.is_empty() {
+            why.push(format!("no delivery {}", missing.join(", ")));
+        }
+        if !unmovable.is_empty() {
+            why.push(format!(
+                "only dead or delayed deliveries are requeued: {}",
+                unmovable.join(", ")
+            ));
+        }
+        return Err(Error::data(format!("{}; nothing changed", why.join("; "))));
     }
     let params = RequeueParams {
         filter,
         now: now_ms(),
         dry_run,
     };
-    let n = crate::store::open(config)?.deliveries_requeue(&params)?;
+    let n = store.deliveries_requeue(&params)?;
     if as_json {
-        return print(&format!("{}\n", json!({"requeued": n, "dry_run": dry_run})));
+        return print_json(&json!({"requeued": n, "dry_run": dry_run}));
     }
+    let deliveries = plural(n, "delivery", "deliveries");
     print(&if dry_run {
-        format!("would requeue {n} deliveries (dry run: nothing changed)\n")
+        format!("would requeue {deliveries} (dry run: nothing changed)\n")
     } else {
-        format!("requeued {n} deliveries\n")
+        format!("requeued {deliveries}\n")
+    })
+}
+
+/// `cronpost requeue --unroutable`: unroutable messages, routed again by
+/// the next run (after a subscriber was added to the config).
+pub fn requeue_unroutable(config: &Config, dry_run: bool, as_json: bool) -> Result<()> {
+    let n = crate::store::open(config)?.messages_reroute_unroutable(dry_run)?;
+    if as_json {
+        return print_json(&json!({"requeued": n, "dry_run": dry_run}));
+    }
+    let messages = plural(n, "unroutable message", "unroutable messages");
+    print(&if dry_run {
+        format!("would route {messages} again (dry run: nothing changed)\n")
+    } else {
+        format!("{messages} will be routed again by the next run\n")
     })
 }
 
@@ -251,45 +513,71 @@ pub fn purge_orphaned(
             config.path.display()
         )));
     }
-    let n = crate::store::open(config)?.deliveries_purge_orphaned(endpoint, dry_run)?;
+    let params = crate::store::PurgeOrphanedParams {
+        endpoint: endpoint.map(str::to_string),
+        configured: config.endpoints.iter().map(|e| e.name.clone()).collect(),
+        dry_run,
+    };
+    let n = crate::store::open(config)?.deliveries_purge_orphaned(&params)?;
     if as_json {
-        return print(&format!("{}\n", json!({"purged": n, "dry_run": dry_run})));
+        return print_json(&json!({"purged": n, "dry_run": dry_run}));
     }
+    let deliveries = plural(n, "orphaned delivery", "orphaned deliveries");
     print(&if dry_run {
-        format!("would purge {n} orphaned deliveries (dry run: nothing changed)\n")
+        format!("would purge {deliveries} (dry run: nothing changed)\n")
     } else {
-        format!("purged {n} orphaned deliveries\n")
+        format!("purged {deliveries}\n")
     })
 }
 
-/// `cronpost purge --older-than D`: delivered history, in batches.
-pub fn purge(config: &Config, older_than: Duration, dry_run: bool, as_json: bool) -> Result<()> {
-    if dry_run {
-        return Err(Error::usage(
-            "--dry-run goes with --orphaned; delivered history is purged by age only",
-        ));
-    }
-    let mut store = crate::store::open(config)?;
-    let before = now_ms() - ms(older_than);
-    let (mut deliveries, mut messages, mut runs, mut batches) = (0, 0, 0, 0);
-    loop {
+/// Removes delivered history last changed before `before`, in batches of
+/// [`PURGE_BATCH`], at most `max_batches` (None: until none is left),
+/// calling `between` after each; returns the reports added up and the
+/// number of batches. Runs (bounded, for retention) and `cronpost purge`
+/// (unbounded) share it.
+pub fn purge_history(
+    store: &mut impl Store,
+    before: i64,
+    max_batches: Option<usize>,
+    between: &mut dyn FnMut(),
+) -> Result<(crate::store::PurgeReport, usize)> {
+    let mut total = crate::store::PurgeReport::default();
+    let mut batches = 0;
+    while max_batches.is_none_or(|max| batches < max) {
         let report = store.delivered_purge(before, PURGE_BATCH)?;
         batches += 1;
-        deliveries += report.deliveries;
-        messages += report.messages;
-        runs += report.runs;
+        between();
+        total.deliveries += report.deliveries;
+        total.messages += report.messages;
+        total.runs += report.runs;
         if report.deliveries + report.messages + report.runs == 0 {
             break;
         }
     }
+    Ok((total, batches))
+}
+
+/// `cronpost purge --older-than D`: delivered history, in batches.
+pub fn purge(config: &Config, older_than: Duration, as_json: bool) -> Result<()> {
+    let mut store = crate::store::open(config)?;
+    let before = now_ms() - ms(older_than);
+    let (purged, batches) = purge_history(&mut store, before, None, &mut || {})?;
     if as_json {
-        return print(&format!(
-            "{}\n",
-            json!({"deliveries": deliveries, "messages": messages, "runs": runs, "batches": batches})
-        ));
+        return print_json(&json!({
+            "deliveries": purged.deliveries, "messages": purged.messages, "runs": purged.runs,
+            "batches": batches
+        }));
     }
     print(&format!(
-        "purged {deliveries} delivered deliveries, {messages} messages and {runs} run records older than {} in {batches} batches\n",
-        humantime::format_duration(older_than)
+        "purged {}, {} and {} older than {} in {}\n",
+        plural(
+            purged.deliveries,
+            "delivered delivery",
+            "delivered deliveries"
+        ),
+        plural(purged.messages, "message", "messages"),
+        plural(purged.runs, "run record", "run records"),
+        humantime::format_duration(older_than),
+        plural(batches as u64, "batch", "batches")
     ))
 }

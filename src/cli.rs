@@ -1,5 +1,7 @@
 //! The `cronpost` command line: parses arguments with clap, runs one command,
-//! and turns its outcome into output and a sysexits exit code.
+//! and turns its outcome into output and a sysexits exit code. The commands
+//! that read the config take `--config` (or CRONPOST_CONFIG); `receive` and
+//! `demo` do not read one, so they do not take it.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -9,91 +11,154 @@ use serde_json::json;
 
 use crate::config::{self, Config, Secret};
 use crate::error::{Error, ExitCode, Result};
+use crate::ids::{DeliveryId, MessageRef};
 use crate::signals::Signals;
-use crate::store::{DeliveryFilter, DeliveryState, Stats, Store, now_ms};
-use crate::{admin, daemon, demo, dispatcher, enqueue, metrics, receiver};
+use crate::store::{DeliveryFilter, DeliveryState, Store, now_ms};
+use crate::{admin, daemon, demo, dispatcher, enqueue, metrics, preflight, receiver};
 
 /// cronpost: a SQLite-backed webhook dispatcher.
 #[derive(Parser, Debug)]
 #[command(name = "cronpost", version, about)]
 struct Cli {
-    /// The config file.
-    #[arg(long, global = true, env = "CRONPOST_CONFIG", default_value = config::DEFAULT_PATH)]
-    config: PathBuf,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The config file, for the commands that read one.
+#[derive(Args, Debug)]
+struct ConfigArg {
+    /// The config file.
+    #[arg(
+        long,
+        env = "CRONPOST_CONFIG",
+        default_value = config::DEFAULT_PATH,
+        value_name = "PATH"
+    )]
+    config: PathBuf,
+}
+
+impl ConfigArg {
+    fn load(&self) -> Result<Config> {
+        Config::load(&self.config)
+    }
+}
+
+/// `--json`, for the commands that print something for scripts.
+#[derive(Args, Debug)]
+struct JsonArg {
+    /// Print JSON instead of text, for scripts.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// One dispatcher run: route, fork children, deliver, exit (for a timer).
-    Run,
-    /// Start a run at each time of the config's cron `schedule` (systemd Type=notify).
-    Daemon,
-    /// Publish one message (payload from --data or stdin), or many with --ndjson.
-    Enqueue(EnqueueArgs),
-    /// Queue depth per endpoint and state, oldest ready age, the last run.
-    Stats {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        json: JsonArg,
     },
-    /// List deliveries, oldest first.
+    /// Start a run at each time of the config's cron `schedule` (systemd Type=notify).
+    Daemon {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Publish one message (payload from --data or stdin), or many with --ndjson.
+    Enqueue {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        args: EnqueueArgs,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Queue depth per endpoint and state, held accounts, saturated and
+    /// removed endpoints, the last run.
+    Stats {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// List deliveries, oldest first, with their delivery id (d..), message
+    /// id and uid.
     List {
         #[command(flatten)]
-        filter: FilterArgs,
+        config: ConfigArg,
+        #[command(flatten)]
+        filter: ListFilter,
         /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: u64,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Show one message (by id or msg_... uid), its deliveries and every attempt.
-    Show {
-        /// The message id or uid.
-        id: String,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Put dead (or delayed) deliveries back in the ready queue, by id or by filter.
-    Requeue {
-        /// Delivery ids (else every delivery the filters match).
-        ids: Vec<i64>,
         #[command(flatten)]
-        filter: FilterArgs,
+        json: JsonArg,
+    },
+    /// Show one message, its deliveries and every attempt: by message id
+    /// (42), uid (msg_...) or delivery id (d58, as `list` prints it).
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// A message id, a uid or a delivery id (d58).
+        id: MessageRef,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Put dead (or delayed) deliveries back in the ready queue, by delivery
+    /// id or by filter; or route unroutable messages again.
+    Requeue {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Delivery ids (17 or d17); else every delivery the filters match.
+        ids: Vec<DeliveryId>,
+        #[command(flatten)]
+        filter: RequeueFilter,
+        /// The messages marked unroutable (no endpoint subscribed to their
+        /// topic): routed again by the next run.
+        #[arg(long, conflicts_with_all = ["ids", "state", "endpoint", "account", "topic"])]
+        unroutable: bool,
         /// Count what would be requeued; change nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Delete delivered history older than a duration, in small batches; or
     /// the deliveries parked because their endpoint left the config.
     #[command(group(clap::ArgGroup::new("what").required(true).args(["older_than", "orphaned"])))]
     Purge {
-        /// e.g. 7d, 12h.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[command(flatten)]
+        config: ConfigArg,
+        /// How old delivered history must be, e.g. 7d, 12h.
+        #[arg(long, value_parser = parse_age, conflicts_with = "orphaned")]
         older_than: Option<std::time::Duration>,
         /// The deliveries of endpoints no longer in the config.
         #[arg(long)]
         orphaned: bool,
         /// With --orphaned: only those of this endpoint.
-        #[arg(long, requires = "orphaned")]
+        #[arg(long)]
         endpoint: Option<String>,
-        /// Count what would be purged; change nothing.
+        /// With --orphaned: count what would be purged; change nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        json: JsonArg,
     },
-    /// Validate the config file and exit.
-    CheckConfig,
+    /// Check the config file and what a run will need (directories, group,
+    /// schedule); exit non-zero naming each problem.
+    CheckConfig {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print a config with every key and its default, and exit.
+        #[arg(long)]
+        print_defaults: bool,
+    },
     /// Create or migrate the database and exit.
-    Migrate,
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// A webhook receiver on 127.0.0.1 that prints what arrives.
     Receive {
         /// Port (0: any free port; the address is printed first).
@@ -102,11 +167,11 @@ enum Command {
         /// Verify signatures with the secret in this file (whsec_... or raw;
         /// or set CRONPOST_RECEIVE_SECRET). Not on the command line, where
         /// every local user can read it.
-        #[arg(long)]
+        #[arg(long, value_name = "PATH")]
         secret_file: Option<PathBuf>,
         /// Answer 401 to a request whose signature or timestamp (more than
         /// 5 minutes off) does not verify.
-        #[arg(long, requires = "secret_file")]
+        #[arg(long)]
         reject_invalid: bool,
         /// The status to answer with.
         #[arg(long, default_value_t = 200)]
@@ -114,17 +179,38 @@ enum Command {
         /// Exit after this many requests.
         #[arg(long)]
         count: Option<u64>,
+        /// Return once listening and serve in the background (its output
+        /// still goes where stdout goes).
+        #[arg(long)]
+        detach: bool,
     },
     /// A demo in a temporary directory: receiver, config, messages, one run.
     Demo,
 }
 
+/// The filters of `list`.
+#[derive(Args, Debug)]
+struct ListFilter {
+    /// Only deliveries in this state.
+    #[arg(long, value_parser = ["ready", "delayed", "leased", "delivered", "dead"])]
+    state: Option<String>,
+    #[command(flatten)]
+    common: CommonFilter,
+}
+
+/// The filters of `requeue`: only dead and delayed deliveries move.
+#[derive(Args, Debug)]
+struct RequeueFilter {
+    /// Only deliveries in this state (by filter alone: dead).
+    #[arg(long, value_parser = ["dead", "delayed"])]
+    state: Option<String>,
+    #[command(flatten)]
+    common: CommonFilter,
+}
+
 /// Filters shared by `list` and `requeue`.
 #[derive(Args, Debug)]
-struct FilterArgs {
-    /// ready, delayed, leased, delivered or dead.
-    #[arg(long, value_parser = parse_state)]
-    state: Option<DeliveryState>,
+struct CommonFilter {
     /// Only deliveries to this endpoint.
     #[arg(long)]
     endpoint: Option<String>,
@@ -136,11 +222,11 @@ struct FilterArgs {
     topic: Option<String>,
 }
 
-impl FilterArgs {
-    fn into_filter(self, ids: Vec<i64>) -> DeliveryFilter {
+impl CommonFilter {
+    fn into_filter(self, ids: Vec<i64>, state: Option<String>) -> DeliveryFilter {
         DeliveryFilter {
             ids,
-            state: self.state,
+            state: state.as_deref().and_then(DeliveryState::parse),
             endpoint: self.endpoint,
             account: self.account,
             topic: self.topic,
@@ -148,9 +234,12 @@ impl FilterArgs {
     }
 }
 
-fn parse_state(text: &str) -> std::result::Result<DeliveryState, String> {
-    DeliveryState::parse(text)
-        .ok_or_else(|| format!("{text:?} is not one of ready, delayed, leased, delivered, dead"))
+/// A duration with its unit; a bare number is refused with an example.
+fn parse_age(text: &str) -> std::result::Result<std::time::Duration, String> {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{text} needs a unit, like {text}d or {text}h"));
+    }
+    humantime::parse_duration(text).map_err(|e| format!("{e} (like 7d or 12h)"))
 }
 
 #[derive(Args, Debug)]
@@ -167,7 +256,7 @@ struct EnqueueArgs {
     /// Do not deliver before this delay, e.g. 30s, 5m.
     #[arg(long)]
     delay: Option<String>,
-    /// A message with a key already enqueued is skipped.
+    /// A second message of the account with this key is skipped.
     #[arg(long)]
     dedup_key: Option<String>,
     /// The JSON payload (else read from stdin).
@@ -210,7 +299,7 @@ pub fn main() -> i32 {
             };
         }
     };
-    match execute(cli) {
+    match execute(cli.command) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("cronpost: {e}");
@@ -219,14 +308,99 @@ pub fn main() -> i32 {
     }
 }
 
-fn execute(cli: Cli) -> Result<()> {
-    match cli.command {
+fn execute(command: Command) -> Result<()> {
+    match command {
+        Command::Run { config, json } => {
+            let config = config.load()?;
+            preflight::check_for_run(&config)?;
+            let signals = Signals::install()?;
+            let started = std::time::Instant::now();
+            let run = dispatcher::run_once(&config, &signals, &mut || {})?;
+            metrics::publish(&config, &run, started.elapsed())?;
+            if json.json {
+                print_line(&admin::run_json(&run))?;
+            }
+            Ok(())
+        }
+        Command::Daemon { config } => {
+            let path = config.config.clone();
+            let config = config.load()?;
+            preflight::check_for_run(&config)?;
+            daemon::run(&path, config)
+        }
+        Command::Enqueue { config, args, json } => enqueue(&config.load()?, args, json.json),
+        Command::Stats { config, json } => admin::stats(&config.load()?, json.json),
+        Command::List {
+            config,
+            filter,
+            limit,
+            json,
+        } => admin::list(
+            &config.load()?,
+            &filter.common.into_filter(Vec::new(), filter.state),
+            limit,
+            json.json,
+        ),
+        Command::Show { config, id, json } => admin::show(&config.load()?, &id, json.json),
+        Command::Requeue {
+            config,
+            ids,
+            filter,
+            unroutable,
+            dry_run,
+            json,
+        } => {
+            let config = config.load()?;
+            if unroutable {
+                return admin::requeue_unroutable(&config, dry_run, json.json);
+            }
+            let ids = ids.into_iter().map(|id| id.0).collect();
+            let mut filter = filter.common.into_filter(ids, filter.state);
+            if filter.ids.is_empty() && filter.state.is_none() {
+                // By filter alone, the dead-letter queue is what an admin means.
+                filter.state = Some(DeliveryState::Dead);
+            }
+            admin::requeue(&config, filter, dry_run, json.json)
+        }
+        Command::Purge {
+            config,
+            older_than,
+            orphaned,
+            endpoint,
+            dry_run,
+            json,
+        } => match older_than {
+            Some(_) if dry_run || endpoint.is_some() => Err(Error::usage(
+                "--dry-run and --endpoint go with --orphaned; delivered history is purged by age alone",
+            )),
+            Some(age) if !orphaned => admin::purge(&config.load()?, age, json.json),
+            _ => admin::purge_orphaned(&config.load()?, endpoint.as_deref(), dry_run, json.json),
+        },
+        Command::CheckConfig {
+            config,
+            print_defaults,
+        } => {
+            if print_defaults {
+                return print_line(preflight::DEFAULTS.trim_end());
+            }
+            preflight::check_config(&config.load()?)
+        }
+        Command::Migrate { config } => {
+            let config = config.load()?;
+            let store = crate::store::open(&config)?;
+            print_line(&format!(
+                "database {} is at schema version {}",
+                config.database.display(),
+                store.schema_version()?
+            ))
+        }
         Command::Receive {
             port,
             secret_file,
             reject_invalid,
             status,
             count,
+            detach,
         } => {
             let secret = receiver_secret(secret_file.as_deref())?;
             if reject_invalid && secret.is_none() {
@@ -240,69 +414,19 @@ fn execute(cli: Cli) -> Result<()> {
                 reject_invalid,
                 status,
                 count,
+                detach,
             })
         }
         Command::Demo => demo::run(),
-        command => {
-            let config = Config::load(&cli.config)?;
-            match command {
-                Command::Run => {
-                    let signals = Signals::install()?;
-                    let started = std::time::Instant::now();
-                    let run = dispatcher::run_once(&config, &signals, &mut || {})?;
-                    metrics::publish(&config, &run, started.elapsed())
-                }
-                Command::Daemon => daemon::run(&cli.config, config),
-                Command::Enqueue(args) => enqueue(&config, args),
-                Command::Stats { json } => stats(&config, json),
-                Command::CheckConfig => check_config(&config),
-                Command::List {
-                    filter,
-                    limit,
-                    json,
-                } => admin::list(&config, &filter.into_filter(Vec::new()), limit, json),
-                Command::Show { id, json } => admin::show(&config, &id, json),
-                Command::Requeue {
-                    ids,
-                    filter,
-                    dry_run,
-                    json,
-                } => {
-                    let mut filter = filter.into_filter(ids);
-                    if filter.ids.is_empty() && filter.state.is_none() {
-                        // By filter alone, the dead-letter queue is what an admin means.
-                        filter.state = Some(DeliveryState::Dead);
-                    }
-                    admin::requeue(&config, filter, dry_run, json)
-                }
-                Command::Purge {
-                    older_than,
-                    orphaned,
-                    endpoint,
-                    dry_run,
-                    json,
-                } => match older_than {
-                    Some(older_than) if !orphaned => {
-                        admin::purge(&config, older_than, dry_run, json)
-                    }
-                    _ => admin::purge_orphaned(&config, endpoint.as_deref(), dry_run, json),
-                },
-                Command::Migrate => {
-                    let store = crate::store::open(&config)?;
-                    println!(
-                        "database {} is at schema version {}",
-                        config.database.display(),
-                        store.schema_version()?
-                    );
-                    Ok(())
-                }
-                Command::Receive { .. } | Command::Demo => unreachable!("handled above"),
-            }
-        }
     }
 }
 
-fn enqueue(config: &Config, args: EnqueueArgs) -> Result<()> {
+fn print_line(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}").map_err(|e| Error::io("stdout", e))
+}
+
+fn enqueue(config: &Config, args: EnqueueArgs, as_json: bool) -> Result<()> {
     let now = now_ms();
     let messages = if args.ndjson {
         enqueue::read_ndjson(config, std::io::stdin().lock(), now)?
@@ -327,20 +451,33 @@ fn enqueue(config: &Config, args: EnqueueArgs) -> Result<()> {
     };
     let mut store = crate::store::open_durable(config)?;
     let report = store.messages_insert(&messages)?;
-    println!(
-        "enqueued {} message{}{}",
-        report.inserted,
-        if report.inserted == 1 { "" } else { "s" },
-        if report.duplicates > 0 {
-            format!(
-                " ({} skipped: dedup key already enqueued)",
-                report.duplicates
-            )
-        } else {
-            String::new()
-        }
+    if as_json {
+        let ids: Vec<_> = report
+            .messages
+            .iter()
+            .map(|m| json!({"id": m.id, "uid": m.uid}))
+            .collect();
+        return print_line(
+            &json!({"inserted": report.inserted, "duplicates": report.duplicates, "messages": ids})
+                .to_string(),
+        );
+    }
+    let mut text = format!(
+        "enqueued {}",
+        admin::plural(report.inserted as u64, "message", "messages")
     );
-    Ok(())
+    match report.messages.as_slice() {
+        [] => {}
+        [one] => text += &format!(": id {} (uid {})", one.id, one.uid),
+        [first, .., last] => text += &format!(": ids {} to {}", first.id, last.id),
+    }
+    if report.duplicates > 0 {
+        text += &format!(
+            " ({} skipped: the account's dedup key was enqueued already)",
+            report.duplicates
+        );
+    }
+    print_line(&text)
 }
 
 /// The receiver's secret: from `--secret-file`, else from the environment.
@@ -359,175 +496,4 @@ fn receiver_secret(file: Option<&std::path::Path>) -> Result<Option<Secret>> {
     Secret::parse(text.trim())
         .map(Some)
         .map_err(|e| Error::usage(format!("{origin}: the secret {e}")))
-}
-
-fn check_config(config: &Config) -> Result<()> {
-    println!("config {} is valid", config.path.display());
-    println!("database: {}", config.database.display());
-    for e in &config.endpoints {
-        println!(
-            "endpoint {}: {} ({}), topics: {}",
-            e.name,
-            config::redacted(&e.url),
-            e.mode.as_str(),
-            e.topics.join(", ")
-        );
-    }
-    Ok(())
-}
-
-fn stats(config: &Config, as_json: bool) -> Result<()> {
-    let mut store = crate::store::open(config)?;
-    let stats = store.stats(now_ms())?;
-    let mut out = std::io::stdout().lock();
-    let written = if as_json {
-        writeln!(out, "{}", stats_json(&stats))
-    } else {
-        write_stats_table(&mut out, &stats)
-    };
-    written.map_err(|e| Error::io("stdout", e))
-}
-
-fn stats_json(stats: &Stats) -> serde_json::Value {
-    let endpoints: Vec<_> = stats
-        .endpoints
-        .iter()
-        .map(|e| {
-            let mut row = serde_json::Map::new();
-            row.insert("endpoint".into(), json!(e.endpoint));
-            for (state, n) in DeliveryState::ALL.iter().zip(e.by_state) {
-                row.insert(state.as_str().into(), json!(n));
-            }
-            serde_json::Value::Object(row)
-        })
-        .collect();
-    let last_run = stats.last_run.as_ref().map(|r| {
-        json!({
-            "id": r.id, "pid": r.pid, "started_at_ms": r.started_at, "finished_at_ms": r.finished_at,
-            "routed": r.routed, "reclaimed": r.reclaimed, "forked": r.forked, "delivered": r.delivered,
-            "retried": r.retried, "dead": r.dead, "failed": r.failed,
-        })
-    });
-    let attempts: serde_json::Map<_, _> = stats
-        .last_run_attempts
-        .iter()
-        .map(|(outcome, n)| (outcome.clone(), json!(n)))
-        .collect();
-    let held_accounts: Vec<_> = stats
-        .held_accounts
-        .iter()
-        .map(|h| json!({"account": h.account, "delayed": h.delayed, "until_ms": h.until}))
-        .collect();
-    let saturated: Vec<_> = stats
-        .saturated_endpoints
-        .iter()
-        .map(|h| {
-            json!({
-                "endpoint": h.endpoint, "saturated_until_ms": h.saturated_until,
-                "cooldown_left_seconds": h.saturated_until.map(|u| ((u - stats.now).max(0)) as f64 / 1000.0),
-                "failures": h.failures, "last_error": h.last_error,
-            })
-        })
-        .collect();
-    let orphaned: Vec<_> = stats
-        .orphaned
-        .iter()
-        .map(|(endpoint, n)| json!({"endpoint": endpoint, "deliveries": n}))
-        .collect();
-    json!({
-        "held_accounts": held_accounts,
-        "saturated_endpoints": saturated,
-        "orphaned": orphaned,
-        "unroutable_messages": stats.unroutable_messages,
-        "endpoints": endpoints,
-        "oldest_ready_age_seconds": stats.oldest_ready_age_ms.map(|ms| ms as f64 / 1000.0),
-        "unrouted_messages": stats.unrouted_messages,
-        "last_run": last_run,
-        "last_run_attempts": attempts,
-    })
-}
-
-fn write_stats_table(out: &mut impl Write, stats: &Stats) -> std::io::Result<()> {
-    write!(out, "{:<20}", "endpoint")?;
-    for state in DeliveryState::ALL {
-        write!(out, " {:>10}", state.as_str())?;
-    }
-    writeln!(out)?;
-    for e in &stats.endpoints {
-        write!(out, "{:<20}", e.endpoint)?;
-        for n in e.by_state {
-            write!(out, " {n:>10}")?;
-        }
-        writeln!(out)?;
-    }
-    match stats.oldest_ready_age_ms {
-        Some(age) => writeln!(out, "oldest ready: {:.1}s old", age as f64 / 1000.0)?,
-        None => writeln!(out, "oldest ready: none ready")?,
-    }
-    writeln!(out, "unrouted messages: {}", stats.unrouted_messages)?;
-    if stats.unroutable_messages > 0 {
-        writeln!(
-            out,
-            "unroutable messages: {} (no endpoint subscribes to their topic; see the unroutable_messages view)",
-            stats.unroutable_messages
-        )?;
-    }
-    for (endpoint, n) in &stats.orphaned {
-        writeln!(
-            out,
-            "endpoint {endpoint} is not in the config: {n} deliveries parked (back when it returns; `cronpost purge --orphaned` removes them)"
-        )?;
-    }
-    for h in &stats.held_accounts {
-        writeln!(
-            out,
-            "account {} held back by its budget: {} deliveries delayed, the last until {:.1}s from now",
-            h.account,
-            h.delayed,
-            (h.until - stats.now).max(0) as f64 / 1000.0
-        )?;
-    }
-    for h in &stats.saturated_endpoints {
-        let state = match h.saturated_until {
-            Some(until) if until > stats.now => {
-                format!(
-                    "saturated, cool-down {:.1}s left",
-                    (until - stats.now) as f64 / 1000.0
-                )
-            }
-            _ => "cool-down over, waiting for a probe to succeed".to_string(),
-        };
-        writeln!(
-            out,
-            "endpoint {} {state} ({} signals in a row; last: {})",
-            h.endpoint,
-            h.failures,
-            h.last_error.as_deref().unwrap_or("-")
-        )?;
-    }
-    if let Some(r) = &stats.last_run {
-        let took = r.finished_at.map_or("still running".to_string(), |f| {
-            format!("{:.2}s", (f - r.started_at) as f64 / 1000.0)
-        });
-        writeln!(
-            out,
-            "last run {} (pid {}, {took}): forked {}, delivered {}, retried {}, dead {}, failed {}",
-            r.id, r.pid, r.forked, r.delivered, r.retried, r.dead, r.failed
-        )?;
-        let attempts: Vec<String> = stats
-            .last_run_attempts
-            .iter()
-            .map(|(o, n)| format!("{o} {n}"))
-            .collect();
-        writeln!(
-            out,
-            "attempts in last run: {}",
-            if attempts.is_empty() {
-                "none".into()
-            } else {
-                attempts.join(", ")
-            }
-        )?;
-    }
-    Ok(())
 }

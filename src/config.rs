@@ -27,7 +27,7 @@ pub struct Config {
     pub database: PathBuf,
     /// How long a statement waits for a lock held by another process.
     pub busy_timeout: Duration,
-    /// The group a new database file is given (mode 0640 instead of 0600).
+    /// The group a new database file is given (mode 0660 instead of 0600).
     pub database_group: Option<u32>,
     /// The largest payload `enqueue` accepts, in bytes.
     pub max_payload_bytes: usize,
@@ -134,7 +134,7 @@ pub struct Endpoint {
     /// Its name, the key of its table.
     pub name: String,
     /// Where deliveries are POSTed (http or https).
-    pub url: url::Url,
+    pub url: EndpointUrl,
     /// The topics it subscribes to.
     pub topics: Vec<String>,
     /// The HMAC-SHA256 keys for `webhook-signature`: one `v1,` signature
@@ -164,6 +164,24 @@ pub struct Endpoint {
     pub cooldown_cap: Duration,
     /// Longest Retry-After honoured.
     pub max_retry_after: Duration,
+}
+
+/// An endpoint's URL. Its Debug form is redacted: a URL may hold a password
+/// or a token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EndpointUrl(pub url::Url);
+
+impl std::ops::Deref for EndpointUrl {
+    type Target = url::Url;
+    fn deref(&self) -> &url::Url {
+        &self.0
+    }
+}
+
+impl fmt::Debug for EndpointUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", redacted(&self.0))
+    }
 }
 
 /// `url` as it may be printed or logged: credentials (`user:pass@`) and
@@ -499,8 +517,11 @@ impl RawConfig {
                         text.span(),
                         "schedule",
                         format!(
-                            "= {:?} is not a cron expression with seconds, like \"*/5 * * * * *\" ({e})",
-                            text.get_ref()
+                            "= {:?} is not a cron expression with seconds (6 or 7 fields, seconds first), like \"*/5 * * * * *\" ({})",
+                            text.get_ref(),
+                            // The parser's message can span lines (a caret
+                            // under the input): its first line says it.
+                            e.to_string().lines().next().unwrap_or_default().trim()
                         ),
                     )
                 })?;
@@ -706,7 +727,7 @@ impl RawEndpoint {
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| at.error(self.secret.span(), &key("secret"), e))?;
         let endpoint = Endpoint {
-            url,
+            url: EndpointUrl(url),
             topics,
             secrets,
             mode: self.mode.unwrap_or(DeliveryMode::FireAndForget),
@@ -811,6 +832,10 @@ secret = "whsec_c2VjcmV0"
         assert_eq!(config.endpoints[0].secrets[0].key(), b"secret");
         assert_eq!(config.endpoints[0].mode, DeliveryMode::FireAndForget);
         assert!(!format!("{config:?}").contains("secret\""));
+        let with_password =
+            parse(&GOOD.replace("http://127.0.0.1:9/hook", "http://u:pw-x@127.0.0.1:9/hook"))
+                .unwrap();
+        assert!(!format!("{with_password:?}").contains("pw-x"));
     }
 
     #[test]

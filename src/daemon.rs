@@ -53,6 +53,9 @@ impl Notifier {
 /// SIGHUP) until SIGTERM/SIGINT.
 pub fn run(config_path: &Path, config: Config) -> Result<()> {
     let mut config = with_schedule(config)?;
+    // Create or migrate the database now, before READY: a long migration
+    // then counts against the start timeout, not the watchdog.
+    drop(crate::store::open(&config)?);
     let signals = Signals::install()?;
     let mut notifier = Notifier::new();
     log::info!(

@@ -52,6 +52,20 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
+/// Writes the demo's config 0600: it holds the endpoints' secret.
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(text.as_bytes()))
+        .map_err(|e| Error::io(path.display(), e))
+}
+
 /// Lines the receiver prints, read on a thread so we can wait with a deadline.
 fn receiver_lines(receiver: &mut Child) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
@@ -100,7 +114,7 @@ topics = ["invoice.paid"]
 secret = "{secret}"
 "#
     );
-    std::fs::write(&config_path, config_text).map_err(|e| Error::io(config_path.display(), e))?;
+    write_private(&config_path, &config_text)?;
     let config = Config::load(&config_path)?;
 
     let drafts = [

@@ -110,7 +110,15 @@ pub fn run_once(
     drop(store);
     // Last to close, the keeper checkpoints the WAL into the file.
     drop(keeper);
-    log::info!("{}", summary(&run, started.elapsed()));
+    // A run that found nothing to do is news only when debugging (a timer
+    // or daemon makes one every few seconds).
+    let idle = run.forked == 0 && run.routed == 0 && run.reclaimed == 0;
+    let level = if idle {
+        log::Level::Debug
+    } else {
+        log::Level::Info
+    };
+    log::log!(level, "{}", summary(&run, started.elapsed()));
     if parent.failed_in_a_row >= FAILURES_IN_A_ROW {
         return Err(Error::software(format!(
             "stopped forking after {FAILURES_IN_A_ROW} children in a row failed (their errors are logged above)"
@@ -165,18 +173,16 @@ fn purge_history(
     between: &mut dyn FnMut(),
 ) -> Result<()> {
     let before = now_ms() - crate::store::ms(config.retention);
-    let mut purged = 0;
-    for _ in 0..RETENTION_BATCHES_PER_RUN {
-        let report = store.delivered_purge(before, crate::admin::PURGE_BATCH)?;
-        between();
-        purged += report.deliveries;
-        if report.deliveries + report.messages + report.runs == 0 {
-            break;
-        }
-    }
-    if purged > 0 {
+    let (purged, _) =
+        crate::admin::purge_history(store, before, Some(RETENTION_BATCHES_PER_RUN), between)?;
+    if purged.deliveries > 0 {
         log::info!(
-            "retention: purged {purged} delivered deliveries older than {}",
+            "retention: purged {} older than {}",
+            crate::admin::plural(
+                purged.deliveries,
+                "delivered delivery",
+                "delivered deliveries"
+            ),
             humantime::format_duration(config.retention)
         );
     }
@@ -276,8 +282,12 @@ impl Parent<'_> {
         loop {
             (self.heartbeat)();
             self.reap(run);
-            if let Err(e) = self.settle_dead_children(run) {
-                failure.get_or_insert(e);
+            // After a failure, settling waits for the end of the run: each
+            // try could block for busy_timeout while children need reaping.
+            if failure.is_none()
+                && let Err(e) = self.settle_dead_children(run)
+            {
+                failure = Some(self.failed(e));
             }
             self.notice_stop();
             self.kill_overdue();
@@ -290,7 +300,7 @@ impl Parent<'_> {
                 match self.slots.try_acquire() {
                     Ok(Some(slot)) => {
                         if let Err(e) = self.fork_child(run, slot) {
-                            failure = Some(e);
+                            failure = Some(self.failed(e));
                         }
                         continue;
                     }
@@ -301,7 +311,7 @@ impl Parent<'_> {
                     }
                     Ok(None) => {}
                     Err(e) => {
-                        failure = Some(e);
+                        failure = Some(self.failed(e));
                         continue;
                     }
                 }
@@ -321,6 +331,16 @@ impl Parent<'_> {
             }
             self.wait();
         }
+    }
+
+    /// Logs a bookkeeping error as it happens (the run ends with it once
+    /// the children in flight are done) and returns it.
+    fn failed(&self, e: Error) -> Error {
+        log::error!(
+            "{e}; forking no more: the {} in flight finish first",
+            crate::admin::plural(self.children.len() as u64, "child", "children")
+        );
+        e
     }
 
     fn more_work(&mut self, run: &mut RunRecord) -> Result<bool> {
@@ -360,7 +380,12 @@ impl Parent<'_> {
                     boot_id: self.boot_id.clone(),
                     deadline: Instant::now() + self.config.run.child_deadline,
                 };
-                let code = child::main(self.config, &ctx) as i32;
+                // A panic must not unwind into the parent's frames (and run
+                // their destructors here): it ends the child as a failure.
+                let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    child::main(self.config, &ctx) as i32
+                }))
+                .unwrap_or(ChildExit::Failed as i32);
                 // The slot's lock goes with the process. _exit: no destructors
                 // or atexit handlers of the parent's state.
                 let _slot = slot;
@@ -490,19 +515,20 @@ impl Parent<'_> {
             return Ok(());
         }
         let mut store = crate::store::open(self.config)?;
-        for dead in std::mem::take(&mut self.dead_children) {
-            let Some(lease) = store.lease_by_owner(&dead.owner)? else {
-                continue;
-            };
-            // An endpoint gone from the config: the lease expires and is retried.
-            let Some(endpoint) = self.config.endpoint(&lease.endpoint) else {
-                continue;
-            };
-            let finish =
-                lease::after_child_death(endpoint, &lease, now_ms(), &dead.how, dead.timed_out);
-            if store.attempt_finish(&finish)? && finish.next == crate::store::NextState::Dead {
-                run.dead += 1;
+        // One at a time, so those not settled when an error comes stay for
+        // the run's last try (or their leases expire).
+        while let Some(dead) = self.dead_children.first() {
+            if let Some(lease) = store.lease_by_owner(&dead.owner)?
+                // An endpoint gone from the config: the lease expires and is retried.
+                && let Some(endpoint) = self.config.endpoint(&lease.endpoint)
+            {
+                let finish =
+                    lease::after_child_death(endpoint, &lease, now_ms(), &dead.how, dead.timed_out);
+                if store.attempt_finish(&finish)? && finish.next == crate::store::NextState::Dead {
+                    run.dead += 1;
+                }
             }
+            self.dead_children.remove(0);
         }
         Ok(())
     }

@@ -55,8 +55,13 @@ impl Draft {
                 config.max_payload_bytes
             )));
         }
-        serde_json::from_str::<ValidJson>(&self.payload)
+        serde_json::from_str::<serde::de::IgnoredAny>(&self.payload)
             .map_err(|e| Error::data(format!("payload is not valid JSON: {e}")))?;
+        if let Some(at) = lone_surrogate(&self.payload) {
+            return Err(Error::data(format!(
+                "payload is not valid JSON: a lone surrogate escape at byte {at} (\\uD800-\\uDFFF must come in pairs)"
+            )));
+        }
         // Valid JSON is an object exactly when it opens with a brace.
         if config.require_object_payload && !self.payload.trim_start().starts_with('{') {
             return Err(Error::data(format!(
@@ -97,72 +102,66 @@ impl Draft {
     }
 }
 
-/// The longest topic, account or dedup key, in bytes (the schema's limit).
-pub const MAX_NAME_BYTES: usize = 255;
+/// The longest topic, account or dedup key, in characters (the limit the
+/// schema's trigger checks for plain-SQL producers too).
+pub const MAX_NAME_CHARS: usize = 255;
 
 /// Topics, accounts and dedup keys go into headers and logs: no control
-/// characters, and not too long.
+/// character (U+0001-U+001F, U+007F, and NUL, as the schema's trigger), and
+/// not too long.
 fn check_name(what: &str, text: &str) -> Result<()> {
-    if text.chars().any(char::is_control) {
+    if text.chars().any(|c| c < ' ' || c == '\u{7f}') {
         return Err(Error::data(format!(
             "{what} {text:?} contains a control character"
         )));
     }
-    if text.len() > MAX_NAME_BYTES {
+    let chars = text.chars().count();
+    if chars > MAX_NAME_CHARS {
         return Err(Error::data(format!(
-            "{what} is {} bytes long, over {MAX_NAME_BYTES}",
-            text.len()
+            "{what} is {chars} characters long, over {MAX_NAME_CHARS}"
         )));
     }
     Ok(())
 }
 
-/// JSON that parses, strings included: unlike serde's `IgnoredAny`, which
-/// skips strings without decoding them, this decodes every string, so a
-/// lone surrogate (`"\ud800"`) that many receivers cannot read is refused.
-/// Nothing is kept.
-struct ValidJson;
-
-impl<'de> serde::Deserialize<'de> for ValidJson {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(ValidJsonVisitor)
+/// The first `\\u` escape in JSON text (valid JSON: a string's escapes are
+/// well formed) that is half of a UTF-16 surrogate pair without its other
+/// half, which many receivers cannot decode; serde skips strings without
+/// decoding them, so this looks. Returns its byte offset.
+fn lone_surrogate(json: &str) -> Option<usize> {
+    let bytes = json.as_bytes();
+    let unit = |at: usize| -> Option<u16> {
+        let hex = json.get(at + 2..at + 6)?;
+        (bytes.get(at..at + 2) == Some(b"\\u"))
+            .then(|| u16::from_str_radix(hex, 16).ok())
+            .flatten()
+    };
+    let (mut i, mut in_string) = (0, false);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => in_string = !in_string,
+            b'\\' if in_string => {
+                match unit(i) {
+                    Some(0xD800..=0xDBFF) => {
+                        if !matches!(unit(i + 6), Some(0xDC00..=0xDFFF)) {
+                            return Some(i);
+                        }
+                        i += 12;
+                        continue;
+                    }
+                    Some(0xDC00..=0xDFFF) => return Some(i),
+                    Some(_) => {
+                        i += 6;
+                        continue;
+                    }
+                    None => i += 1, // \n, \", \\ ...: skip the escaped byte
+                }
+            }
+            _ => {}
+        }
+        i += 1;
     }
-}
-
-struct ValidJsonVisitor;
-
-impl<'de> serde::de::Visitor<'de> for ValidJsonVisitor {
-    type Value = ValidJson;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("JSON")
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<ValidJson, E> {
-        Ok(ValidJson)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<ValidJson, E> {
-        Ok(ValidJson)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<ValidJson, E> {
-        Ok(ValidJson)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<ValidJson, E> {
-        Ok(ValidJson)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<ValidJson, E> {
-        Ok(ValidJson)
-    }
-    fn visit_unit<E>(self) -> Result<ValidJson, E> {
-        Ok(ValidJson)
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ValidJson, A::Error> {
-        while seq.next_element::<ValidJson>()?.is_some() {}
-        Ok(ValidJson)
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ValidJson, A::Error> {
-        while map.next_entry::<ValidJson, ValidJson>()?.is_some() {}
-        Ok(ValidJson)
-    }
+    None
 }
 
 /// What kind of JSON value valid JSON text is, from its first character.
@@ -278,4 +277,19 @@ pub fn read_payload(mut input: impl std::io::Read, max_bytes: usize) -> Result<S
         )));
     }
     String::from_utf8(bytes).map_err(|e| Error::data(format!("payload on stdin is not UTF-8: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lone_surrogate;
+
+    #[test]
+    fn lone_surrogates_are_found_and_pairs_and_other_escapes_are_not() {
+        assert_eq!(lone_surrogate(r#"{"a":"\ud800"}"#), Some(6));
+        assert_eq!(lone_surrogate(r#""\udc00x""#), Some(1));
+        assert_eq!(lone_surrogate(r#""\ud83d\ude00""#), None);
+        assert_eq!(lone_surrogate(r#""\\ud800""#), None, "an escaped backslash");
+        assert_eq!(lone_surrogate(r#"{"\"":"\u00e9","n":1e400}"#), None);
+        assert_eq!(lone_surrogate(r#"["\ud83d","\ude00"]"#), Some(2));
+    }
 }

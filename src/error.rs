@@ -16,6 +16,8 @@ pub enum ExitCode {
     Unavailable = 69,
     /// 70: an internal error, a bug.
     Software = 70,
+    /// 71: the system refused (fork failed).
+    OsErr = 71,
     /// 73: an output file (the database) cannot be created or written.
     CantCreate = 73,
     /// 74: an I/O error (disk full, ...).

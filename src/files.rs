@@ -7,10 +7,17 @@
 //! the umask: a new database is 0660 with its group when the database is
 //! shared (`database_group`, or a setgid directory such as the package's
 //! /var/lib/cronpost), else 0600; every file it creates beside the database
-//! (slot files, and SQLite's -wal and -shm, whose mode SQLite copies from the
-//! database) takes the database's group and mode. A process that cannot read
-//! and write one of them gets one error naming the file, its owner and mode,
-//! and the fix.
+//! (slot files) takes the database's group and mode. SQLite makes the -wal
+//! and -shm files itself, with the database's mode; they get the database's
+//! group from a setgid directory, which sharing therefore needs (the
+//! package's /var/lib/cronpost is one; `check-config` says when it is not).
+//! cronpost does not fix their group afterwards: that would mean opening
+//! them (and closing any descriptor of a file drops every POSIX lock this
+//! process holds on it, SQLite's too: another process would then take the
+//! -shm file for its own, truncate it, and crash us with SIGBUS on the next
+//! write to its mapping) or changing them by path (a symlink race). A
+//! process that cannot read and write the files gets one error naming the
+//! file, its owner and mode, and the fix.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -116,14 +123,22 @@ impl Sharing {
         Ok(Some(file))
     }
 
-    /// Creates the directory `path` with this sharing unless it exists.
+    /// Creates the directory `path` with this sharing unless it exists; an
+    /// existing one must be a directory, not a symlink (in a group-writable
+    /// directory another member could have planted one).
     pub fn create_dir(&self, path: &Path) -> std::io::Result<()> {
         match std::fs::DirBuilder::new()
             .mode(self.dir_mode())
             .create(path)
         {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return if std::fs::symlink_metadata(path)?.file_type().is_dir() {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other("exists and is not a directory"))
+                };
+            }
             Err(e) => return Err(e),
         }
         let dir = File::open(path)?;
@@ -133,54 +148,45 @@ impl Sharing {
         self.apply(&dir, self.dir_mode() | inherited)
     }
 
+    /// Opens an existing file made with this sharing, for reading: never
+    /// through a symlink, never blocking on a FIFO, and only a regular file
+    /// (in a group-writable directory another member could plant either).
+    pub fn open_existing(&self, path: &Path) -> std::io::Result<File> {
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+            .open(path)?;
+        if !file.metadata()?.file_type().is_file() {
+            return Err(std::io::Error::other("is not a regular file"));
+        }
+        Ok(file)
+    }
+
     /// Gives an existing file this sharing's group and mode when this
-    /// process owns it and either differs (a file made by an older version,
-    /// or by SQLite outside a setgid directory with its creator's group).
+    /// process owns it and either differs (a file made by an older version).
+    /// Never as root, and never a file with another name (a hard link):
+    /// root must not be talked into changing the mode of a file of its own
+    /// that another user linked here.
     pub fn fix_if_owned(&self, file: &File) -> std::io::Result<()> {
         let meta = file.metadata()?;
+        let me = Uid::effective();
         let wrong_group = self.gid.is_some_and(|gid| meta.gid() != gid);
-        if meta.uid() == Uid::effective().as_raw()
+        if !me.is_root()
+            && meta.uid() == me.as_raw()
+            && meta.nlink() == 1
             && (wrong_group || meta.mode() & 0o777 != self.mode)
         {
             self.apply(file, self.mode)?;
         }
         Ok(())
     }
+}
 
-    /// Gives the files SQLite made beside `database` (-wal, -shm) the
-    /// database's group and mode where this process owns them: outside a
-    /// setgid directory they got the creator's primary group, which would
-    /// lock the other users out.
-    ///
-    /// By path, never by opening them: closing any descriptor of a file
-    /// drops every POSIX lock this process holds on it, SQLite's too, and
-    /// another process would then take the -shm file for its own, truncate
-    /// it and crash us (SIGBUS) on the next write to its mapping.
-    pub fn fix_companions(&self, database: &Path) {
-        let me = Uid::effective().as_raw();
-        for suffix in ["-wal", "-shm"] {
-            let path = with_suffix(database, suffix);
-            let Ok(meta) = std::fs::symlink_metadata(&path) else {
-                continue;
-            };
-            let wrong_group = self.gid.is_some_and(|gid| meta.gid() != gid);
-            if !meta.file_type().is_file()
-                || meta.uid() != me
-                || !(wrong_group || meta.mode() & 0o777 != self.mode)
-            {
-                continue;
-            }
-            let fixed = std::os::unix::fs::lchown(&path, None, self.gid).and_then(|()| {
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(self.mode))
-            });
-            if let Err(e) = fixed {
-                log::warn!(
-                    "cannot give {} the database's group and mode: {e}",
-                    path.display()
-                );
-            }
-        }
-    }
+/// Whether files made in the directory of `database` get the group `gid`
+/// (a setgid directory of that group): then SQLite's -wal and -shm files,
+/// made by whichever process comes first, are shared like the database.
+pub fn directory_shares_group(database: &Path, gid: u32) -> bool {
+    std::fs::metadata(parent_dir(database)).is_ok_and(|m| m.mode() & 0o2000 != 0 && m.gid() == gid)
 }
 
 /// `path` with `suffix` appended to its file name (`q.db` → `q.db-wal`).
@@ -200,7 +206,7 @@ pub fn parent_dir(path: &Path) -> &Path {
 /// Checks that this process can read and write the existing `database` and
 /// the files SQLite keeps beside it, and create those in its directory; the
 /// error names the file, its owner and mode, and the fix (exit 77).
-pub fn check_read_write(database: &Path) -> Result<()> {
+pub fn check_read_write(database: &Path, group: Option<u32>) -> Result<()> {
     let rw = AccessFlags::R_OK | AccessFlags::W_OK;
     let mut to_check = vec![(database.to_path_buf(), rw, false)];
     let mut any_missing = false;
@@ -221,7 +227,7 @@ pub fn check_read_write(database: &Path) -> Result<()> {
         match nix::unistd::access(&path, flags) {
             Ok(()) => {}
             Err(nix::errno::Errno::EACCES | nix::errno::Errno::EPERM) => {
-                return Err(permission_error(database, &path, is_dir));
+                return Err(permission_error(database, &path, is_dir, group));
             }
             // A read-only file system and the like are SQLite's to report.
             Err(_) => {}
@@ -250,7 +256,7 @@ fn in_group(gid: u32) -> bool {
         || nix::unistd::getgroups().is_ok_and(|groups| groups.iter().any(|g| g.as_raw() == gid))
 }
 
-fn permission_error(database: &Path, path: &Path, is_dir: bool) -> Error {
+fn permission_error(database: &Path, path: &Path, is_dir: bool, group: Option<u32>) -> Error {
     let me = user_name(Uid::effective().as_raw());
     let Ok(meta) = std::fs::metadata(path) else {
         return Error::new(
@@ -258,7 +264,7 @@ fn permission_error(database: &Path, path: &Path, is_dir: bool) -> Error {
             format!("database {}: permission denied", database.display()),
         );
     };
-    let (owner, group) = (user_name(meta.uid()), group_name(meta.gid()));
+    let (owner, file_group) = (user_name(meta.uid()), group_name(meta.gid()));
     let what = if is_dir {
         format!(
             "cannot create files in directory {} (SQLite keeps -wal and -shm files beside the database)",
@@ -269,24 +275,40 @@ fn permission_error(database: &Path, path: &Path, is_dir: bool) -> Error {
     } else {
         format!("cannot read and write {}", path.display())
     };
-    let wanted = if is_dir { "g+rwx" } else { "g+rw" };
-    let group_bits = if is_dir { 0o070 } else { 0o060 };
-    let mut fixes = Vec::new();
-    if meta.mode() & group_bits != group_bits {
-        fixes.push(format!("chmod {wanted} {}", path.display()));
-    }
-    if !in_group(meta.gid()) {
-        fixes.push(format!(
-            "add {me} to group {group} (usermod -aG {group} {me}, then log in again)"
-        ));
-    }
+    let bits = if is_dir { "g+rwx" } else { "g+rw" };
+    let wanted = if is_dir { 0o070 } else { 0o060 };
+    let fix = match group {
+        // The config names the group to share with.
+        Some(gid) => {
+            let name = group_name(gid);
+            let mut fixes = Vec::new();
+            if meta.gid() != gid {
+                fixes.push(format!("chgrp {name} {}", path.display()));
+            }
+            if meta.mode() & wanted != wanted {
+                fixes.push(format!("chmod {bits} {}", path.display()));
+            }
+            if !in_group(gid) {
+                fixes.push(format!(
+                    "add {me} to group {name} (usermod -aG {name} {me}, then log in again)"
+                ));
+            }
+            format!(
+                "to share it with group {name} (database_group): {}",
+                fixes.join(" and ")
+            )
+        }
+        None => format!(
+            "to share it, set database_group in the config to a group {me} is in, and chgrp that group and chmod {bits} {}",
+            path.display()
+        ),
+    };
     Error::new(
         ExitCode::NoPerm,
         format!(
-            "database {}: user {me} {what}: owner {owner}:{group}, mode {:04o}; to share it with group {group}: {}",
+            "database {}: user {me} {what}: owner {owner}:{file_group}, mode {:04o}; {fix}",
             database.display(),
             meta.mode() & 0o7777,
-            fixes.join(" and ")
         ),
     )
 }

@@ -10,16 +10,39 @@ use std::time::Duration;
 /// dispositions back to the defaults, and a fresh seed for the thread RNG
 /// (else every child draws the same backoff jitter). With `lifetime`, the
 /// process also bounds its own life: SIGALRM (default action: terminate)
-/// after `lifetime`, rounded up to a second, whatever happens to the parent
-/// that would otherwise kill it at its deadline. The alarm counts on the
-/// monotonic clock, so a wall-clock jump does not move it.
+/// after `lifetime`, whatever happens to the parent that would otherwise
+/// kill it at its deadline. The timer counts on the monotonic clock, so a
+/// wall-clock jump does not move it.
 pub fn after_fork(lifetime: Option<Duration>) {
     crate::signals::reset_to_defaults();
     if let Err(e) = rand::rng().reseed() {
         log::warn!("cannot reseed the random number generator after fork: {e}");
     }
     if let Some(lifetime) = lifetime {
-        let seconds = lifetime.as_secs() + u64::from(lifetime.subsec_nanos() > 0);
-        nix::unistd::alarm::set(u32::try_from(seconds.max(1)).unwrap_or(u32::MAX));
+        set_alarm(lifetime);
+    }
+}
+
+/// SIGALRM after `after`, to the millisecond (alarm(2) counts whole
+/// seconds, which could outlast a tight lease margin).
+fn set_alarm(after: Duration) {
+    let after = after.max(Duration::from_millis(1));
+    let timer = nix::libc::itimerval {
+        it_interval: nix::libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        },
+        it_value: nix::libc::timeval {
+            tv_sec: after.as_secs() as nix::libc::time_t,
+            tv_usec: nix::libc::suseconds_t::from(after.subsec_micros()),
+        },
+    };
+    // SAFETY: setitimer reads `timer`; no old value is asked for.
+    let set = unsafe { nix::libc::setitimer(nix::libc::ITIMER_REAL, &timer, std::ptr::null_mut()) };
+    if set != 0 {
+        log::warn!(
+            "cannot set this child's alarm: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }

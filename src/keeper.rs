@@ -45,7 +45,9 @@ impl Keeper {
             Ok(ForkResult::Child) => {
                 drop(write_end);
                 crate::forking::after_fork(None);
-                keep(config, read_end);
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    keep(config, read_end)
+                }));
                 unsafe { nix::libc::_exit(0) }
             }
             Ok(ForkResult::Parent { child }) => Some(Keeper {

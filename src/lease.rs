@@ -5,7 +5,7 @@
 //! - 2xx, or no answer in a fire-and-forget window: delivered.
 //! - 408, 429, 5xx, connection refused or timed out, a broken connection:
 //!   retry after exponential backoff with full jitter (Retry-After honoured,
-//!   up to the cap), dead once `max_attempts` attempts have failed.
+//!   up to `max_retry_after`), dead once `max_attempts` attempts have failed.
 //! - any other status (4xx, 3xx): dead at once, the endpoint refused it.
 
 use std::time::Duration;
@@ -148,8 +148,9 @@ fn retry_or_dead(
             ),
         );
     }
+    // Retry-After is honoured up to max_retry_after, as by the breaker.
     let delay = backoff(endpoint, lease.attempt)
-        .max(at_least.unwrap_or_default().min(endpoint.backoff_cap));
+        .max(at_least.unwrap_or_default().min(endpoint.max_retry_after));
     FinishAttempt::retry(lease, now, now + ms(delay).max(1), error)
 }
 

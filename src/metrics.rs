@@ -55,8 +55,25 @@ pub fn render(stats: &Stats, run: &RunRecord, took: Duration, totals: &RunTotals
     metric(
         "cronpost_unrouted_messages",
         "gauge",
-        "Messages not routed to any endpoint yet.",
+        "Messages no run has routed yet.",
         &[(String::new(), stats.unrouted_messages as f64)],
+    );
+    metric(
+        "cronpost_unroutable_messages",
+        "gauge",
+        "Messages no endpoint subscribes to (kept for retention).",
+        &[(String::new(), stats.unroutable_messages as f64)],
+    );
+    let orphaned: Vec<(String, f64)> = stats
+        .orphaned
+        .iter()
+        .map(|(endpoint, n)| (format!("{{endpoint=\"{}\"}}", escape(endpoint)), *n as f64))
+        .collect();
+    metric(
+        "cronpost_orphaned_deliveries",
+        "gauge",
+        "Deliveries parked because their endpoint left the config.",
+        &orphaned,
     );
     let saturated: Vec<(String, f64)> = stats
         .saturated_endpoints
@@ -97,6 +114,7 @@ pub fn render(stats: &Stats, run: &RunRecord, took: Duration, totals: &RunTotals
             ("retried", r.retried),
             ("dead", r.dead),
             ("failed", r.failed),
+            ("found_nothing", r.found_nothing),
         ]
         .iter()
         .map(|(kind, n)| (format!("{{outcome=\"{kind}\"}}"), *n as f64))

@@ -25,6 +25,9 @@ pub struct Options {
     pub status: u16,
     /// Stop after this many requests (else serve forever).
     pub count: Option<u64>,
+    /// Serve from a forked process once the port is bound, and return:
+    /// the next shell command finds the receiver listening.
+    pub detach: bool,
 }
 
 /// Whether a request's signature verifies: `valid`, `INVALID` (no
@@ -55,19 +58,33 @@ pub fn verdict(
 /// requests have come (or forever).
 pub fn serve(options: Options) -> Result<()> {
     let port = options.port;
-    let server = tiny_http::Server::http(("127.0.0.1", port)).map_err(|e| {
+    let cannot = |e: std::io::Error| {
         Error::new(
             ExitCode::Unavailable,
             format!("cannot listen on 127.0.0.1:{port}: {e}"),
         )
-    })?;
-    let addr = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| Error::software("receiver has no IP address"))?;
+    };
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).map_err(cannot)?;
+    let addr = listener.local_addr().map_err(cannot)?;
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on http://{addr}");
+        let _ = out.flush();
+    }
+    if options.detach {
+        // SAFETY: this process has one thread (tiny_http starts its own
+        // only below, in whichever process serves).
+        match unsafe { nix::unistd::fork() } {
+            Ok(nix::unistd::ForkResult::Parent { .. }) => return Ok(()),
+            Ok(nix::unistd::ForkResult::Child) => {
+                let _ = nix::unistd::setsid();
+            }
+            Err(e) => return Err(Error::new(ExitCode::OsErr, format!("cannot detach: {e}"))),
+        }
+    }
+    let server = tiny_http::Server::from_listener(listener, None)
+        .map_err(|e| Error::new(ExitCode::Unavailable, format!("receiver: {e}")))?;
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "listening on http://{addr}");
-    let _ = out.flush();
     let mut seen = 0;
     while options.count.is_none_or(|c| seen < c) {
         let mut request = server.recv().map_err(|e| Error::io("receiver", e))?;

@@ -6,7 +6,7 @@
 //! it exits (the kernel drops the lock with the last descriptor), so a
 //! killed child or parent can never leak a slot.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -47,7 +47,7 @@ impl Slots {
             let file = match self.sharing.create_new(&path).map_err(fail)? {
                 Some(created) => created,
                 None => {
-                    let file = OpenOptions::new().read(true).open(&path).map_err(fail)?;
+                    let file = self.sharing.open_existing(&path).map_err(fail)?;
                     // A world-readable slot, left by an older version, could
                     // be locked by anyone.
                     if let Err(e) = self.sharing.fix_if_owned(&file) {

@@ -133,16 +133,31 @@ fn list_filters_in_tables_and_json() {
     assert_eq!(delayed["reason"], "endpoint_saturated");
 
     let table = env.ok(&["list", "--state", "delayed"]);
+    let header = table.lines().next().unwrap();
+    for column in ["delivery", "message", "uid", "endpoint"] {
+        assert!(header.contains(column), "{table}");
+    }
     assert!(
-        table.lines().next().unwrap().contains("endpoint"),
+        table.contains("account_budget for") && table.contains("(4 deliveries;"),
         "{table}"
     );
+    // Both ids and the uid, as `show` takes them.
+    let first = &json(&["--state", "delayed"])[0];
+    let row = table.lines().nth(1).unwrap();
     assert!(
-        table.contains("account_budget for") && table.contains("(4 deliveries)"),
-        "{table}"
+        row.trim_start().starts_with(&format!("d{} ", first["id"])),
+        "{row}"
     );
+    assert!(row.contains(first["uid"].as_str().unwrap()), "{row}");
     let out = env.cronpost(&["list", "--state", "lost"]);
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    let out = env.cronpost(&["list", "--endpoint", "nosuch"]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unknown endpoint \"nosuch\""),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -155,7 +170,22 @@ fn show_tells_a_messages_whole_story() {
         .unwrap();
     let text = env.ok(&["show", "4"]);
     assert!(
-        text.contains(&format!("message 4 ({uid})")) && text.contains("topic g"),
+        text.contains(&format!("message 4 ({uid}), found by its message id"))
+            && text.contains("topic g"),
+        "{text}"
+    );
+    // A delivery id from `list` finds its message, and says so.
+    let delivery: i64 = env
+        .db()
+        .query_row("SELECT id FROM deliveries WHERE message_id = 4", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let text = env.ok(&["show", &format!("d{delivery}")]);
+    assert!(
+        text.contains(&format!(
+            "message 4 ({uid}), found by its delivery d{delivery} to gone"
+        )),
         "{text}"
     );
     assert!(
@@ -168,13 +198,15 @@ fn show_tells_a_messages_whole_story() {
     let attempts = &json["deliveries"][0]["attempts_log"];
     assert_eq!(attempts[0]["outcome"], "dead");
     assert_eq!(attempts[0]["http_status"], 404);
-    let out = env.cronpost(&["show", "999"]);
-    assert_eq!(out.status.code(), Some(65));
-    assert!(
-        stderr(&out).contains("no message \"999\""),
-        "{}",
-        stderr(&out)
-    );
+    for (key, says) in [
+        ("999", "no message 999"),
+        ("d999", "no delivery d999"),
+        ("msg_nope", "no message msg_nope"),
+    ] {
+        let out = env.cronpost(&["show", key]);
+        assert_eq!(out.status.code(), Some(65), "{key}");
+        assert!(stderr(&out).contains(says), "{key}: {}", stderr(&out));
+    }
 }
 
 #[test]
@@ -196,13 +228,34 @@ fn requeue_redelivers_dead_letters_and_dry_run_changes_nothing() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
+    // Ids that name nothing, or a delivery neither dead nor delayed: an
+    // error naming them, and nothing changes.
+    let delivered: i64 = env.query_i64("SELECT min(id) FROM deliveries WHERE state = 'delivered'");
+    let out = env.cronpost(&[
+        "requeue",
+        &format!("d{}", ids[0]),
+        "17000",
+        &delivered.to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
     assert!(
-        env.ok(&["requeue", &ids[0].to_string()])
-            .contains("requeued 1 deliveries")
+        stderr(&out).contains("no delivery d17000"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains(&format!("d{delivered} (delivered)")),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(env.count_state("dead"), 2, "nothing changed");
+    assert!(
+        env.ok(&["requeue", &format!("d{}", ids[0])])
+            .contains("requeued 1 delivery")
     );
     assert!(
         env.ok(&["requeue", "--endpoint", "gone"])
-            .contains("requeued 1 deliveries")
+            .contains("requeued 1 delivery")
     );
     env.run();
     assert_eq!(env.count_state("dead"), 0);
@@ -235,7 +288,7 @@ fn requeue_redelivers_dead_letters_and_dry_run_changes_nothing() {
         (
             &["requeue", "--state", "delivered"][..],
             64,
-            "only dead or delayed",
+            "[possible values: dead, delayed]",
         ),
     ] {
         let out = env.cronpost(args);

@@ -423,3 +423,296 @@ fn the_demo_delivers_its_messages() {
     assert!(out.status.success(), "{stdout}\n{}", stderr(&out));
     assert_eq!(stdout.matches("signature=valid").count(), 5, "{stdout}");
 }
+
+// ------------------------------------------------- the first hour
+
+/// The fenced block of `lang` that follows `heading` in the README.
+fn readme_block(heading: &str, lang: &str) -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme.split(heading).nth(1).expect("the section exists");
+    let fence = format!("```{lang}\n");
+    let block = section.split(&fence).nth(1).expect("the block exists");
+    block.split("\n```").next().unwrap().to_string()
+}
+
+/// A TCP port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// PATH with the binary under test first.
+fn path_with_cronpost() -> String {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_cronpost"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+#[test]
+fn the_readme_quick_start_works_as_written_from_an_empty_directory() {
+    let script = readme_block("## Quick start from scratch", "sh");
+    let port = free_port().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("bash")
+        .args(["-e", "-c", &script.replace("8080", &port)])
+        .current_dir(dir.path())
+        .env("PATH", path_with_cronpost())
+        .env_remove("CRONPOST_CONFIG")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", stderr(&out));
+    for expected in [
+        "is valid",
+        "enqueued 1 message: id 1 (uid msg_",
+        "signature=valid status=200",
+        "message 1 (msg_",
+        "found by its message id",
+        "delivery d1 to hooks: delivered",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} in:\n{stdout}");
+    }
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+}
+
+#[test]
+fn the_readme_python_receiver_verifies_real_deliveries() {
+    let verify = readme_block("## Receiving webhooks", "python");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = format!(
+        r#"{verify}
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers['content-length']))
+        headers = {{k.lower(): v for k, v in self.headers.items()}}
+        print('VALID' if verify(sys.argv[1], headers, body) else 'INVALID', flush=True)
+        self.send_response(204)
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+s = http.server.HTTPServer(('127.0.0.1', {port}), H)
+print('ready', flush=True)
+s.handle_request()
+"#
+    );
+    std::fs::write(dir.path().join("receiver.py"), server).unwrap();
+    let env = Env::new(
+        "",
+        &endpoint("py", &format!("http://127.0.0.1:{port}/in"), &["t"], "").replace(
+            &format!("secret = \"{SECRET}\""),
+            "secret = [\"whsec_bmV3IHNlY3JldA\", \"old\"]",
+        ),
+    );
+    for secret in ["whsec_bmV3IHNlY3JldA", "old"] {
+        let mut python = Command::new("python3")
+            .arg(dir.path().join("receiver.py"))
+            .arg(secret)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut lines =
+            std::io::BufRead::lines(std::io::BufReader::new(python.stdout.take().unwrap()));
+        assert_eq!(lines.next().unwrap().unwrap(), "ready");
+        env.enqueue("t", "a", r#"{"n":"é"}"#);
+        env.run();
+        assert_eq!(lines.next().unwrap().unwrap(), "VALID", "secret {secret}");
+        let _ = python.kill();
+        let _ = python.wait();
+    }
+}
+
+#[test]
+fn commands_print_ids_and_json_and_refuse_what_they_do_not_take() {
+    let rx = Receiver::start();
+    let env = env_with_topics(&rx);
+    let json: serde_json::Value = serde_json::from_str(&env.ok(&[
+        "enqueue",
+        "--topic",
+        "customer.updated",
+        "--account",
+        "a",
+        "--data",
+        "{}",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(json["inserted"], 1);
+    assert_eq!(json["messages"][0]["id"], 1);
+    assert!(
+        json["messages"][0]["uid"]
+            .as_str()
+            .unwrap()
+            .starts_with("msg_")
+    );
+    let run: serde_json::Value = serde_json::from_str(&env.ok(&["run", "--json"])).unwrap();
+    assert_eq!(
+        (run["forked"].clone(), run["delivered"].clone()),
+        (2.into(), 2.into())
+    );
+    // A run that forks children that find nothing says so.
+    assert!(run["found_nothing"].is_number());
+
+    for (args, says) in [
+        (
+            &["receive", "--config", "x.toml"][..],
+            "unexpected argument '--config'",
+        ),
+        (
+            &["demo", "--config", "x.toml"],
+            "unexpected argument '--config'",
+        ),
+        (
+            &["purge", "--older-than", "7"],
+            "7 needs a unit, like 7d or 7h",
+        ),
+        (&["purge", "--older-than", "7d", "--dry-run"], "--orphaned"),
+        (&["show", "a b"], "is not a message id"),
+        (&["requeue", "x17"], "is not a delivery id"),
+    ] {
+        let out = env.cronpost(args);
+        assert_eq!(code(&out), 64, "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+    // Usage shows --config as the option it is.
+    let help = env.ok(&["run", "--help"]);
+    assert!(help.contains("Usage: cronpost run [OPTIONS]"), "{help}");
+    assert!(help.contains("--config <PATH>"), "{help}");
+    let help = env.ok(&["requeue", "--help"]);
+    assert!(help.contains("[possible values: dead, delayed]"), "{help}");
+    // Plurals.
+    assert!(
+        env.ok(&["requeue", "--dry-run"])
+            .contains("would requeue 0 deliveries")
+    );
+}
+
+#[test]
+fn check_config_catches_what_a_run_would_trip_on_naming_each_key() {
+    let rx = Receiver::start();
+    let env = env_with_topics(&rx);
+    let good = std::fs::read_to_string(&env.config).unwrap();
+    let out = env.cronpost(&["check-config"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("(fire_and_forget)"), "{text}");
+    assert!(
+        text.contains("warning: schedule is not set: `cronpost daemon` needs it"),
+        "{text}"
+    );
+    for (config, key) in [
+        (
+            good.replace("database = \"q.db\"", "database = \"nowhere/q.db\""),
+            "database = ",
+        ),
+        (
+            format!("metrics_file = \"gone/m.prom\"\n{good}"),
+            "metrics_file = ",
+        ),
+    ] {
+        env.write_config(&config);
+        for command in ["check-config", "run"] {
+            let out = env.cronpost(&[command]);
+            assert_eq!(code(&out), 73, "{command} {key}: {}", stderr(&out));
+            assert!(stderr(&out).contains(key), "{command}: {}", stderr(&out));
+            assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+        }
+    }
+    env.write_config(&good);
+    let out = env.cronpost(&["daemon"]);
+    assert_eq!(code(&out), 78, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("schedule is required"),
+        "{}",
+        stderr(&out)
+    );
+    // The printed defaults are a config that loads.
+    let defaults = env.ok(&["check-config", "--print-defaults"]);
+    env.write_config(&defaults.replace("/var/lib/cronpost/cronpost.db", "q.db"));
+    assert!(env.ok(&["check-config"]).contains("is valid"));
+}
+
+#[test]
+fn small_things_of_the_first_hour() {
+    let rx = Receiver::start();
+    let env = env_with_topics(&rx);
+    // One line number, and the column.
+    let out = env.cronpost_with_stdin(
+        &["enqueue", "--ndjson"],
+        b"{\"topic\":\"invoice.paid\",\"account\":\"a\",\"payload\":{}}\n{\"topic\":\"invoice.paid\",\"account\":\"a\"}\n",
+    );
+    assert_eq!(code(&out), 65);
+    assert!(
+        stderr(&out).contains("line 2: column 38: missing field `payload`"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("at line 1"), "{}", stderr(&out));
+    // A cron error in one line.
+    let good = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&format!("schedule = \"*/5 * * * *\"\n{good}"));
+    let out = env.cronpost(&["check-config"]);
+    assert_eq!(code(&out), 78);
+    assert_eq!(
+        stderr(&out).trim_end().lines().count(),
+        1,
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("6 or 7 fields"), "{}", stderr(&out));
+    env.write_config(&good);
+    // A plain-SQL message for a topic nobody subscribes to: marked once,
+    // warned about once, shown by stats.
+    env.ok(&["migrate"]);
+    rusqlite::Connection::open(&env.db)
+        .unwrap()
+        .execute(
+            "INSERT INTO messages (topic, account, payload) VALUES ('nobody.listens', 'a', '{}')",
+            [],
+        )
+        .unwrap();
+    let first = env.cronpost(&["run"]);
+    assert!(
+        stderr(&first).contains("marked unroutable"),
+        "{}",
+        stderr(&first)
+    );
+    let second = env.cronpost(&["run"]);
+    assert!(
+        !stderr(&second).contains("unroutable"),
+        "{}",
+        stderr(&second)
+    );
+    assert!(
+        !stderr(&second).contains("run "),
+        "an idle run is quiet: {}",
+        stderr(&second)
+    );
+    let stats = env.ok(&["stats"]);
+    assert!(stats.contains("unroutable messages: 1"), "{stats}");
+    let show = env.ok(&["show", "1"]);
+    assert!(
+        show.contains("unroutable: no endpoint subscribes to topic \"nobody.listens\""),
+        "{show}"
+    );
+    // The demo's own config is private: no warning about it.
+    let out = Command::new(env!("CARGO_BIN_EXE_cronpost"))
+        .arg("demo")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!stderr(&out).contains("world-readable"), "{}", stderr(&out));
+}

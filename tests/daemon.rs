@@ -204,6 +204,7 @@ fn under_journald_log_lines_carry_no_timestamp_of_their_own() {
         .find(|l| l.contains("run 1:"))
         .expect("a summary line");
     assert!(summary.starts_with("[INFO "), "{summary}");
+    env.enqueue("t", "acme", "{}");
     let out = env.cronpost(&["run"]);
     assert!(
         stderr(&out)

@@ -317,7 +317,7 @@ fn a_child_bounds_its_own_wait_before_its_deadline_and_records_a_retry() {
 fn a_child_killed_past_its_deadline_loses_its_lease_and_a_later_run_delivers() {
     let rx = Receiver::start();
     let env = Env::new(
-        "child_deadline = \"4s\"\nlease_timeout = \"10s\"\nmax_messages = 1",
+        "child_deadline = \"6s\"\nlease_timeout = \"15s\"\nmax_messages = 1",
         &endpoint(
             "slow",
             &rx.url("/slow"),
@@ -337,7 +337,7 @@ fn a_child_killed_past_its_deadline_loses_its_lease_and_a_later_run_delivers() {
         rx.received_on("/slow").len() == 1
     });
     // An admin's write lock, taken while the child still waits for the
-    // answer (until 3 s after its fork), keeps it from recording its
+    // answer (until 4.5 s after its fork), keeps it from recording its
     // outcome (busy_timeout 5 s): it is killed at its deadline, holding
     // its lease.
     let (_shell, lock) = env.sqlite3_holding("BEGIN IMMEDIATE; SELECT 'locked';", "locked");

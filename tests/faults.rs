@@ -185,14 +185,26 @@ fn a_read_only_database_or_directory_is_a_clear_error_and_nothing_is_lost() {
             err.contains("user nobody cannot read and write it: owner root:root, mode 0644"),
             "{err}"
         );
-        assert!(err.contains("chmod g+rw"), "{err}");
-        assert!(err.contains("usermod -aG root nobody"), "{err}");
+        assert!(err.contains("set database_group in the config"), "{err}");
         assert_eq!(
             err.lines().filter(|l| l.starts_with("cronpost:")).count(),
             1,
             "{err}"
         );
     }
+    // With database_group, the advice names that group.
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&format!("database_group = \"daemon\"\n{text}"));
+    std::fs::set_permissions(&env.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = stderr(&as_nobody(&env, &enqueue));
+    assert!(
+        err.contains("to share it with group daemon (database_group): chgrp daemon")
+            && err.contains("chmod g+rw")
+            && err.contains("usermod -aG daemon nobody"),
+        "{err}"
+    );
+    env.write_config(&text);
+    std::fs::set_permissions(&env.config, std::fs::Permissions::from_mode(0o644)).unwrap();
     // Give nobody the file but not the directory: the WAL cannot be made.
     nix::unistd::chown(&env.db, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
     let out = as_nobody(&env, &enqueue);

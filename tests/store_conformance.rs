@@ -136,13 +136,10 @@ pub fn routing_fans_out_in_batches_and_marks_unroutable_messages_once(store: &mu
             message("t", 0),
         ])
         .unwrap();
-    assert_eq!(
-        report,
-        InsertReport {
-            inserted: 5,
-            duplicates: 0
-        }
-    );
+    assert_eq!((report.inserted, report.duplicates), (5, 0));
+    let ids: Vec<i64> = report.messages.iter().map(|m| m.id).collect();
+    assert_eq!(ids, [1, 2, 3, 4, 5]);
+    assert!(report.messages.iter().all(|m| m.uid.starts_with("msg_")));
     // One batch of two: more to come.
     let first = store
         .messages_route(RouteParams {
@@ -173,14 +170,31 @@ pub fn routing_fans_out_in_batches_and_marks_unroutable_messages_once(store: &mu
             .iter()
             .all(|d| d.state == DeliveryState::Ready && d.account == "acme")
     );
-    // The unroutable message is marked once: routing again finds nothing,
-    // even after a subscriber appears (an admin routes it again on purpose).
+    // The unroutable message is marked once: routing again finds nothing.
     assert_eq!(route(store, T0), RouteReport::default());
-    subscribe(store, &[("t", "crm"), ("nobody", "crm")]);
-    assert_eq!(route(store, T0), RouteReport::default());
-    let unroutable = store.message_get("2").unwrap().unwrap();
+    let unroutable = store.message_get(&MessageKey::Id(2)).unwrap().unwrap();
     assert!(unroutable.routed_at.is_some());
+    assert_eq!(
+        unroutable.route_error.as_deref(),
+        Some("no endpoint subscribes to topic \"nobody\"")
+    );
+    let by_uid = store
+        .message_get(&MessageKey::Uid(unroutable.uid.clone()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(by_uid.id, 2);
     assert!(store.deliveries_of_message(2).unwrap().is_empty());
+    // A subscriber appears: it is routed after all.
+    subscribe(store, &[("t", "crm"), ("nobody", "crm")]);
+    let report = route(store, T0);
+    assert_eq!((report.messages, report.deliveries), (1, 1));
+    assert_eq!(store.deliveries_of_message(2).unwrap().len(), 1);
+    // And an admin can ask for it too.
+    store.messages_insert(&[message("gone", 0)]).unwrap();
+    assert_eq!(route(store, T0).unroutable, 1);
+    assert_eq!(store.messages_reroute_unroutable(true).unwrap(), 1);
+    assert_eq!(store.messages_reroute_unroutable(false).unwrap(), 1);
+    assert_eq!(store.stats(T0).unwrap().unroutable_messages, 0);
 }
 
 pub fn a_delayed_message_is_routed_to_the_delayed_queue(store: &mut dyn Store) {
@@ -806,14 +820,17 @@ pub fn deliveries_of_a_removed_endpoint_are_parked_restored_or_purged(store: &mu
         ..Policy::default()
     };
     assert!(lease_with(store, "f", T0 + 2, &policy).is_none());
-    assert_eq!(
-        store
-            .deliveries_purge_orphaned(Some("kept"), false)
-            .unwrap(),
-        0
-    );
-    assert_eq!(store.deliveries_purge_orphaned(None, true).unwrap(), 2);
-    assert_eq!(store.deliveries_purge_orphaned(None, false).unwrap(), 2);
+    let purge = |endpoint: Option<&str>, configured: &[&str], dry_run| PurgeOrphanedParams {
+        endpoint: endpoint.map(str::to_string),
+        configured: configured.iter().map(|e| e.to_string()).collect(),
+        dry_run,
+    };
+    let mut purged = |p: PurgeOrphanedParams| store.deliveries_purge_orphaned(&p).unwrap();
+    assert_eq!(purged(purge(Some("kept"), &["kept"], false)), 0);
+    // Back in the config, not restored yet (no run since): kept.
+    assert_eq!(purged(purge(None, &["kept", "gone"], false)), 0);
+    assert_eq!(purged(purge(None, &["kept"], true)), 2);
+    assert_eq!(purged(purge(None, &["kept"], false)), 2);
     assert!(store.stats(T0).unwrap().orphaned.is_empty());
 }
 
@@ -826,13 +843,9 @@ pub fn dedup_keys_are_per_account(store: &mut dyn Store) {
     let report = store
         .messages_insert(&[keyed("acme"), keyed("globex"), keyed("acme")])
         .unwrap();
-    assert_eq!(
-        report,
-        InsertReport {
-            inserted: 2,
-            duplicates: 1
-        }
-    );
+    assert_eq!((report.inserted, report.duplicates), (2, 1));
+    let ids: Vec<i64> = report.messages.iter().map(|m| m.id).collect();
+    assert_eq!(ids, [1, 2], "the ids of what was written, in order");
 }
 
 pub fn a_child_that_lost_its_lease_says_nothing_about_the_endpoint(store: &mut dyn Store) {

@@ -214,9 +214,10 @@ fn handshake(target: &Target, mut tcp: TcpStream, until: Instant) -> Result<Stre
                         target.name()
                     ))
                 }
-                _ => {
-                    PostResult::Failed(format!("TLS handshake with {} failed: {e}", target.name()))
-                }
+                _ => PostResult::ConnectFailed(format!(
+                    "TLS handshake with {} failed: {e}",
+                    target.name()
+                )),
             });
         }
     }

@@ -225,12 +225,32 @@ pub struct NewMessage {
 }
 
 /// What `messages_insert` did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InsertReport {
     /// Messages written.
     pub inserted: usize,
-    /// Messages skipped because their dedup key was already there.
+    /// Messages skipped because their account's dedup key was already there.
     pub duplicates: usize,
+    /// The ids of the messages written, in input order.
+    pub messages: Vec<InsertedMessage>,
+}
+
+/// The ids of one inserted message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InsertedMessage {
+    /// Its id (`show` takes it).
+    pub id: i64,
+    /// Its stable id, the `webhook-id` (`msg_...`).
+    pub uid: String,
+}
+
+/// How `message_get` finds a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MessageKey {
+    /// By its id.
+    Id(i64),
+    /// By its uid (`msg_...`).
+    Uid(String),
 }
 
 /// One endpoint subscribing to one topic.
@@ -475,13 +495,15 @@ pub struct DeliveryFilter {
     pub topic: Option<String>,
 }
 
-/// A delivery with its message's topic, for listings.
+/// A delivery with its message's topic and uid, for listings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListedDelivery {
     /// The delivery.
     pub delivery: DeliveryRow,
     /// Its message's topic.
     pub topic: String,
+    /// Its message's uid (`webhook-id`).
+    pub uid: String,
     /// When it was created (routed).
     pub created_at: i64,
 }
@@ -509,6 +531,8 @@ pub struct MessageRow {
     pub dedup_key: Option<String>,
     /// When it was routed.
     pub routed_at: Option<i64>,
+    /// Why no endpoint took it (unroutable), when none did.
+    pub route_error: Option<String>,
 }
 
 /// Params of `deliveries_requeue`: dead or delayed → ready.
@@ -518,6 +542,17 @@ pub struct RequeueParams {
     pub filter: DeliveryFilter,
     /// Now.
     pub now: i64,
+    /// Count, change nothing.
+    pub dry_run: bool,
+}
+
+/// Params of `deliveries_purge_orphaned`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PurgeOrphanedParams {
+    /// Only this endpoint's (else every removed endpoint's).
+    pub endpoint: Option<String>,
+    /// The endpoints in the config now: never purged.
+    pub configured: Vec<String>,
     /// Count, change nothing.
     pub dry_run: bool,
 }
@@ -660,7 +695,8 @@ pub struct Stats {
 
 /// The storage operations of the queue.
 pub trait Store {
-    /// Replaces the topic → endpoint subscriptions.
+    /// Replaces the topic → endpoint subscriptions; messages marked
+    /// unroutable whose topic now has a subscriber become unrouted again.
     fn subscriptions_replace(&mut self, subscriptions: &[Subscription]) -> Result<()>;
 
     /// Inserts messages in one transaction: all or none.
@@ -683,9 +719,10 @@ pub trait Store {
     fn deliveries_restore_endpoints(&mut self, endpoints: &[String], now: i64) -> Result<u64>;
 
     /// Removes the deliveries parked because their endpoint left the config
-    /// (of `endpoint` only, when given; their attempts go with them);
+    /// (of `params.endpoint` only, when given; their attempts go with them),
+    /// except those of endpoints in the config again (a run restores them);
     /// returns how many (would) go.
-    fn deliveries_purge_orphaned(&mut self, endpoint: Option<&str>, dry_run: bool) -> Result<u64>;
+    fn deliveries_purge_orphaned(&mut self, params: &PurgeOrphanedParams) -> Result<u64>;
 
     /// How many deliveries could be leased now (ready, and delayed whose
     /// time has come), counting no further than `limit`.
@@ -735,7 +772,12 @@ pub trait Store {
     ) -> Result<Vec<ListedDelivery>>;
 
     /// One message, by id or by uid (`msg_...`).
-    fn message_get(&mut self, key: &str) -> Result<Option<MessageRow>>;
+    fn message_get(&mut self, key: &MessageKey) -> Result<Option<MessageRow>>;
+
+    /// Unroutable messages (`route_error` set) become unrouted again, so the
+    /// next run routes them (after a subscriber was added); returns how many
+    /// (would) change.
+    fn messages_reroute_unroutable(&mut self, dry_run: bool) -> Result<u64>;
 
     /// dead or delayed → ready, for the deliveries matching the filter, with
     /// a fresh count of attempts; returns how many (would) move.

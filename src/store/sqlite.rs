@@ -140,7 +140,7 @@ impl SqliteStore {
             .map_err(|e| {
                 Error::io(format!("database {}", path.display()), e).with_code_for_create()
             })?;
-        files::check_read_write(path)?;
+        files::check_read_write(path, database_group)?;
         let mut store = SqliteStore::connect(path, busy_timeout, OpenFlags::SQLITE_OPEN_CREATE)?;
         // WAL is persistent in the file; setting it again is a cheap no-op.
         store
@@ -153,9 +153,6 @@ impl SqliteStore {
                 format!("database {}: migration failed: {e}", path.display()),
             )
         })?;
-        if let Ok(sharing) = Sharing::of_database(path) {
-            sharing.fix_companions(path);
-        }
         Ok(store)
     }
 
@@ -735,6 +732,13 @@ impl Store for SqliteStore {
             for (topic, endpoint) in &wanted {
                 insert.execute([topic, endpoint])?;
             }
+            // A topic that has a subscriber now: its unroutable messages
+            // are routed by this run after all.
+            tx.execute(
+                "UPDATE messages SET routed_at = NULL, route_error = NULL
+                 WHERE route_error IS NOT NULL AND topic IN (SELECT topic FROM subscriptions)",
+                [],
+            )?;
             Ok(())
         })
     }
@@ -744,23 +748,36 @@ impl Store for SqliteStore {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO messages (topic, account, payload, priority, created_at, available_at, dedup_key)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (account, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING",
+                 ON CONFLICT (account, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
+                 RETURNING id, uid",
             )?;
             let mut report = InsertReport::default();
             for m in messages {
-                let n = insert.execute(params![
-                    m.topic,
-                    m.account,
-                    m.payload,
-                    m.priority,
-                    m.created_at,
-                    m.available_at,
-                    m.dedup_key
-                ])?;
-                if n == 1 {
-                    report.inserted += 1;
-                } else {
-                    report.duplicates += 1;
+                let inserted = insert
+                    .query_row(
+                        params![
+                            m.topic,
+                            m.account,
+                            m.payload,
+                            m.priority,
+                            m.created_at,
+                            m.available_at,
+                            m.dedup_key
+                        ],
+                        |r| {
+                            Ok(InsertedMessage {
+                                id: r.get(0)?,
+                                uid: r.get(1)?,
+                            })
+                        },
+                    )
+                    .optional()?;
+                match inserted {
+                    Some(message) => {
+                        report.inserted += 1;
+                        report.messages.push(message);
+                    }
+                    None => report.duplicates += 1,
                 }
             }
             Ok(report)
@@ -864,18 +881,21 @@ impl Store for SqliteStore {
         })
     }
 
-    fn deliveries_purge_orphaned(&mut self, endpoint: Option<&str>, dry_run: bool) -> Result<u64> {
+    fn deliveries_purge_orphaned(&mut self, p: &PurgeOrphanedParams) -> Result<u64> {
         let which =
-            "reason = 'endpoint_removed' AND state = 'delayed' AND (?1 IS NULL OR endpoint = ?1)";
+            "reason = 'endpoint_removed' AND state = 'delayed' AND (?1 IS NULL OR endpoint = ?1)
+                     AND endpoint NOT IN (SELECT value FROM json_each(?2))";
+        let configured = serde_json::to_string(&p.configured).expect("strings serialize");
+        let values = params![p.endpoint, configured];
         self.write(|tx| {
-            if dry_run {
+            if p.dry_run {
                 return tx.query_row(
                     &format!("SELECT count(*) FROM deliveries WHERE {which}"),
-                    [endpoint],
+                    values,
                     |r| r.get(0),
                 );
             }
-            tx.execute(&format!("DELETE FROM deliveries WHERE {which}"), [endpoint])
+            tx.execute(&format!("DELETE FROM deliveries WHERE {which}"), values)
                 .map(|n| n as u64)
         })
     }
@@ -1107,7 +1127,7 @@ impl Store for SqliteStore {
             .collect::<Vec<_>>()
             .join(", ");
         let sql = format!(
-            "SELECT {columns}, m.topic, d.created_at FROM deliveries d JOIN messages m ON m.id = d.message_id
+            "SELECT {columns}, m.topic, d.created_at, m.uid FROM deliveries d JOIN messages m ON m.id = d.message_id
              WHERE {clause} ORDER BY d.id LIMIT ?"
         );
         self.conn
@@ -1118,6 +1138,7 @@ impl Store for SqliteStore {
                         delivery: delivery_row(r)?,
                         topic: r.get(13)?,
                         created_at: r.get(14)?,
+                        uid: r.get(15)?,
                     })
                 })?
                 .collect()
@@ -1125,12 +1146,17 @@ impl Store for SqliteStore {
             .map_err(|e| self.err(e))
     }
 
-    fn message_get(&mut self, key: &str) -> Result<Option<MessageRow>> {
+    fn message_get(&mut self, key: &MessageKey) -> Result<Option<MessageRow>> {
+        let (id, uid) = match key {
+            MessageKey::Id(id) => (Some(*id), None),
+            MessageKey::Uid(uid) => (None, Some(uid.as_str())),
+        };
         self.conn
             .query_row(
-                "SELECT id, uid, topic, account, payload, priority, created_at, available_at, dedup_key, routed_at
+                "SELECT id, uid, topic, account, payload, priority, created_at, available_at, dedup_key, routed_at,
+                        route_error
                  FROM messages WHERE id = ?1 OR uid = ?2",
-                params![key.parse::<i64>().ok(), key],
+                params![id, uid],
                 |r| {
                     Ok(MessageRow {
                         id: r.get(0)?,
@@ -1143,11 +1169,29 @@ impl Store for SqliteStore {
                         available_at: r.get(7)?,
                         dedup_key: r.get(8)?,
                         routed_at: r.get(9)?,
+                        route_error: r.get(10)?,
                     })
                 },
             )
             .optional()
             .map_err(|e| self.err(e))
+    }
+
+    fn messages_reroute_unroutable(&mut self, dry_run: bool) -> Result<u64> {
+        self.write(|tx| {
+            if dry_run {
+                return tx.query_row(
+                    "SELECT count(*) FROM messages WHERE route_error IS NOT NULL",
+                    [],
+                    |r| r.get(0),
+                );
+            }
+            tx.execute(
+                "UPDATE messages SET routed_at = NULL, route_error = NULL WHERE route_error IS NOT NULL",
+                [],
+            )
+            .map(|n| n as u64)
+        })
     }
 
     fn deliveries_requeue(&mut self, p: &RequeueParams) -> Result<u64> {

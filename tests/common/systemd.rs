@@ -81,12 +81,12 @@ impl Systemd {
         for tool in ["unshare", "nsenter", "runuser"] {
             assert!(
                 Command::new(tool).arg("--version").output().is_ok(),
-                "{tool} (util-linux) is needed to boot systemd in a namespace: run .ci/test-deps"
+                "{tool} (util-linux) is needed to boot systemd in a namespace: run .ci/test"
             );
         }
         assert!(
             Path::new("/lib/systemd/systemd").exists(),
-            "systemd is not installed: run .ci/test-deps (apt-get install systemd)"
+            "systemd is not installed: run .ci/test (apt-get install systemd)"
         );
         assert!(
             nix::unistd::Uid::effective().is_root(),
@@ -257,7 +257,7 @@ pub fn package() -> &'static Path {
             .expect("cargo runs");
         assert!(
             out.status.success(),
-            "cargo deb failed (is cargo-deb installed? run .ci/test-deps): {}",
+            "cargo deb failed (is cargo-deb installed? run .ci/test): {}",
             String::from_utf8_lossy(&out.stderr)
         );
         let path = String::from_utf8_lossy(&out.stdout)

@@ -57,6 +57,10 @@ enum Command {
     Run {
         #[command(flatten)]
         config: ConfigArg,
+        /// Once out of work, wait for more until run.max_runtime instead of
+        /// ending (new messages leave within milliseconds).
+        #[arg(long)]
+        linger: bool,
         #[command(flatten)]
         json: JsonArg,
     },
@@ -310,12 +314,18 @@ pub fn main() -> i32 {
 
 fn execute(command: Command) -> Result<()> {
     match command {
-        Command::Run { config, json } => {
+        Command::Run {
+            config,
+            linger,
+            json,
+        } => {
             let config = config.load()?;
             preflight::check_for_run(&config)?;
             let signals = Signals::install()?;
             let started = std::time::Instant::now();
-            let run = dispatcher::run_once(&config, &signals, &mut || {})?;
+            let started_at = std::time::Instant::now();
+            let linger = linger.then(|| started_at + config.run.max_runtime);
+            let run = dispatcher::run_once(&config, &signals, &mut || {}, linger)?;
             metrics::publish(&config, &run, started.elapsed())?;
             if json.json {
                 print_line(&admin::run_json(&run))?;

@@ -65,41 +65,47 @@ pub fn run(config_path: &Path, config: Config) -> Result<()> {
     );
     notifier.send(&[
         NotifyState::Ready,
-        NotifyState::Status("waiting for the first run"),
+        NotifyState::Status("first run starting"),
     ]);
-    'daemon: loop {
-        let next = next_fire(&config)?;
-        loop {
-            if signals.stop_requested() {
-                break 'daemon;
-            }
-            if signals.take_reload() {
-                notifier.send(&reloading());
-                let status = reload(config_path, &mut config);
-                notifier.send(&[NotifyState::Ready, NotifyState::Status(&status)]);
-                continue 'daemon;
-            }
-            let left = (next - Local::now()).to_std().unwrap_or_default();
-            if left.is_zero() {
-                break;
-            }
-            notifier.beat();
-            signals.wait(left.min(Duration::from_secs(1)));
+    loop {
+        if signals.stop_requested() {
+            break;
         }
+        if signals.take_reload() {
+            notifier.send(&reloading());
+            let status = reload(config_path, &mut config);
+            notifier.send(&[NotifyState::Ready, NotifyState::Status(&status)]);
+            continue;
+        }
+        // A run lingers until the next time of the schedule (or its
+        // max_runtime), delivering work as it comes; that time starts the
+        // next run.
+        let next = next_fire(&config)?;
+        let until = Instant::now() + (next - Local::now()).to_std().unwrap_or_default();
         let started = Instant::now();
-        let status = match dispatcher::run_once(&config, &signals, &mut || notifier.beat()) {
-            Ok(run) => {
-                let took = started.elapsed();
-                if let Err(e) = metrics::publish(&config, &run, took) {
-                    log::error!("{e}");
+        let status =
+            match dispatcher::run_once(&config, &signals, &mut || notifier.beat(), Some(until)) {
+                Ok(run) => {
+                    let took = started.elapsed();
+                    if let Err(e) = metrics::publish(&config, &run, took) {
+                        log::error!("{e}");
+                    }
+                    dispatcher::summary(&run, took)
                 }
-                dispatcher::summary(&run, took)
-            }
-            Err(e) => {
-                log::error!("run failed: {e}");
-                format!("last run failed: {e}")
-            }
-        };
+                Err(e) => {
+                    log::error!("run failed: {e}");
+                    // Not again at once: at the next time of the schedule.
+                    while !signals.stop_requested() && !signals.reload_requested() {
+                        let left = (next - Local::now()).to_std().unwrap_or_default();
+                        if left.is_zero() {
+                            break;
+                        }
+                        notifier.beat();
+                        signals.wait(left.min(Duration::from_secs(1)));
+                    }
+                    format!("last run failed: {e}")
+                }
+            };
         notifier.send(&[NotifyState::Status(&status)]);
         let skipped = fires_between(&config, next, Local::now());
         if skipped > 0 {

@@ -65,13 +65,18 @@ struct DeadChild {
 }
 
 /// One dispatcher run, from preparation to the last reaped child.
-/// `heartbeat` is called at least once a second while the run goes.
+/// `heartbeat` is called at least once a second while the run goes. With
+/// `linger_until`, a run that runs out of work waits for more (new
+/// messages, due retries and slots) until then or `max_runtime`, whichever
+/// comes first, instead of ending; a SIGHUP ends the wait.
 pub fn run_once(
     config: &Config,
     signals: &Signals,
     heartbeat: &mut dyn FnMut(),
+    linger_until: Option<Instant>,
 ) -> Result<RunRecord> {
     let started = Instant::now();
+    let deadline = started + config.run.max_runtime;
     let mut run = prepare(config, heartbeat)?;
     let keeper = Keeper::start(config);
     // Done once here, inherited by every child instead of done by each.
@@ -93,7 +98,10 @@ pub fn run_once(
         budget: 0,
         saw_empty: false,
         failed_in_a_row: 0,
-        deadline: Instant::now() + config.run.max_runtime,
+        deadline,
+        linger_until: linger_until.map(|until| until.min(deadline)),
+        keeper: keeper.as_ref(),
+        routed_by_keeper: 0,
         stopping_since: None,
     };
     let loop_result = parent.fork_until_done(&mut run);
@@ -103,10 +111,17 @@ pub fn run_once(
     parent.settle_dead_children(&mut run)?;
     loop_result?;
 
+    let Parent {
+        heartbeat,
+        failed_in_a_row,
+        routed_by_keeper,
+        ..
+    } = parent;
+    run.routed += routed_by_keeper;
     run.finished_at = Some(now_ms());
     let mut store = crate::store::open(config)?;
     store.run_finish(&run)?;
-    purge_history(config, &mut store, &mut *parent.heartbeat)?;
+    purge_history(config, &mut store, heartbeat)?;
     drop(store);
     // Last to close, the keeper checkpoints the WAL into the file.
     drop(keeper);
@@ -119,7 +134,7 @@ pub fn run_once(
         log::Level::Info
     };
     log::log!(level, "{}", summary(&run, started.elapsed()));
-    if parent.failed_in_a_row >= FAILURES_IN_A_ROW {
+    if failed_in_a_row >= FAILURES_IN_A_ROW {
         return Err(Error::software(format!(
             "stopped forking after {FAILURES_IN_A_ROW} children in a row failed (their errors are logged above)"
         )));
@@ -267,6 +282,12 @@ struct Parent<'c> {
     /// Children that failed (exit 70) one after another, up to now.
     failed_in_a_row: u32,
     deadline: Instant,
+    /// Until when the run waits for new work once it has none.
+    linger_until: Option<Instant>,
+    /// The keeper, whose wake pipe says when new work came.
+    keeper: Option<&'c Keeper>,
+    /// Messages the keeper routed during the run.
+    routed_by_keeper: u64,
     /// When SIGTERM/SIGINT came.
     stopping_since: Option<Instant>,
 }
@@ -324,13 +345,51 @@ impl Parent<'_> {
                     // Do not spin on work another run is holding.
                     self.signals.wait(HELD_BACK_PAUSE);
                 }
-                if !may_fork || !self.more_work(run)? {
+                if !may_fork {
                     return Ok(());
+                }
+                if self.more_work(run)? {
+                    continue;
+                }
+                match self.lingering() {
+                    Some(until) => self.wait_for_work(until)?,
+                    None => return Ok(()),
                 }
                 continue;
             }
-            self.wait();
+            self.wait(run);
         }
+    }
+
+    /// Until when the run may still wait for work: while it lingers, is not
+    /// stopping and no reload is asked for.
+    fn lingering(&self) -> Option<Instant> {
+        self.linger_until.filter(|&until| {
+            Instant::now() < until
+                && self.stopping_since.is_none()
+                && !self.signals.stop_requested()
+                && !self.signals.reload_requested()
+        })
+    }
+
+    /// With nothing leasable now: sleeps until the keeper says new work
+    /// came, the earliest delayed delivery (a retry, a reserved slot, a
+    /// cool-down's end) or lease comes due, a signal, or `until`; at most a
+    /// second, so the heartbeat beats.
+    fn wait_for_work(&mut self, until: Instant) -> Result<()> {
+        let now = now_ms();
+        let due = crate::store::open(self.config)?
+            .deliveries_next_due(now)?
+            .map(|at| Instant::now() + Duration::from_millis((at - now).max(0) as u64));
+        let wake_at = due.map_or(until, |due| due.min(until));
+        let left = wake_at
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(1));
+        self.signals.wait_or(left, self.keeper.map(Keeper::wake_fd));
+        if let Some(routed) = self.keeper.and_then(Keeper::take_wake) {
+            self.routed_by_keeper += routed;
+        }
+        Ok(())
     }
 
     /// Logs a bookkeeping error as it happens (the run ends with it once
@@ -346,6 +405,11 @@ impl Parent<'_> {
     fn more_work(&mut self, run: &mut RunRecord) -> Result<bool> {
         let mut store = crate::store::open(self.config)?;
         let now = now_ms();
+        if self.keeper.is_none() {
+            // No keeper to route what came meanwhile: do it here.
+            run.routed +=
+                routing::route_all(&mut store, now, &mut *self.heartbeat)?.messages as u64;
+        }
         run.reclaimed += store.leases_reclaim_expired(&reclaim_params(now))? as u64;
         self.count_ready(&mut store, run)?;
         Ok(self.budget > 0)
@@ -562,7 +626,7 @@ impl Parent<'_> {
 
     /// Sleeps until a signal (a child exits, a stop) or the next child
     /// deadline, the stop's grace end or the run's deadline.
-    fn wait(&mut self) {
+    fn wait(&mut self, run: &RunRecord) {
         let grace_end = self
             .stopping_since
             .map(|since| since + self.config.run.stop_grace);
@@ -576,10 +640,24 @@ impl Parent<'_> {
             .min()
             .unwrap_or(self.deadline);
         // Capped, so the heartbeat beats and a lost wake-up only delays us.
-        self.signals.wait(
+        self.signals.wait_or(
             next.saturating_duration_since(Instant::now())
                 .min(Duration::from_secs(1)),
+            self.keeper.map(Keeper::wake_fd),
         );
+        // New work while children run: counted now, so it need not wait
+        // for them (when the budget still holds, children find it anyway).
+        // Each child alive may still be about to lease one of those counted:
+        // they are not counted twice.
+        let woken = self.keeper.and_then(Keeper::take_wake);
+        self.routed_by_keeper += woken.unwrap_or(0);
+        if woken.is_some()
+            && self.budget == 0
+            && let Ok(mut store) = crate::store::open(self.config)
+            && self.count_ready(&mut store, run).is_ok()
+        {
+            self.budget = self.budget.saturating_sub(self.children.len() as u64);
+        }
     }
 
     fn kill_all_and_reap(&mut self, run: &mut RunRecord, why: Kill) {

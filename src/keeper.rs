@@ -1,38 +1,60 @@
 //! The keeper: a process forked at the start of a run that holds one
-//! database connection open until the run ends. The parent may not hold a
-//! connection across fork (SQLite's per-process lock bookkeeping would be
-//! copied into every child), yet without any connection open between two
-//! children each child would be the file's first and last connection: it
-//! would rebuild the WAL index on open, and checkpoint, fsync and delete the
-//! WAL on close; measured, that made a child 2.5 times slower. With the
-//! keeper open, a child's open maps the existing index, and a child leaves
-//! with nothing to write (it does not even close: its exit releases all).
+//! database connection open until the run ends, routes new messages as
+//! they arrive, and tells the parent when there is work.
+//!
+//! Holding the connection: the parent may not hold one across fork
+//! (SQLite's per-process lock bookkeeping would be copied into every
+//! child), yet without any connection open between two children each child
+//! would be the file's first and last connection: it would rebuild the WAL
+//! index on open, and checkpoint, fsync and delete the WAL on close;
+//! measured, that made a child 2.5 times slower. With the keeper open, a
+//! child's open maps the existing index, and a child leaves with nothing to
+//! write (it does not even close: its exit releases all).
+//!
+//! Routing and waking: it watches the database for writes (`watch`); after
+//! one it routes what is unrouted (a producer's new message becomes
+//! deliveries at once, even in the middle of a long drain, so a message of
+//! a higher priority is leased next) and, when something is leasable now,
+//! writes a byte to the parent's wake pipe, so a parent that is lingering
+//! idle forks within a millisecond. It looks at most every
+//! [`LOOK_INTERVAL`], and once more just after the last write (a commit's
+//! last WAL write comes a moment before other connections can see it).
 //!
 //! It needs no signal: it blocks reading a pipe whose write end the parent
 //! and its children hold, so it leaves once they are all gone, even when the
 //! parent is killed. Only its last close checkpoints the WAL into the file.
 
-use std::io::Read;
-use std::os::fd::OwnedFd;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, Pid, fork, pipe};
 
 use crate::config::Config;
-use crate::store::SqliteStore;
+use crate::store::{SqliteStore, Store, now_ms};
+use crate::watch::DbWatch;
+
+/// The shortest time between two looks at the queue: during a busy run the
+/// children write all the time, and a look per write would cost CPU.
+pub const LOOK_INTERVAL: Duration = Duration::from_millis(2);
 
 /// A running keeper.
 pub struct Keeper {
     pid: Pid,
-    /// The write end of its pipe: closed, the keeper leaves.
+    /// The write end of its alive pipe: closed, the keeper leaves.
     alive: Option<OwnedFd>,
+    /// The read end of its wake pipe (non-blocking).
+    wake: std::fs::File,
 }
 
 impl Keeper {
-    /// Forks the keeper. It only saves work, so a failure is a warning.
-    /// Call it while the process holds no database connection.
+    /// Forks the keeper. It only saves work and time, so a failure is a
+    /// warning. Call it while the process holds no database connection.
     pub fn start(config: &Config) -> Option<Keeper> {
-        let (read_end, write_end) = match pipe() {
+        let pipes = pipe().and_then(|alive| pipe().map(|wake| (alive, wake)));
+        let ((alive_read, alive_write), (wake_read, wake_write)) = match pipes {
             Ok(ends) => ends,
             Err(e) => {
                 log::warn!("cannot start the database keeper: {e}");
@@ -43,22 +65,56 @@ impl Keeper {
         // connection; the keeper opens its own and _exits.
         match unsafe { fork() } {
             Ok(ForkResult::Child) => {
-                drop(write_end);
+                drop(alive_write);
+                drop(wake_read);
                 crate::forking::after_fork(None);
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    keep(config, read_end)
+                    keep(config, alive_read, wake_write)
                 }));
                 unsafe { nix::libc::_exit(0) }
             }
-            Ok(ForkResult::Parent { child }) => Some(Keeper {
-                pid: child,
-                alive: Some(write_end),
-            }),
+            Ok(ForkResult::Parent { child }) => {
+                let wake = std::fs::File::from(wake_read);
+                let _ = nix::fcntl::fcntl(
+                    &wake,
+                    nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+                );
+                Some(Keeper {
+                    pid: child,
+                    alive: Some(alive_write),
+                    wake,
+                })
+            }
             Err(e) => {
                 log::warn!("cannot start the database keeper: {e}");
                 None
             }
         }
+    }
+
+    /// The wake pipe, for poll(2).
+    pub fn wake_fd(&self) -> BorrowedFd<'_> {
+        self.wake.as_fd()
+    }
+
+    /// Whether the keeper said there is work since the last call (None:
+    /// it did not), and how many messages it routed meanwhile. Each notice
+    /// is one 8-byte count, written atomically (a pipe write below
+    /// PIPE_BUF never interleaves).
+    pub fn take_wake(&self) -> Option<u64> {
+        let mut buf = [0u8; 8 * 64];
+        let mut woken = None;
+        while let Ok(n) = (&self.wake).read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let routed: u64 = buf[..n - n % 8]
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .sum();
+            *woken.get_or_insert(0) += routed;
+        }
+        woken
     }
 }
 
@@ -72,7 +128,7 @@ impl Drop for Keeper {
     }
 }
 
-fn keep(config: &Config, alive: OwnedFd) {
+fn keep(config: &Config, alive: OwnedFd, wake: OwnedFd) {
     // A SIGINT from the terminal is for the parent, which stops the run.
     unsafe {
         let _ = nix::sys::signal::signal(
@@ -80,7 +136,7 @@ fn keep(config: &Config, alive: OwnedFd) {
             nix::sys::signal::SigHandler::SigIgn,
         );
     }
-    let store = match SqliteStore::open_existing(&config.database, config.busy_timeout)
+    let mut store = match SqliteStore::open_existing(&config.database, config.busy_timeout)
         .and_then(|store| store.schema_version().map(|_| store))
     {
         Ok(store) => store,
@@ -89,14 +145,81 @@ fn keep(config: &Config, alive: OwnedFd) {
             return;
         }
     };
-    let mut pipe = std::fs::File::from(alive);
-    let mut buf = [0u8; 1];
+    let watch = DbWatch::new(&config.database)
+        .inspect_err(|e| log::warn!("database keeper: {e}; new work waits for the next check"))
+        .ok();
+    let mut alive = std::fs::File::from(alive);
+    let mut wake = std::fs::File::from(wake);
+    // The parent drains the pipe; a full one is a wake-up already.
+    let _ = nix::fcntl::fcntl(
+        &wake,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    );
+    let mut last_look = Instant::now();
+    // When to look next, after a write (None: nothing pending), and
+    // whether one more look is due after that one.
+    let mut look_at: Option<Instant> = None;
+    let mut follow_up = false;
     loop {
-        match pipe.read(&mut buf) {
-            Ok(0) => break,
-            Err(e) if e.kind() != std::io::ErrorKind::Interrupted => break,
-            _ => {}
+        let timeout = look_at.map_or(PollTimeout::NONE, |at| {
+            let left = at.saturating_duration_since(Instant::now());
+            PollTimeout::try_from(left.as_millis() as u64 + 1).unwrap_or(PollTimeout::MAX)
+        });
+        let mut fds = vec![PollFd::new(alive.as_fd(), PollFlags::POLLIN)];
+        if let Some(watch) = &watch {
+            fds.push(PollFd::new(watch.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, timeout) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+            Ok(_) => {}
+        }
+        let alive_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
+        let watch_ready = fds
+            .get(1)
+            .and_then(|fd| fd.revents())
+            .is_some_and(|r| !r.is_empty());
+        if alive_ready {
+            let mut buf = [0u8; 1];
+            match alive.read(&mut buf) {
+                Ok(0) => break,
+                Err(e) if e.kind() != std::io::ErrorKind::Interrupted => break,
+                _ => {}
+            }
+        }
+        if watch_ready && watch.as_ref().is_some_and(DbWatch::drain) {
+            // Now, or as soon as the interval allows; and once more just
+            // after, for a commit not yet visible.
+            look_at = Some((last_look + LOOK_INTERVAL).max(Instant::now()));
+            follow_up = true;
+        }
+        if look_at.is_some_and(|at| Instant::now() >= at) {
+            last_look = Instant::now();
+            look_at = std::mem::take(&mut follow_up).then(|| last_look + LOOK_INTERVAL);
+            match look_for_work(&mut store) {
+                Ok(Some(routed)) => {
+                    let _ = wake.write(&routed.to_le_bytes());
+                }
+                Ok(None) => {}
+                Err(e) => log::warn!("database keeper: {e}"),
+            }
         }
     }
     drop(store);
+}
+
+/// Routes what is unrouted; when anything is leasable now, how many
+/// messages it routed (else None).
+fn look_for_work(store: &mut SqliteStore) -> crate::error::Result<Option<u64>> {
+    let now = now_ms();
+    let routed = crate::routing::route_all(store, now, &mut || {})?;
+    if routed.unroutable > 0 {
+        log::warn!(
+            "{} messages marked unroutable: no endpoint subscribes to {} (see the unroutable_messages view)",
+            routed.unroutable,
+            routed.unroutable_topics.join(", ")
+        );
+    }
+    let leasable = routed.messages > 0 || store.leasable_count(now, 1)? > 0;
+    Ok(leasable.then_some(routed.messages as u64))
 }

@@ -30,3 +30,4 @@ pub mod signature;
 pub mod slots;
 pub mod steps;
 pub mod store;
+pub mod watch;

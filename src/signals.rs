@@ -5,7 +5,7 @@
 //! each wake it at once.
 
 use std::io::Read;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,11 +57,22 @@ impl Signals {
         self.reload.swap(false, Ordering::SeqCst)
     }
 
+    /// Whether SIGHUP came and is still to be taken (see `take_reload`).
+    pub fn reload_requested(&self) -> bool {
+        self.reload.load(Ordering::SeqCst)
+    }
+
     /// Sleeps until a signal comes or `timeout` passes.
     pub fn wait(&self, timeout: Duration) {
+        self.wait_or(timeout, None);
+    }
+
+    /// Sleeps until a signal comes, `also` is readable, or `timeout` passes.
+    pub fn wait_or(&self, timeout: Duration, also: Option<BorrowedFd>) {
         let timeout =
             PollTimeout::try_from(timeout.as_millis() as u64 + 1).unwrap_or(PollTimeout::MAX);
-        let mut fds = [PollFd::new(self.wake.as_fd(), PollFlags::POLLIN)];
+        let mut fds = vec![PollFd::new(self.wake.as_fd(), PollFlags::POLLIN)];
+        fds.extend(also.map(|fd| PollFd::new(fd, PollFlags::POLLIN)));
         let _ = poll(&mut fds, timeout);
         let mut buf = [0u8; 256];
         while matches!((&self.wake).read(&mut buf), Ok(n) if n > 0) {}

@@ -28,6 +28,10 @@ pub const FILES: &[(&str, &str)] = &[
         "0005_hardening.sql",
         include_str!("../../migrations/0005_hardening.sql"),
     ),
+    (
+        "0006_wakeups.sql",
+        include_str!("../../migrations/0006_wakeups.sql"),
+    ),
 ];
 
 /// Applies the migrations the database lacks.

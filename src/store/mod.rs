@@ -728,6 +728,12 @@ pub trait Store {
     /// time has come), counting no further than `limit`.
     fn leasable_count(&mut self, now: i64, limit: u64) -> Result<u64>;
 
+    /// When the next delivery that is not leasable now becomes so: the
+    /// earliest `not_before` of the delayed queue after `now` (a retry, a
+    /// reserved slot, a cool-down's end; parked ones never), or an expiring
+    /// lease. None: nothing will.
+    fn deliveries_next_due(&mut self, now: i64) -> Result<Option<i64>>;
+
     /// ready or delayed (time has come) → leased, for the next delivery of
     /// the preferred queue (highest priority first, then oldest), opening its
     /// attempt; atomically, so two children never get the same one. On the

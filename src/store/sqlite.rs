@@ -913,6 +913,20 @@ impl Store for SqliteStore {
             .map_err(|e| self.err(e))
     }
 
+    fn deliveries_next_due(&mut self, now: i64) -> Result<Option<i64>> {
+        self.conn
+            .query_row(
+                "SELECT min(t) FROM (
+                   SELECT min(not_before) AS t FROM deliveries INDEXED BY deliveries_due
+                   WHERE state = 'delayed' AND not_before > ?1 AND not_before < ?2
+                   UNION ALL
+                   SELECT min(lease_expires_at) FROM deliveries WHERE state = 'leased')",
+                params![now, PARKED_UNTIL],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))
+    }
+
     fn delivery_lease_next(&mut self, p: &LeaseParams) -> Result<Option<Lease>> {
         self.prepare_ahead(&LEASE_STATEMENTS)?;
         for _ in 0..MAX_UNDECODABLE {

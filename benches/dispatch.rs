@@ -29,6 +29,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("receive") => receive(args.get(1).map_or(4, |t| t.parse().unwrap())),
+        Some("stamp-receive") => stamp_receive(),
         Some("steps") => steps(Path::new(&args[1]), args[2].parse().unwrap()),
         Some("fork-post") => fork_post(
             Path::new(&args[1]),
@@ -55,7 +56,9 @@ fn receive(threads: usize) {
         std::thread::spawn(move || {
             loop {
                 if let Ok((stream, _)) = listener.accept() {
-                    serve_connection(stream, &count);
+                    serve_connection(stream, &mut |_| {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    });
                 }
             }
         });
@@ -66,7 +69,9 @@ fn receive(threads: usize) {
     }
 }
 
-fn serve_connection(mut stream: TcpStream, count: &AtomicU64) {
+/// Serves the requests of one connection, calling `arrived` with each
+/// request's head (lowercased) once the whole request is in.
+fn serve_connection(mut stream: TcpStream, arrived: &mut dyn FnMut(&str)) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let mut buf = vec![0u8; 8192];
@@ -101,7 +106,7 @@ fn serve_connection(mut stream: TcpStream, count: &AtomicU64) {
                 Ok(n) => filled += n,
             }
         }
-        count.fetch_add(1, Ordering::Relaxed);
+        arrived(&head);
         let answer: &[u8] = if close {
             b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
         } else {
@@ -153,6 +158,105 @@ impl Receiver {
 }
 
 impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// The stamping receiver, for latency: answers as `receive` does and
+/// prints `<webhook-id> <arrival, µs since the epoch>` per request.
+fn stamp_receive() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    println!("http://{}", listener.local_addr().unwrap());
+    let out = Arc::new(std::sync::Mutex::new(std::io::stdout()));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let listener = listener.try_clone().expect("clone listener");
+            let out = out.clone();
+            std::thread::spawn(move || {
+                while let Ok((stream, _)) = listener.accept() {
+                    serve_connection(stream, &mut |head| {
+                        let at = epoch_us();
+                        let id = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("webhook-id:"))
+                            .unwrap_or("")
+                            .trim()
+                            .to_string();
+                        let mut out = out.lock().unwrap();
+                        let _ = writeln!(out, "{id} {at}");
+                        let _ = out.flush();
+                    });
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+fn epoch_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// A stamping receiver process, its arrivals collected by a thread (the
+/// orchestrating process forks nothing itself: it spawns).
+struct StampReceiver {
+    process: Child,
+    url: String,
+    arrivals: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+}
+
+impl StampReceiver {
+    fn start() -> StampReceiver {
+        let mut process = Command::new(std::env::current_exe().unwrap())
+            .arg("stamp-receive")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the stamping receiver");
+        let mut lines = BufReader::new(process.stdout.take().unwrap()).lines();
+        let url = lines.next().unwrap().unwrap();
+        let arrivals = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let into = arrivals.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Some((id, at)) = line.split_once(' ') {
+                    into.lock()
+                        .unwrap()
+                        .insert(id.to_string(), at.parse().unwrap());
+                }
+            }
+        });
+        StampReceiver {
+            process,
+            url,
+            arrivals,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.arrivals.lock().unwrap().len()
+    }
+
+    /// When `id` arrived, waiting for it up to 10 s.
+    fn arrival(&self, id: &str) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(&at) = self.arrivals.lock().unwrap().get(id) {
+                return at;
+            }
+            assert!(Instant::now() < deadline, "{id} never arrived");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+impl Drop for StampReceiver {
     fn drop(&mut self) {
         let _ = self.process.kill();
         let _ = self.process.wait();
@@ -586,6 +690,249 @@ impl Table {
     }
 }
 
+// ---------------------------------------------------------------- latency
+
+/// How a message is published, for latency.
+#[derive(Clone, Copy)]
+enum Publish {
+    /// `cronpost enqueue` (a process per message), timed from its start.
+    Cli,
+    /// An INSERT on a connection the producer keeps open.
+    Sql,
+}
+
+/// p50, p95 and max of milliseconds, as a table cell.
+fn percentiles(mut ms: Vec<f64>) -> (String, Vec<f64>) {
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| ms[((ms.len() as f64 * q).ceil() as usize).clamp(1, ms.len()) - 1];
+    let (p50, p95, max) = (at(0.5), at(0.95), at(1.0));
+    (
+        format!("p50 {p50:.1} ms / p95 {p95:.1} ms / max {max:.1} ms"),
+        vec![p50, p95, max],
+    )
+}
+
+/// Publishes `count` messages one at a time, each once the one before
+/// arrived (and 10 ms later); returns each one's latency, publication (the
+/// producer's call returned: the message is committed) to arrival, in ms,
+/// and the same from the start of the producer's call.
+fn one_at_a_time(
+    config: &Path,
+    rx: &StampReceiver,
+    how: Publish,
+    tag: &str,
+    count: usize,
+    priority: i64,
+) -> (Vec<f64>, Vec<f64>) {
+    let db = Config::load(config).unwrap().database;
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    (0..count)
+        .map(|k| {
+            let called = epoch_us();
+            let uid = match how {
+                Publish::Cli => {
+                    let out = Command::new(BIN)
+                        .args(["enqueue", "--topic", "t", "--account", tag, "--json", "--data", "{}"])
+                        .args(["--priority", &priority.to_string()])
+                        .env("CRONPOST_CONFIG", config)
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                    json["messages"][0]["uid"].as_str().unwrap().to_string()
+                }
+                Publish::Sql => {
+                    let uid = format!("lat-{tag}-{k}");
+                    conn.execute(
+                        "INSERT INTO messages (uid, topic, account, payload, priority) VALUES (?1, 't', ?2, '{}', ?3)",
+                        rusqlite::params![uid, tag, priority],
+                    )
+                    .unwrap();
+                    uid
+                }
+            };
+            let published = epoch_us();
+            let arrived = rx.arrival(&uid);
+            std::thread::sleep(Duration::from_millis(10));
+            (
+                arrived.saturating_sub(published) as f64 / 1000.0,
+                arrived.saturating_sub(called) as f64 / 1000.0,
+            )
+        })
+        .unzip()
+}
+
+/// CPU seconds (user + system) of `pid` and its children now.
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let fields: Vec<String> = stat[stat.rfind(')')? + 2..]
+                    .split(' ')
+                    .map(str::to_string)
+                    .collect();
+                Some(fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?)
+            })
+            .unwrap_or(0)
+    };
+    let children: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|stat| {
+                stat.rfind(')')
+                    .is_some_and(|i| stat[i + 2..].split(' ').nth(1) == Some(&pid.to_string()))
+            })
+        })
+        .collect();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    (ticks(pid) + children.into_iter().map(ticks).sum::<u64>()) as f64 / hz
+}
+
+/// Starts `cronpost ARGS` on `config` and waits until its log says `ready`.
+fn start_cronpost(config: &Path, args: &[&str], ready: &str) -> Child {
+    let log = config.with_extension("log");
+    let child = Command::new(BIN)
+        .args(args)
+        .env("CRONPOST_CONFIG", config)
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains(ready)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "cronpost {args:?} did not say {ready:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
+fn stop(mut child: Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+}
+
+/// Latency: the daemon and the lingering oneshot, idle, for messages
+/// published one at a time with the CLI and with plain SQL; a high
+/// priority during a drain of `n`; the idle daemon's CPU.
+fn latency(options: &Options, n: usize, table: &mut Table) {
+    let rx = StampReceiver::start();
+    let bench = Bench::new(&rx.url);
+    let count = if options.quick { 40 } else { 200 };
+    let idle = Duration::from_secs(if options.quick { 10 } else { 60 });
+    for (who, args, ready) in [
+        (
+            "daemon (schedule never due)",
+            &["daemon"][..],
+            "daemon started",
+        ),
+        ("cronpost run --linger", &["run", "--linger"], "routed"),
+    ] {
+        let config = bench.config(who.split(' ').next().unwrap(), "latency.db", 4, 1);
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text = format!("schedule = \"0 0 0 1 1 *\"\n{text}");
+        std::fs::write(&config, text).unwrap();
+        bench.remove_db("latency");
+        let out = Command::new(BIN)
+            .arg("migrate")
+            .env("CRONPOST_CONFIG", &config)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let process = if who.starts_with("daemon") {
+            start_cronpost(&config, args, ready)
+        } else {
+            let child = Command::new(BIN)
+                .args(args)
+                .env("CRONPOST_CONFIG", &config)
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            // The run has begun once it wrote its runs row.
+            let db = Config::load(&config).unwrap().database;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while rusqlite::Connection::open(&db)
+                .and_then(|c| c.query_row("SELECT count(*) FROM runs", [], |r| r.get::<_, i64>(0)))
+                .unwrap_or(0)
+                == 0
+            {
+                assert!(Instant::now() < deadline, "the lingering run did not start");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            child
+        };
+        for (how, name) in [
+            (Publish::Cli, "cronpost enqueue"),
+            (Publish::Sql, "plain SQL INSERT"),
+        ] {
+            let tag = format!("{}{}", who.len(), name.len());
+            let (ms, from_call) = one_at_a_time(&config, &rx, how, &tag, count, 0);
+            let (cell, xs) = percentiles(ms);
+            let (call_cell, _) = percentiles(from_call);
+            table.row(
+                format!("latency, {who} idle: {count} messages one at a time by {name}, publication (commit) to arrival"),
+                format!("{cell} (from the start of the producer's call: {call_cell})"),
+                &xs,
+            );
+        }
+        if who.starts_with("daemon") {
+            let before = cpu_seconds(process.id());
+            let started = Instant::now();
+            std::thread::sleep(idle);
+            let used = cpu_seconds(process.id()) - before;
+            let share = 100.0 * used / started.elapsed().as_secs_f64();
+            table.row(
+                format!("idle daemon and its keeper over {}s: CPU", idle.as_secs()),
+                format!("{share:.2}% of a core ({used:.2} s)"),
+                &[share],
+            );
+        }
+        stop(process);
+    }
+
+    // A high priority while a backlog drains.
+    let config = bench.copy_of("drain", n, 8);
+    let run = Command::new(BIN)
+        .arg("run")
+        .env("CRONPOST_CONFIG", &config)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rx.count() < n / 10 {
+        assert!(Instant::now() < deadline, "the drain did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let urgent = if options.quick { 10 } else { 40 };
+    let (ms, from_call) = one_at_a_time(&config, &rx, Publish::Sql, "urgent", urgent, 1000);
+    let drained = rx.count();
+    let (cell, xs) = percentiles(ms);
+    let (call_cell, _) = percentiles(from_call);
+    let cell = format!("{cell} (from the start of the INSERT: {call_cell})");
+    table.row(
+        format!(
+            "latency of priority 1000 while {n} deliveries drain (8 children): {urgent} plain SQL INSERTs one at a time"
+        ),
+        format!("{cell}; {drained} of the backlog had arrived by the last"),
+        &xs,
+    );
+    stop(run);
+}
+
 fn orchestrate(args: &[String]) {
     let quick = args.iter().any(|a| a == "--quick");
     let options = Options {
@@ -881,6 +1228,10 @@ fn orchestrate(args: &[String]) {
             format!("{server} / {client}"),
             &[],
         );
+    }
+
+    if options.wants("latency") {
+        latency(&options, n, &mut table);
     }
 
     println!("| measure | result | readings |\n|---|---|---|");

@@ -1,10 +1,14 @@
-//! `cronpost daemon`: a long-lived parent that starts one dispatcher run at
-//! each time of the config's cron `schedule`. Runs never overlap within the
-//! daemon: a time that passes while a run goes is skipped (and logged).
-//! Under systemd (Type=notify) it reports READY, STATUS (the last run's
-//! summary), WATCHDOG while healthy and STOPPING; without systemd those are
-//! no-ops. SIGTERM/SIGINT stop it after the current run's grace period;
-//! SIGHUP reloads the config, keeping the old one when the new one is bad.
+//! `cronpost daemon`: a long-lived parent that is always in a dispatcher
+//! run. Each run lingers until the next time of the config's cron
+//! `schedule` (or its `max_runtime`), delivering new work as it comes (the
+//! keeper wakes it within milliseconds) and retries at their due time; that
+//! time starts the next run, with its own record and metrics. Runs never
+//! overlap within the daemon: a time that passes while a busy run goes is
+//! skipped (and logged). Under systemd (Type=notify) it reports READY,
+//! STATUS (the last run's summary), WATCHDOG while healthy, RELOADING and
+//! STOPPING; without systemd those are no-ops. SIGTERM/SIGINT stop it after
+//! the current run's grace period; SIGHUP ends a lingering run and reloads
+//! the config, keeping the old one when the new one is bad.
 
 use std::path::Path;
 use std::time::{Duration, Instant};

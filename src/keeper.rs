@@ -145,6 +145,9 @@ fn keep(config: &Config, alive: OwnedFd, wake: OwnedFd) {
             return;
         }
     };
+    if let Err(e) = store.wait_for_locks_eagerly(config.busy_timeout) {
+        log::warn!("database keeper: {e}");
+    }
     let watch = DbWatch::new(&config.database)
         .inspect_err(|e| log::warn!("database keeper: {e}; new work waits for the next check"))
         .ok();

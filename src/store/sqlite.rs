@@ -184,6 +184,26 @@ impl SqliteStore {
         Ok(store)
     }
 
+    /// Waits for another connection's lock in steps of 100 µs instead of
+    /// SQLite's 1, 2, 5 ... 100 ms, for at most `limit` (this process's
+    /// connections all get the last limit set): for the keeper, whose
+    /// routing must not lose the lock to a stream of children for tens of
+    /// milliseconds (a new message would wait that long).
+    pub fn wait_for_locks_eagerly(&mut self, limit: Duration) -> Result<()> {
+        static LIMIT_STEPS: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+        const STEP: Duration = Duration::from_micros(100);
+        fn eager(tries: i32) -> bool {
+            if tries >= LIMIT_STEPS.load(std::sync::atomic::Ordering::Relaxed) {
+                return false;
+            }
+            std::thread::sleep(STEP);
+            true
+        }
+        let steps = (limit.as_micros() / STEP.as_micros()).min(i32::MAX as u128) as i32;
+        LIMIT_STEPS.store(steps.max(1), std::sync::atomic::Ordering::Relaxed);
+        self.conn.busy_handler(Some(eager)).map_err(|e| self.err(e))
+    }
+
     /// Every commit from now on is on disk before it returns
     /// (synchronous=FULL: the WAL is synced at each commit).
     pub fn make_durable(&mut self) -> Result<()> {

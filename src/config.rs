@@ -13,7 +13,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::error::{Error, ExitCode, Result};
-use crate::saturation::Rate;
+use crate::saturation::{EndpointLimits, LeasePolicy, Rate};
 
 /// Where the config is read from when neither `--config` nor `CRONPOST_CONFIG` says.
 pub const DEFAULT_PATH: &str = "/etc/cronpost/cronpost.toml";
@@ -228,6 +228,17 @@ impl DeliveryMode {
 }
 
 impl Endpoint {
+    /// The endpoint's limits as the store applies them.
+    pub fn limits(&self) -> EndpointLimits {
+        EndpointLimits {
+            max_in_flight: self.max_in_flight,
+            rate: self.rate,
+            cooldown_base: self.cooldown_base,
+            cooldown_cap: self.cooldown_cap,
+            max_retry_after: self.max_retry_after,
+        }
+    }
+
     /// How long a child may wait on this endpoint after connecting.
     pub fn answer_wait(&self) -> Duration {
         match self.mode {
@@ -293,6 +304,31 @@ impl Config {
     /// The endpoint named `name`.
     pub fn endpoint(&self, name: &str) -> Option<&Endpoint> {
         self.endpoints.iter().find(|e| e.name == name)
+    }
+}
+
+impl LeasePolicy for Config {
+    fn account_rate(&self, account: &str) -> Option<Rate> {
+        self.account_budget
+            .overrides
+            .get(account)
+            .copied()
+            .or(self.account_budget.default)
+    }
+
+    fn endpoint_limits(&self, endpoint: &str) -> Option<EndpointLimits> {
+        self.endpoint(endpoint).map(Endpoint::limits)
+    }
+
+    fn endpoints_with_in_flight_caps(&self) -> Vec<(String, u32)> {
+        self.endpoints
+            .iter()
+            .filter_map(|e| e.max_in_flight.map(|cap| (e.name.clone(), cap)))
+            .collect()
+    }
+
+    fn endpoint_known(&self, endpoint: &str) -> bool {
+        self.endpoint(endpoint).is_some()
     }
 }
 

@@ -14,9 +14,6 @@
 
 use std::time::Duration;
 
-use crate::config::{Config, Endpoint};
-use crate::store::{EndpointLimits, LeasePolicy};
-
 /// A rate with a burst: `per_second` on average, `burst` back to back.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Rate {
@@ -90,42 +87,204 @@ pub fn cooldown(limits: &EndpointLimits, failures: u32, retry_after: Option<Dura
     }
 }
 
-impl Endpoint {
-    /// The endpoint's limits as the store applies them.
-    pub fn limits(&self) -> EndpointLimits {
-        EndpointLimits {
-            max_in_flight: self.max_in_flight,
-            rate: self.rate,
-            cooldown_base: self.cooldown_base,
-            cooldown_cap: self.cooldown_cap,
-            max_retry_after: self.max_retry_after,
+/// An endpoint's limits, as the lease and finish transactions apply them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EndpointLimits {
+    /// Leased deliveries at once, across all runs.
+    pub max_in_flight: Option<u32>,
+    /// Its rate.
+    pub rate: Option<Rate>,
+    /// Cool-down after a first saturation signal.
+    pub cooldown_base: Duration,
+    /// Longest cool-down without Retry-After.
+    pub cooldown_cap: Duration,
+    /// Longest Retry-After honoured.
+    pub max_retry_after: Duration,
+}
+
+/// The limits a lease must respect, looked up as the lease goes.
+pub trait LeasePolicy {
+    /// The budget of `account` (None: unlimited).
+    fn account_rate(&self, account: &str) -> Option<Rate>;
+    /// The limits of `endpoint` (None: none).
+    fn endpoint_limits(&self, endpoint: &str) -> Option<EndpointLimits>;
+    /// Endpoints with a `max_in_flight`, and their caps.
+    fn endpoints_with_in_flight_caps(&self) -> Vec<(String, u32)>;
+    /// Whether `endpoint` is configured; deliveries of one that is not are
+    /// parked instead of leased.
+    fn endpoint_known(&self, endpoint: &str) -> bool {
+        let _ = endpoint;
+        true
+    }
+}
+
+/// Which kind of key a rate limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateKind {
+    /// An account's budget.
+    Account,
+    /// An endpoint's rate.
+    Endpoint,
+}
+
+impl RateKind {
+    /// The name a store keeps the kind's state under.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateKind::Account => "account",
+            RateKind::Endpoint => "endpoint",
         }
     }
 }
 
-impl LeasePolicy for Config {
-    fn account_rate(&self, account: &str) -> Option<Rate> {
-        self.account_budget
-            .overrides
-            .get(account)
-            .copied()
-            .or(self.account_budget.default)
-    }
+/// Why a delivery is held back (a store writes it as the delivery's reason).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldReason {
+    /// Its endpoint is not in the config: parked.
+    EndpointRemoved,
+    /// Its endpoint's breaker is open.
+    EndpointSaturated,
+    /// Its endpoint is over its rate: a reserved slot.
+    EndpointRate,
+    /// Its account is over its budget: a reserved slot.
+    AccountBudget,
+}
 
-    fn endpoint_limits(&self, endpoint: &str) -> Option<EndpointLimits> {
-        self.endpoint(endpoint).map(Endpoint::limits)
-    }
+/// What the policy needs to know of the delivery a lease looks at.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Candidate<'a> {
+    /// Its endpoint.
+    pub endpoint: &'a str,
+    /// Its account.
+    pub account: &'a str,
+    /// What it was held back for last, when it waits in the delayed queue.
+    pub held_for: Option<HoldReason>,
+    /// Its `not_before`: the slot it holds, when it holds one.
+    pub not_before: i64,
+    /// Its endpoint's breaker: open until (None: closed).
+    pub saturated_until: Option<i64>,
+    /// Its endpoint's saturation signals in a row (> 0: this is a probe).
+    pub failures: u32,
+}
 
-    fn endpoints_with_in_flight_caps(&self) -> Vec<(String, u32)> {
-        self.endpoints
-            .iter()
-            .filter_map(|e| e.max_in_flight.map(|cap| (e.name.clone(), cap)))
-            .collect()
-    }
+/// Why a candidate cannot go now, and when its kind may.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Hold {
+    /// Why.
+    pub reason: HoldReason,
+    /// Reroute every ready delivery of the candidate's account, or of its
+    /// endpoint.
+    pub group: RateKind,
+    /// When the first rerouted delivery may go (ms).
+    pub first: f64,
+    /// Between two rerouted deliveries (0: all at `first`).
+    pub interval: f64,
+    /// The rate whose TAT advances by one interval per rerouted delivery,
+    /// and the TAT to advance from.
+    pub rate: Option<(RateKind, Rate, f64)>,
+}
 
-    fn endpoint_known(&self, endpoint: &str) -> bool {
-        self.endpoint(endpoint).is_some()
+/// A rate the lease consumes: store `tat` for the candidate's key of `kind`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Charge {
+    /// Which key.
+    pub kind: RateKind,
+    /// Its new TAT.
+    pub tat: f64,
+}
+
+/// What to do with a candidate.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// Lease it, charging these rates; a probe when its endpoint's breaker
+    /// is half-open.
+    Go {
+        /// Whether it is its endpoint's one half-open probe.
+        probe: bool,
+        /// The rates it consumes.
+        charges: Vec<Charge>,
+    },
+    /// Hold it (and its group) back.
+    Hold(Hold),
+}
+
+/// The last millisecond that `not_before` of a parked delivery may hold
+/// (year 9999): later than any time a run looks at.
+pub const PARKED_UNTIL: i64 = 253_402_300_799_999;
+
+/// Whether a candidate still holds the slot it was given when rerouted for
+/// `reason`. A slot older than the burst window was missed (no run was
+/// there): the delivery queues again, so missed slots never add a burst on
+/// top of the rate.
+pub fn holds_fresh_slot(c: &Candidate, reason: HoldReason, rate: Rate, now: f64) -> bool {
+    c.held_for == Some(reason)
+        && c.not_before as f64 >= now - rate.tolerance_ms() - rate.interval_ms()
+}
+
+/// The decision for `c` at `now` under `policy`, reading the TAT of the
+/// candidate's key of each kind through `tat`. Both rates are checked
+/// before either is charged: a held delivery costs nothing, so an account
+/// over its budget does not eat its endpoint's rate.
+pub fn decide<E>(
+    policy: &dyn LeasePolicy,
+    c: &Candidate,
+    now: i64,
+    mut tat: impl FnMut(RateKind) -> Result<Option<f64>, E>,
+) -> Result<Decision, E> {
+    let hold = |reason, first| {
+        Decision::Hold(Hold {
+            reason,
+            group: RateKind::Endpoint,
+            first,
+            interval: 0.0,
+            rate: None,
+        })
+    };
+    if !policy.endpoint_known(c.endpoint) {
+        // Parked, with every ready delivery of the endpoint: leasing them
+        // would only fail, forever, and eat the forks of the others.
+        return Ok(hold(HoldReason::EndpointRemoved, (PARKED_UNTIL - 1) as f64));
     }
+    if let Some(until) = c.saturated_until.filter(|&u| u > now) {
+        return Ok(hold(HoldReason::EndpointSaturated, until as f64));
+    }
+    let now_f = now as f64;
+    let limits = [
+        (
+            RateKind::Endpoint,
+            policy.endpoint_limits(c.endpoint).and_then(|l| l.rate),
+            HoldReason::EndpointRate,
+        ),
+        (
+            RateKind::Account,
+            policy.account_rate(c.account),
+            HoldReason::AccountBudget,
+        ),
+    ];
+    let mut charges = Vec::new();
+    for (kind, rate, why) in limits {
+        let Some(rate) = rate else { continue };
+        if holds_fresh_slot(c, why, rate, now_f) {
+            continue;
+        }
+        let current = tat(kind)?;
+        match admit(rate, current, now_f) {
+            Admit::Now { tat } => charges.push(Charge { kind, tat }),
+            Admit::Later { at } => {
+                return Ok(Decision::Hold(Hold {
+                    reason: why,
+                    group: kind,
+                    first: at,
+                    interval: rate.interval_ms(),
+                    rate: Some((kind, rate, current.unwrap_or(now_f).max(now_f))),
+                }));
+            }
+        }
+    }
+    Ok(Decision::Go {
+        probe: c.failures > 0,
+        charges,
+    })
 }
 
 #[cfg(test)]
@@ -151,6 +310,145 @@ mod tests {
         assert!(matches!(admit(FIFTY, tat, 1020.0), Admit::Now { tat: t } if t == 1120.0));
         // Reserving three slots: at 1020, 1040, 1060; the TAT moves past them.
         assert_eq!(reserve(FIFTY, 1100.0, 3), (1020.0, 1160.0));
+    }
+
+    /// An account at FIFTY, an endpoint at FIFTY, everything else open.
+    struct Both;
+    impl LeasePolicy for Both {
+        fn account_rate(&self, _: &str) -> Option<Rate> {
+            Some(FIFTY)
+        }
+        fn endpoint_limits(&self, _: &str) -> Option<EndpointLimits> {
+            Some(EndpointLimits {
+                max_in_flight: None,
+                rate: Some(FIFTY),
+                cooldown_base: Duration::from_secs(1),
+                cooldown_cap: Duration::from_secs(5),
+                max_retry_after: Duration::from_secs(60),
+            })
+        }
+        fn endpoints_with_in_flight_caps(&self) -> Vec<(String, u32)> {
+            Vec::new()
+        }
+    }
+
+    fn ready() -> Candidate<'static> {
+        Candidate {
+            endpoint: "e",
+            account: "a",
+            held_for: None,
+            not_before: 0,
+            saturated_until: None,
+            failures: 0,
+        }
+    }
+
+    #[test]
+    fn both_rates_are_checked_before_either_is_charged() {
+        // The endpoint has room, the account has none: held by the
+        // account, and the endpoint's rate is not charged.
+        let tats = |kind| -> Result<Option<f64>, ()> {
+            Ok(match kind {
+                RateKind::Endpoint => None,
+                RateKind::Account => Some(10_000.0),
+            })
+        };
+        match decide(&Both, &ready(), 1_000, tats).unwrap() {
+            Decision::Hold(hold) => {
+                assert_eq!(
+                    (hold.reason, hold.group),
+                    (HoldReason::AccountBudget, RateKind::Account)
+                );
+                assert_eq!(hold.first, 10_000.0 - FIFTY.tolerance_ms());
+            }
+            other => panic!("{other:?}"),
+        }
+        // Both have room: both charged, one interval each.
+        let open = |_| -> Result<Option<f64>, ()> { Ok(None) };
+        match decide(&Both, &ready(), 1_000, open).unwrap() {
+            Decision::Go { probe, charges } => {
+                assert!(!probe);
+                let kinds: Vec<RateKind> = charges.iter().map(|c| c.kind).collect();
+                assert_eq!(kinds, [RateKind::Endpoint, RateKind::Account]);
+                assert!(charges.iter().all(|c| c.tat == 1_020.0));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_fresh_slot_goes_uncharged_and_a_missed_one_queues_again() {
+        let full = |_| -> Result<Option<f64>, ()> { Ok(Some(1_000_000.0)) };
+        // Its slot (not_before) has just come: it goes, charging nothing.
+        let slot = Candidate {
+            held_for: Some(HoldReason::AccountBudget),
+            not_before: 5_000,
+            ..ready()
+        };
+        let endpoint_only = |kind| -> Result<Option<f64>, ()> {
+            Ok(match kind {
+                RateKind::Endpoint => None,
+                RateKind::Account => Some(1_000_000.0),
+            })
+        };
+        match decide(&Both, &slot, 5_010, endpoint_only).unwrap() {
+            Decision::Go { charges, .. } => {
+                assert_eq!(charges.len(), 1, "only the endpoint: {charges:?}");
+                assert_eq!(charges[0].kind, RateKind::Endpoint);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Missed by more than the burst window: it queues again.
+        assert!(matches!(
+            decide(&Both, &slot, 5_000 + 1_000, full).unwrap(),
+            Decision::Hold(_)
+        ));
+    }
+
+    #[test]
+    fn an_open_breaker_or_a_removed_endpoint_holds_before_any_rate() {
+        struct Removed;
+        impl LeasePolicy for Removed {
+            fn account_rate(&self, _: &str) -> Option<Rate> {
+                None
+            }
+            fn endpoint_limits(&self, _: &str) -> Option<EndpointLimits> {
+                None
+            }
+            fn endpoints_with_in_flight_caps(&self) -> Vec<(String, u32)> {
+                Vec::new()
+            }
+            fn endpoint_known(&self, _: &str) -> bool {
+                false
+            }
+        }
+        let never = |_| -> Result<Option<f64>, ()> { panic!("no rate is read") };
+        match decide(&Removed, &ready(), 0, never).unwrap() {
+            Decision::Hold(hold) => assert_eq!(hold.reason, HoldReason::EndpointRemoved),
+            other => panic!("{other:?}"),
+        }
+        let open = Candidate {
+            saturated_until: Some(9_000),
+            failures: 2,
+            ..ready()
+        };
+        match decide(&Both, &open, 1_000, never).unwrap() {
+            Decision::Hold(hold) => assert_eq!(
+                (hold.reason, hold.first),
+                (HoldReason::EndpointSaturated, 9_000.0)
+            ),
+            other => panic!("{other:?}"),
+        }
+        let half_open = Candidate {
+            saturated_until: Some(500),
+            failures: 2,
+            ..ready()
+        };
+        let room = |_| -> Result<Option<f64>, ()> { Ok(None) };
+        assert!(matches!(
+            decide(&Both, &half_open, 1_000, room).unwrap(),
+            Decision::Go { probe: true, .. }
+        ));
     }
 
     #[test]

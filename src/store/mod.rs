@@ -13,7 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::clock::BootTime;
 use crate::error::Result;
-use crate::saturation::Rate;
+use crate::saturation::HoldReason;
+pub use crate::saturation::{EndpointLimits, LeasePolicy, PARKED_UNTIL};
 
 pub use sqlite::SqliteStore;
 
@@ -107,9 +108,27 @@ pub mod reason {
     pub const ENDPOINT_REMOVED: &str = "endpoint_removed";
 }
 
-/// The `not_before` of a parked delivery (reason `endpoint_removed`): the
-/// last millisecond of year 9999, later than any time a run looks at.
-pub const PARKED_UNTIL: i64 = 253_402_300_799_999;
+/// The reason a delivery held back for `hold` is stored with.
+pub fn hold_reason(hold: HoldReason) -> &'static str {
+    match hold {
+        HoldReason::EndpointRemoved => reason::ENDPOINT_REMOVED,
+        HoldReason::EndpointSaturated => reason::ENDPOINT_SATURATED,
+        HoldReason::EndpointRate => reason::ENDPOINT_RATE,
+        HoldReason::AccountBudget => reason::ACCOUNT_BUDGET,
+    }
+}
+
+/// What a stored reason says the delivery was held back for, if anything.
+pub fn held_for(stored: &str) -> Option<HoldReason> {
+    [
+        HoldReason::EndpointRemoved,
+        HoldReason::EndpointSaturated,
+        HoldReason::EndpointRate,
+        HoldReason::AccountBudget,
+    ]
+    .into_iter()
+    .find(|&hold| hold_reason(hold) == stored)
+}
 
 /// Which queue a child takes from first (it falls back to the other).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,37 +137,6 @@ pub enum Queue {
     Ready,
     /// Delayed deliveries whose time has come.
     Delayed,
-}
-
-/// An endpoint's limits, as the lease and finish transactions apply them.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct EndpointLimits {
-    /// Leased deliveries at once, across all runs.
-    pub max_in_flight: Option<u32>,
-    /// Its rate.
-    pub rate: Option<Rate>,
-    /// Cool-down after a first saturation signal.
-    pub cooldown_base: Duration,
-    /// Longest cool-down without Retry-After.
-    pub cooldown_cap: Duration,
-    /// Longest Retry-After honoured.
-    pub max_retry_after: Duration,
-}
-
-/// The limits a lease must respect, looked up by the store as it goes.
-pub trait LeasePolicy {
-    /// The budget of `account` (None: unlimited).
-    fn account_rate(&self, account: &str) -> Option<Rate>;
-    /// The limits of `endpoint` (None: not configured; no limits).
-    fn endpoint_limits(&self, endpoint: &str) -> Option<EndpointLimits>;
-    /// Endpoints with a `max_in_flight`, and their caps.
-    fn endpoints_with_in_flight_caps(&self) -> Vec<(String, u32)>;
-    /// Whether `endpoint` is configured; deliveries of one that is not are
-    /// parked instead of leased.
-    fn endpoint_known(&self, endpoint: &str) -> bool {
-        let _ = endpoint;
-        true
-    }
 }
 
 /// What an attempt says about its endpoint's health.

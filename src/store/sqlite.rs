@@ -19,7 +19,7 @@ use rusqlite::{
 use super::*;
 use crate::error::{Error, ExitCode};
 use crate::files::{self, Sharing};
-use crate::saturation::{self, Admit, Rate};
+use crate::saturation::{self, Decision, Hold, RateKind};
 
 /// Picks the next ready delivery: a seek on `deliveries_queue`
 /// (state, priority DESC, id), highest priority first, then oldest,
@@ -407,22 +407,14 @@ struct Candidate {
     from: Queue,
 }
 
-/// Why a candidate cannot go now, and when its kind may.
-struct Hold {
-    reason: &'static str,
-    /// Reroute every ready delivery of this account (else of this endpoint).
-    by_account: bool,
-    /// When the first rerouted delivery may go.
-    first: f64,
-    /// Between two rerouted deliveries (0: all at `first`).
-    interval: f64,
-    /// The rate whose TAT advances by one interval per rerouted delivery.
-    rate: Option<(&'static str, Rate, f64)>,
-}
-
-enum Decision {
-    Go { probe: bool },
-    Hold(Hold),
+impl Candidate {
+    /// Its key of `kind`: its account or its endpoint.
+    fn key(&self, kind: RateKind) -> &str {
+        match kind {
+            RateKind::Account => &self.account,
+            RateKind::Endpoint => &self.endpoint,
+        }
+    }
 }
 
 fn lease_next(
@@ -446,8 +438,21 @@ fn lease_next(
         let Some(c) = candidate else {
             return Ok(None);
         };
-        match decide(tx, p, &c)? {
-            Decision::Go { probe } => return lease_candidate(tx, p, &c, probe).map(Some),
+        let view = saturation::Candidate {
+            endpoint: &c.endpoint,
+            account: &c.account,
+            held_for: c.reason.as_deref().and_then(held_for),
+            not_before: c.not_before,
+            saturated_until: c.saturated_until,
+            failures: c.failures,
+        };
+        match saturation::decide(p.policy, &view, p.now, |kind| tat(tx, kind, c.key(kind)))? {
+            Decision::Go { probe, charges } => {
+                for charge in charges {
+                    set_tat(tx, charge.kind, c.key(charge.kind), charge.tat)?;
+                }
+                return lease_candidate(tx, p, &c, probe).map(Some);
+            }
             Decision::Hold(hold) => reroute(tx, &c, &hold, p.now)?,
         }
     }
@@ -507,18 +512,18 @@ fn pick(
     .optional()
 }
 
-fn tat(tx: &Connection, kind: &str, key: &str) -> rusqlite::Result<Option<f64>> {
+fn tat(tx: &Connection, kind: RateKind, key: &str) -> rusqlite::Result<Option<f64>> {
     tx.prepare_cached("SELECT tat FROM rate_limits WHERE kind = ?1 AND key = ?2")?
-        .query_row([kind, key], |r| r.get(0))
+        .query_row([kind.as_str(), key], |r| r.get(0))
         .optional()
 }
 
-fn set_tat(tx: &Connection, kind: &str, key: &str, tat: f64) -> rusqlite::Result<()> {
+fn set_tat(tx: &Connection, kind: RateKind, key: &str, tat: f64) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO rate_limits (kind, key, tat) VALUES (?1, ?2, ?3)
          ON CONFLICT (kind, key) DO UPDATE SET tat = excluded.tat",
     )?
-    .execute(params![kind, key, tat])
+    .execute(params![kind.as_str(), key, tat])
     .map(drop)
 }
 
@@ -529,81 +534,6 @@ fn endpoint_health(tx: &Connection, endpoint: &str) -> rusqlite::Result<(Option<
         .query_row([endpoint], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()
         .map(|found| found.unwrap_or((None, 0)))
-}
-
-/// Whether a candidate still holds the slot it was given when rerouted for
-/// `reason`. A slot older than the burst window was missed (no run was
-/// there): the delivery queues again, so missed slots never add a burst on
-/// top of the rate.
-fn holds_fresh_slot(c: &Candidate, reason: &str, rate: Rate, now: f64) -> bool {
-    c.reason.as_deref() == Some(reason)
-        && c.not_before as f64 >= now - rate.tolerance_ms() - rate.interval_ms()
-}
-
-fn decide(tx: &Connection, p: &LeaseParams, c: &Candidate) -> rusqlite::Result<Decision> {
-    let now = p.now as f64;
-    if !p.policy.endpoint_known(&c.endpoint) {
-        // Parked, with every ready delivery of the endpoint: leasing them
-        // would only fail, forever, and eat the forks of the others.
-        return Ok(Decision::Hold(Hold {
-            reason: reason::ENDPOINT_REMOVED,
-            by_account: false,
-            first: (PARKED_UNTIL - 1) as f64,
-            interval: 0.0,
-            rate: None,
-        }));
-    }
-    if let Some(until) = c.saturated_until.filter(|&u| u > p.now) {
-        return Ok(Decision::Hold(Hold {
-            reason: reason::ENDPOINT_SATURATED,
-            by_account: false,
-            first: until as f64,
-            interval: 0.0,
-            rate: None,
-        }));
-    }
-    // Check both rates before charging either: a held delivery costs nothing.
-    let mut charges = Vec::new();
-    let endpoint_rate = p.policy.endpoint_limits(&c.endpoint).and_then(|l| l.rate);
-    let limits = [
-        (
-            "endpoint",
-            c.endpoint.as_str(),
-            endpoint_rate,
-            reason::ENDPOINT_RATE,
-        ),
-        (
-            "account",
-            c.account.as_str(),
-            p.policy.account_rate(&c.account),
-            reason::ACCOUNT_BUDGET,
-        ),
-    ];
-    for (kind, key, rate, why) in limits {
-        let Some(rate) = rate else { continue };
-        if holds_fresh_slot(c, why, rate, now) {
-            continue;
-        }
-        let current = tat(tx, kind, key)?;
-        match saturation::admit(rate, current, now) {
-            Admit::Now { tat } => charges.push((kind, key, tat)),
-            Admit::Later { at } => {
-                return Ok(Decision::Hold(Hold {
-                    reason: why,
-                    by_account: kind == "account",
-                    first: at,
-                    interval: rate.interval_ms(),
-                    rate: Some((kind, rate, current.unwrap_or(now).max(now))),
-                }));
-            }
-        }
-    }
-    for (kind, key, tat) in charges {
-        set_tat(tx, kind, key, tat)?;
-    }
-    Ok(Decision::Go {
-        probe: c.failures > 0,
-    })
 }
 
 /// Reroutes every ready delivery whose `$column` is ?1 to the delayed queue
@@ -627,31 +557,31 @@ macro_rules! reroute_ready_sql {
 /// every other ready delivery of its account or endpoint, each with its own
 /// slot `first + k * interval` in priority order.
 fn reroute(tx: &Connection, c: &Candidate, hold: &Hold, now: i64) -> rusqlite::Result<()> {
-    let key = if hold.by_account {
-        &c.account
-    } else {
-        &c.endpoint
-    };
+    let reason = hold_reason(hold.reason);
     let moved = match c.from {
         Queue::Ready => {
-            let sql = if hold.by_account {
-                reroute_ready_sql!("account")
-            } else {
-                reroute_ready_sql!("endpoint")
+            let sql = match hold.group {
+                RateKind::Account => reroute_ready_sql!("account"),
+                RateKind::Endpoint => reroute_ready_sql!("endpoint"),
             };
-            tx.prepare_cached(sql)?
-                .execute(params![key, hold.reason, hold.first, hold.interval, now])?
+            tx.prepare_cached(sql)?.execute(params![
+                c.key(hold.group),
+                reason,
+                hold.first,
+                hold.interval,
+                now
+            ])?
         }
         Queue::Delayed => tx
             .prepare_cached(
                 "UPDATE deliveries SET reason = ?2, not_before = CAST(?3 AS INTEGER) + 1, updated_at = ?4
                  WHERE id = ?1",
             )?
-            .execute(params![c.id, hold.reason, hold.first, now])?,
+            .execute(params![c.id, reason, hold.first, now])?,
     };
     if let Some((kind, rate, tat)) = hold.rate {
         let (_, new_tat) = saturation::reserve(rate, tat, moved as u64);
-        set_tat(tx, kind, key, new_tat)?;
+        set_tat(tx, kind, c.key(kind), new_tat)?;
     }
     Ok(())
 }

@@ -356,47 +356,6 @@ fn stats_counts_states_per_endpoint_in_tables_and_json() {
 }
 
 #[test]
-fn the_lease_queries_use_their_indexes_without_a_sort() {
-    let rx = Receiver::start();
-    let env = env_with_topics(&rx);
-    env.ok(&["migrate"]);
-    let plan = |sql: &str| -> String {
-        let db = env.db();
-        let mut stmt = db.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-        let params: [&dyn rusqlite::ToSql; 2] = [&"[]", &0];
-        let rows: Vec<String> = stmt
-            .query_map(&params[..stmt.parameter_count()], |r| r.get::<_, String>(3))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        rows.join("\n")
-    };
-    // The ready queue: a seek to state = 'ready', first entry in (priority DESC, id).
-    let ready = plan(cronpost::store::sqlite::PICK_READY_SQL);
-    assert!(
-        ready.contains("SEARCH d USING INDEX deliveries_queue (state=?)"),
-        "{ready}"
-    );
-    assert!(!ready.contains("TEMP B-TREE"), "no sort: {ready}");
-    assert!(
-        !ready.lines().any(|l| l == "SCAN d"),
-        "no scan of the table: {ready}"
-    );
-    // The breaker of the picked delivery's endpoint: a lookup, not a scan.
-    assert!(
-        ready.contains("SEARCH h USING PRIMARY KEY (endpoint=?)"),
-        "{ready}"
-    );
-    // The delayed queue: its partial index, in (priority DESC, not_before) order.
-    let delayed = plan(cronpost::store::sqlite::PICK_DELAYED_SQL);
-    assert!(
-        delayed.contains("USING INDEX deliveries_delayed"),
-        "{delayed}"
-    );
-    assert!(!delayed.contains("TEMP B-TREE"), "no sort: {delayed}");
-}
-
-#[test]
 fn migrate_records_the_schema_version_in_the_file_and_is_idempotent() {
     let rx = Receiver::start();
     let env = env_with_topics(&rx);

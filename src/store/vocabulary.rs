@@ -1,0 +1,641 @@
+//! The store's vocabulary: the states and reasons of a delivery, the
+//! params of each verb, the rows and reports they return, and the named
+//! transitions out of `leased` (`FinishAttempt`'s constructors).
+
+use std::time::Duration;
+
+use crate::clock::BootTime;
+use crate::saturation::{EndpointLimits, HoldReason, LeasePolicy};
+
+/// The state a delivery is in; always exactly one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DeliveryState {
+    /// In the priority queue, leasable now.
+    Ready,
+    /// In the delayed queue until `not_before`, for `reason`.
+    Delayed,
+    /// Held by a child until its lease expires.
+    Leased,
+    /// Handed over to the endpoint.
+    Delivered,
+    /// Given up on; `last_error` says why.
+    Dead,
+}
+
+impl DeliveryState {
+    /// Every state, in queue order.
+    pub const ALL: [DeliveryState; 5] = [
+        DeliveryState::Ready,
+        DeliveryState::Delayed,
+        DeliveryState::Leased,
+        DeliveryState::Delivered,
+        DeliveryState::Dead,
+    ];
+
+    /// The name stored in the `state` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Ready => "ready",
+            DeliveryState::Delayed => "delayed",
+            DeliveryState::Leased => "leased",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Dead => "dead",
+        }
+    }
+
+    /// The state named `name`, as stored.
+    pub fn parse(name: &str) -> Option<DeliveryState> {
+        DeliveryState::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+/// Why a delivery sits in the delayed queue.
+pub mod reason {
+    /// The message was published with a delay.
+    pub const SCHEDULED: &str = "scheduled";
+    /// A failed attempt waits for its backoff.
+    pub const RETRY_BACKOFF: &str = "retry_backoff";
+    /// Its account is over its budget; it holds a reserved slot of the account's rate.
+    pub const ACCOUNT_BUDGET: &str = "account_budget";
+    /// Its endpoint is saturated (429/503, timeouts, refused) and cools down.
+    pub const ENDPOINT_SATURATED: &str = "endpoint_saturated";
+    /// Its endpoint is over its rate; it holds a reserved slot of the endpoint's rate.
+    pub const ENDPOINT_RATE: &str = "endpoint_rate";
+    /// Its endpoint is not in the config (any more): parked, never leased,
+    /// until the endpoint returns (`deliveries_restore_endpoints`) or an
+    /// admin purges it (`cronpost purge --orphaned`).
+    pub const ENDPOINT_REMOVED: &str = "endpoint_removed";
+}
+
+/// The reason a delivery held back for `hold` is stored with.
+pub fn hold_reason(hold: HoldReason) -> &'static str {
+    match hold {
+        HoldReason::EndpointRemoved => reason::ENDPOINT_REMOVED,
+        HoldReason::EndpointSaturated => reason::ENDPOINT_SATURATED,
+        HoldReason::EndpointRate => reason::ENDPOINT_RATE,
+        HoldReason::AccountBudget => reason::ACCOUNT_BUDGET,
+    }
+}
+
+/// What a stored reason says the delivery was held back for, if anything.
+pub fn held_for(stored: &str) -> Option<HoldReason> {
+    [
+        HoldReason::EndpointRemoved,
+        HoldReason::EndpointSaturated,
+        HoldReason::EndpointRate,
+        HoldReason::AccountBudget,
+    ]
+    .into_iter()
+    .find(|&hold| hold_reason(hold) == stored)
+}
+
+/// Which queue a child takes from first (it falls back to the other).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Queue {
+    /// The priority queue: `ready`.
+    Ready,
+    /// Delayed deliveries whose time has come.
+    Delayed,
+}
+
+/// What an attempt says about its endpoint's health.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum EndpointSignal {
+    /// Nothing either way (a broken connection, a dead child).
+    Unknown,
+    /// It answered without saturation: close its circuit breaker.
+    Healthy,
+    /// 429/503, timed out or refused: open the breaker for a cool-down.
+    Saturated {
+        /// Its Retry-After, when given.
+        retry_after: Option<Duration>,
+        /// Its limits (cool-down settings).
+        limits: EndpointLimits,
+    },
+}
+
+/// What an attempt came to; stored in `attempts.outcome`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// The endpoint answered 2xx.
+    Delivered,
+    /// Fire-and-forget: the request was written and no answer came in the window.
+    HandedOver,
+    /// A retryable failure; the delivery waits for its backoff.
+    Retry,
+    /// A permanent failure, or the last attempt failed.
+    Dead,
+    /// The child died (killed, crashed) before it recorded an outcome.
+    ChildDied,
+}
+
+impl AttemptOutcome {
+    /// The name stored in `attempts.outcome`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Delivered => "delivered",
+            AttemptOutcome::HandedOver => "handed_over",
+            AttemptOutcome::Retry => "retry",
+            AttemptOutcome::Dead => "dead",
+            AttemptOutcome::ChildDied => "child_died",
+        }
+    }
+}
+
+/// Outcomes the store writes itself, besides [`AttemptOutcome`].
+pub mod outcome {
+    /// The attempt is still going (or its child vanished unseen).
+    pub const IN_FLIGHT: &str = "in_flight";
+    /// The lease ran out before the child recorded an outcome.
+    pub const LEASE_EXPIRED: &str = "lease_expired";
+    /// The child recorded an outcome after its lease had been taken back.
+    pub const LEASE_LOST: &str = "lease_lost";
+}
+
+/// A message to insert (`MessageInsertMany`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewMessage {
+    /// Topic, routed to its subscribers.
+    pub topic: String,
+    /// The account that published it.
+    pub account: String,
+    /// JSON text, sent byte for byte as the body.
+    pub payload: String,
+    /// Higher goes first.
+    pub priority: i64,
+    /// Insert time.
+    pub created_at: i64,
+    /// Not delivered before this time.
+    pub available_at: Option<i64>,
+    /// A second message with the same key is not inserted.
+    pub dedup_key: Option<String>,
+}
+
+/// What `messages_insert` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InsertReport {
+    /// Messages written.
+    pub inserted: usize,
+    /// Messages skipped because their account's dedup key was already there.
+    pub duplicates: usize,
+    /// The ids of the messages written, in input order.
+    pub messages: Vec<InsertedMessage>,
+}
+
+/// The ids of one inserted message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InsertedMessage {
+    /// Its id (`show` takes it).
+    pub id: i64,
+    /// Its stable id, the `webhook-id` (`msg_...`).
+    pub uid: String,
+}
+
+/// How `message_get` finds a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MessageKey {
+    /// By its id.
+    Id(i64),
+    /// By its uid (`msg_...`).
+    Uid(String),
+}
+
+/// One endpoint subscribing to one topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscription {
+    /// The topic.
+    pub topic: String,
+    /// The endpoint's name.
+    pub endpoint: String,
+}
+
+/// Params of `messages_route`.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteParams {
+    /// Now.
+    pub now: i64,
+    /// Messages routed in this call (one transaction), so a large backlog
+    /// never holds the write lock for long.
+    pub batch_size: usize,
+}
+
+/// What one `messages_route` batch did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteReport {
+    /// Messages given their deliveries.
+    pub messages: usize,
+    /// Deliveries created (fan-out: one per subscribed endpoint).
+    pub deliveries: usize,
+    /// Messages no endpoint subscribes to, marked unroutable (once: they
+    /// are not looked at again; see `route_error`).
+    pub unroutable: usize,
+    /// Their topics.
+    pub unroutable_topics: Vec<String>,
+    /// Whether the batch was full: more unrouted messages may wait.
+    pub more: bool,
+}
+
+/// Params of `delivery_lease_next`.
+#[derive(Clone)]
+pub struct LeaseParams<'a> {
+    /// A token unique to the leasing child.
+    pub owner: String,
+    /// The child's pid, recorded on the attempt.
+    pub pid: u32,
+    /// The run the child belongs to.
+    pub run_id: Option<i64>,
+    /// Now.
+    pub now: i64,
+    /// How long the lease holds.
+    pub lease_timeout_ms: i64,
+    /// The queue to take from first.
+    pub prefer: Queue,
+    /// Budgets and endpoint limits.
+    pub policy: &'a dyn LeasePolicy,
+    /// The boot clock now, when the backend times leases by it (SQLite:
+    /// every process is on one host).
+    pub boot: Option<BootTime>,
+}
+
+/// Params of `leases_reclaim_expired`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReclaimParams {
+    /// Now, on the wall clock.
+    pub now: i64,
+    /// The boot clock now: a lease taken on this boot is reclaimed only
+    /// when this clock says it expired, so a wall-clock jump cannot take a
+    /// delivery from a live child. None: the wall clock decides.
+    pub boot: Option<BootTime>,
+}
+
+/// A leased delivery with what its POST needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The delivery.
+    pub delivery_id: i64,
+    /// The attempt row opened by the lease.
+    pub attempt_id: i64,
+    /// This attempt's number (1 for the first).
+    pub attempt: u32,
+    /// The lease token.
+    pub owner: String,
+    /// The endpoint's name.
+    pub endpoint: String,
+    /// The message's stable id (`webhook-id`).
+    pub message_uid: String,
+    /// The message's topic.
+    pub topic: String,
+    /// The message's account.
+    pub account: String,
+    /// The body.
+    pub payload: String,
+}
+
+/// Where a finished attempt leaves its delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NextState {
+    /// `delivered`.
+    Delivered,
+    /// `delayed` with reason `retry_backoff` until `not_before`.
+    Retry {
+        /// When the delivery may be tried again.
+        not_before: i64,
+    },
+    /// `dead`.
+    Dead,
+}
+
+/// Params of `attempt_finish`: records an attempt and moves its delivery out
+/// of `leased`, if and only if the lease is still held by `owner`, and
+/// updates its endpoint's health. Built by one constructor per transition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FinishAttempt {
+    /// The delivery.
+    pub delivery_id: i64,
+    /// Its endpoint.
+    pub endpoint: String,
+    /// The attempt row.
+    pub attempt_id: i64,
+    /// The lease token that must still hold the delivery.
+    pub owner: String,
+    /// Now.
+    pub now: i64,
+    /// What the attempt came to.
+    pub outcome: AttemptOutcome,
+    /// Where the delivery goes.
+    pub next: NextState,
+    /// The HTTP status, when an answer came.
+    pub http_status: Option<u16>,
+    /// What went wrong, when something did.
+    pub error: Option<String>,
+    /// How long the attempt took.
+    pub duration_ms: i64,
+    /// What it says about the endpoint.
+    pub signal: EndpointSignal,
+}
+
+impl FinishAttempt {
+    fn new(lease: &Lease, now: i64, outcome: AttemptOutcome, next: NextState) -> FinishAttempt {
+        FinishAttempt {
+            delivery_id: lease.delivery_id,
+            endpoint: lease.endpoint.clone(),
+            attempt_id: lease.attempt_id,
+            owner: lease.owner.clone(),
+            now,
+            outcome,
+            next,
+            http_status: None,
+            error: None,
+            duration_ms: 0,
+            signal: EndpointSignal::Unknown,
+        }
+    }
+
+    /// leased → delivered (a 2xx, or handed over when `outcome` says so).
+    pub fn delivered(lease: &Lease, now: i64, outcome: AttemptOutcome) -> FinishAttempt {
+        FinishAttempt::new(lease, now, outcome, NextState::Delivered)
+    }
+
+    /// leased → delayed (`retry_backoff`) until `not_before`.
+    pub fn retry(lease: &Lease, now: i64, not_before: i64, error: String) -> FinishAttempt {
+        FinishAttempt {
+            error: Some(error),
+            ..FinishAttempt::new(
+                lease,
+                now,
+                AttemptOutcome::Retry,
+                NextState::Retry { not_before },
+            )
+        }
+    }
+
+    /// leased → dead.
+    pub fn dead(lease: &Lease, now: i64, error: String) -> FinishAttempt {
+        FinishAttempt {
+            error: Some(error),
+            ..FinishAttempt::new(lease, now, AttemptOutcome::Dead, NextState::Dead)
+        }
+    }
+
+    /// Sets the attempt's HTTP status and duration.
+    pub fn with_answer(mut self, http_status: Option<u16>, duration_ms: i64) -> FinishAttempt {
+        self.http_status = http_status;
+        self.duration_ms = duration_ms;
+        self
+    }
+
+    /// Sets what the attempt says about its endpoint.
+    pub fn with_signal(mut self, signal: EndpointSignal) -> FinishAttempt {
+        self.signal = signal;
+        self
+    }
+
+    /// Records that the child died before it finished, whatever `next` says.
+    pub fn by_dead_child(mut self) -> FinishAttempt {
+        self.outcome = AttemptOutcome::ChildDied;
+        self
+    }
+}
+
+/// A dispatcher run's counters (`run_begin` / `run_finish`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunRecord {
+    /// The run's id.
+    pub id: i64,
+    /// The parent's pid.
+    pub pid: u32,
+    /// Start.
+    pub started_at: i64,
+    /// End, once finished.
+    pub finished_at: Option<i64>,
+    /// Messages routed.
+    pub routed: u64,
+    /// Expired leases taken back.
+    pub reclaimed: u64,
+    /// Children forked.
+    pub forked: u64,
+    /// Deliveries delivered.
+    pub delivered: u64,
+    /// Attempts that will be retried.
+    pub retried: u64,
+    /// Deliveries gone dead.
+    pub dead: u64,
+    /// Children that died or failed without an outcome.
+    pub failed: u64,
+    /// Children that found nothing they could lease (another run took it,
+    /// or it was held back by then).
+    pub found_nothing: u64,
+}
+
+/// Which deliveries an admin command is about; empty fields match all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeliveryFilter {
+    /// Only these delivery ids.
+    pub ids: Vec<i64>,
+    /// Only in this state.
+    pub state: Option<DeliveryState>,
+    /// Only to this endpoint.
+    pub endpoint: Option<String>,
+    /// Only of this account.
+    pub account: Option<String>,
+    /// Only of this topic.
+    pub topic: Option<String>,
+}
+
+/// A delivery with its message's topic and uid, for listings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedDelivery {
+    /// The delivery.
+    pub delivery: DeliveryRow,
+    /// Its message's topic.
+    pub topic: String,
+    /// Its message's uid (`webhook-id`).
+    pub uid: String,
+    /// When it was created (routed).
+    pub created_at: i64,
+}
+
+/// A message as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageRow {
+    /// Its id.
+    pub id: i64,
+    /// Its stable id (`webhook-id`).
+    pub uid: String,
+    /// Topic.
+    pub topic: String,
+    /// Account.
+    pub account: String,
+    /// JSON payload.
+    pub payload: String,
+    /// Priority.
+    pub priority: i64,
+    /// Insert time.
+    pub created_at: i64,
+    /// Not before.
+    pub available_at: Option<i64>,
+    /// Dedup key.
+    pub dedup_key: Option<String>,
+    /// When it was routed.
+    pub routed_at: Option<i64>,
+    /// Why no endpoint took it (unroutable), when none did.
+    pub route_error: Option<String>,
+}
+
+/// Params of `deliveries_requeue`: dead or delayed → ready.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequeueParams {
+    /// Which deliveries; only dead and delayed ones are requeued.
+    pub filter: DeliveryFilter,
+    /// Now.
+    pub now: i64,
+    /// Count, change nothing.
+    pub dry_run: bool,
+}
+
+/// Params of `deliveries_purge_orphaned`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PurgeOrphanedParams {
+    /// Only this endpoint's (else every removed endpoint's).
+    pub endpoint: Option<String>,
+    /// The endpoints in the config now: never purged.
+    pub configured: Vec<String>,
+    /// Count, change nothing.
+    pub dry_run: bool,
+}
+
+/// What one `delivered_purge` batch removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PurgeReport {
+    /// Delivered deliveries (with their attempts).
+    pub deliveries: u64,
+    /// Messages left with no delivery.
+    pub messages: u64,
+    /// Run records.
+    pub runs: u64,
+}
+
+/// Every recorded run added up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunTotals {
+    /// Runs recorded.
+    pub runs: u64,
+    /// Their counters, summed (ids and times unused).
+    pub sums: RunRecord,
+}
+
+/// A delivery as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliveryRow {
+    /// Its id.
+    pub id: i64,
+    /// Its message.
+    pub message_id: i64,
+    /// Its endpoint.
+    pub endpoint: String,
+    /// Its message's account.
+    pub account: String,
+    /// Its state.
+    pub state: DeliveryState,
+    /// Its priority.
+    pub priority: i64,
+    /// Delayed: when it is eligible; else when it last changed queue.
+    pub not_before: i64,
+    /// Why it is delayed.
+    pub reason: Option<String>,
+    /// The lease token, while leased.
+    pub lease_owner: Option<String>,
+    /// When the lease expires, while leased.
+    pub lease_expires_at: Option<i64>,
+    /// Attempts started.
+    pub attempts: u32,
+    /// Last HTTP status seen.
+    pub last_status: Option<u16>,
+    /// Last error seen.
+    pub last_error: Option<String>,
+}
+
+/// An attempt as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttemptRow {
+    /// Its id.
+    pub id: i64,
+    /// Its delivery.
+    pub delivery_id: i64,
+    /// Its number (1 for the first).
+    pub number: u32,
+    /// The run it belongs to.
+    pub run_id: Option<i64>,
+    /// The child's pid.
+    pub pid: u32,
+    /// Start.
+    pub started_at: i64,
+    /// End.
+    pub finished_at: Option<i64>,
+    /// Outcome name (see [`AttemptOutcome`] and [`outcome`]).
+    pub outcome: String,
+    /// HTTP status, when an answer came.
+    pub http_status: Option<u16>,
+    /// What went wrong.
+    pub error: Option<String>,
+    /// Duration.
+    pub duration_ms: Option<i64>,
+}
+
+/// Delivery counts of one endpoint, by state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointCounts {
+    /// The endpoint.
+    pub endpoint: String,
+    /// Count per state, in [`DeliveryState::ALL`] order.
+    pub by_state: [u64; 5],
+}
+
+/// An account held back by its budget.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldAccount {
+    /// The account.
+    pub account: String,
+    /// Its deliveries waiting for a slot.
+    pub delayed: u64,
+    /// When its last reserved slot comes.
+    pub until: i64,
+}
+
+/// An endpoint's circuit breaker, when open or recovering.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointHealth {
+    /// The endpoint.
+    pub endpoint: String,
+    /// Saturated until (None or past: the cool-down is over; a probe may go).
+    pub saturated_until: Option<i64>,
+    /// Saturation signals in a row.
+    pub failures: u32,
+    /// The last signal.
+    pub last_error: Option<String>,
+}
+
+/// A picture of the queue (`cronpost stats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// When it was taken.
+    pub now: i64,
+    /// Counts per endpoint and state.
+    pub endpoints: Vec<EndpointCounts>,
+    /// How long the oldest ready delivery has waited.
+    pub oldest_ready_age_ms: Option<i64>,
+    /// Messages not routed yet (new, or no subscriber).
+    pub unrouted_messages: u64,
+    /// The latest run.
+    pub last_run: Option<RunRecord>,
+    /// Attempts of the latest run, by outcome.
+    pub last_run_attempts: Vec<(String, u64)>,
+    /// Accounts held back by their budget.
+    pub held_accounts: Vec<HeldAccount>,
+    /// Endpoints whose circuit breaker is open or half-open.
+    pub saturated_endpoints: Vec<EndpointHealth>,
+    /// Endpoints gone from the config, with their parked deliveries.
+    pub orphaned: Vec<(String, u64)>,
+    /// Messages marked unroutable (no endpoint subscribed to their topic).
+    pub unroutable_messages: u64,
+}

@@ -1,0 +1,296 @@
+//! Holding back: budgets, rates, breakers, in-flight caps, removed endpoints.
+
+use super::*;
+
+fn messages_of(store: &mut dyn Store, pairs: &[(&str, &str)]) {
+    let messages: Vec<NewMessage> = pairs
+        .iter()
+        .map(|(topic, account)| NewMessage {
+            account: account.to_string(),
+            ..message(topic, 0)
+        })
+        .collect();
+    store.messages_insert(&messages).unwrap();
+    route(store, T0);
+}
+
+pub fn an_account_over_budget_is_rerouted_with_one_reserved_slot_per_delivery(
+    store: &mut dyn Store,
+) {
+    subscribe(store, &[("t", "e")]);
+    messages_of(
+        store,
+        &[
+            ("t", "noisy"),
+            ("t", "noisy"),
+            ("t", "noisy"),
+            ("t", "noisy"),
+            ("t", "noisy"),
+            ("t", "quiet"),
+        ],
+    );
+    let mut policy = Policy::default();
+    policy.accounts.insert(
+        "noisy".into(),
+        Rate {
+            per_second: 1.0,
+            burst: 2,
+        },
+    );
+    // The burst goes at once; the third noisy delivery reroutes all noisy
+    // ones left, and the quiet account's delivery goes next.
+    let leased: Vec<i64> = ["a", "b", "c"]
+        .iter()
+        .map(|o| lease_with(store, o, T0, &policy).unwrap().delivery_id)
+        .collect();
+    assert_eq!(leased, [1, 2, 6]);
+    let slots: Vec<(DeliveryState, Option<String>, i64)> = (3..=5)
+        .map(|id| {
+            let d = state(store, id);
+            (d.state, d.reason, d.not_before - T0)
+        })
+        .collect();
+    let budget = Some(reason::ACCOUNT_BUDGET.to_string());
+    assert_eq!(
+        slots,
+        [
+            (DeliveryState::Delayed, budget.clone(), 1_001),
+            (DeliveryState::Delayed, budget.clone(), 2_001),
+            (DeliveryState::Delayed, budget.clone(), 3_001)
+        ]
+    );
+    assert!(lease_with(store, "d", T0 + 1_000, &policy).is_none());
+    // Each slot is its delivery's own: they go at their times, one by one.
+    assert_eq!(
+        lease_with(store, "d", T0 + 1_001, &policy)
+            .unwrap()
+            .delivery_id,
+        3
+    );
+    assert!(lease_with(store, "e", T0 + 1_002, &policy).is_none());
+    assert_eq!(
+        lease_with(store, "e", T0 + 2_001, &policy)
+            .unwrap()
+            .delivery_id,
+        4
+    );
+    let held = store.stats(T0 + 2_002).unwrap().held_accounts;
+    assert_eq!(
+        held,
+        [HeldAccount {
+            account: "noisy".into(),
+            delayed: 1,
+            until: T0 + 3_001
+        }]
+    );
+    // A new noisy message queues behind the reserved slots.
+    messages_of(store, &[("t", "noisy")]);
+    assert!(lease_with(store, "f", T0 + 2_002, &policy).is_none());
+    assert_eq!(state(store, 7).not_before, T0 + 4_001);
+}
+
+pub fn a_saturated_endpoint_is_held_for_its_cool_down_then_probed_once(store: &mut dyn Store) {
+    subscribe(store, &[("t", "slow"), ("u", "fast")]);
+    messages_of(store, &[("t", "a"), ("t", "a"), ("t", "a"), ("u", "a")]);
+    let first = lease(store, "a", T0).unwrap();
+    let saturated = EndpointSignal::Saturated {
+        retry_after: Some(Duration::from_secs(2)),
+        limits: endpoint_limits(),
+    };
+    let finish =
+        FinishAttempt::retry(&first, T0, T0 + 10, "HTTP 429".into()).with_signal(saturated);
+    assert!(store.attempt_finish(&finish).unwrap());
+    let d = state(store, first.delivery_id);
+    assert_eq!(
+        (d.state, d.reason.as_deref(), d.not_before),
+        (
+            DeliveryState::Delayed,
+            Some("endpoint_saturated"),
+            T0 + 2_000
+        )
+    );
+    // While it cools down, its deliveries move to the delayed queue untried; others flow.
+    assert_eq!(lease(store, "b", T0 + 1).unwrap().endpoint, "fast");
+    assert!(lease(store, "c", T0 + 1).is_none());
+    assert!((2..=3).all(|id| state(store, id).reason.as_deref() == Some("endpoint_saturated")));
+    let health = store.stats(T0 + 1).unwrap().saturated_endpoints;
+    assert_eq!(
+        (
+            health[0].endpoint.as_str(),
+            health[0].saturated_until,
+            health[0].failures
+        ),
+        ("slow", Some(T0 + 2_000), 1)
+    );
+    // Cool-down over: one probe goes, the others wait for its answer.
+    let probe = lease(store, "d", T0 + 2_000).unwrap();
+    assert_eq!(probe.endpoint, "slow");
+    assert!(
+        lease(store, "e", T0 + 2_000).is_none(),
+        "one half-open probe at a time"
+    );
+    // The probe fails again: the cool-down doubles (no Retry-After this time).
+    let again = EndpointSignal::Saturated {
+        retry_after: None,
+        limits: endpoint_limits(),
+    };
+    store
+        .attempt_finish(
+            &FinishAttempt::retry(&probe, T0 + 2_010, T0 + 2_011, "refused".into())
+                .with_signal(again),
+        )
+        .unwrap();
+    assert!(lease(store, "f", T0 + 3_999).is_none());
+    assert_eq!(
+        store.stats(T0 + 2_011).unwrap().saturated_endpoints[0].saturated_until,
+        Some(T0 + 4_010)
+    );
+    // The next probe succeeds: the breaker closes and the rest flow.
+    let probe = lease(store, "g", T0 + 4_010).unwrap();
+    store
+        .attempt_finish(
+            &FinishAttempt::delivered(&probe, T0 + 4_011, AttemptOutcome::Delivered)
+                .with_signal(EndpointSignal::Healthy),
+        )
+        .unwrap();
+    assert!(
+        store
+            .stats(T0 + 4_011)
+            .unwrap()
+            .saturated_endpoints
+            .is_empty()
+    );
+    assert!(lease(store, "h", T0 + 4_012).is_some());
+    assert!(
+        lease(store, "i", T0 + 4_012).is_some(),
+        "no probe limit once closed"
+    );
+}
+
+pub fn an_endpoint_at_its_in_flight_cap_is_skipped_until_a_lease_ends(store: &mut dyn Store) {
+    subscribe(store, &[("t", "capped"), ("u", "free")]);
+    messages_of(store, &[("t", "a"), ("t", "a"), ("u", "a")]);
+    let mut policy = Policy::default();
+    policy.endpoints.insert(
+        "capped".into(),
+        EndpointLimits {
+            max_in_flight: Some(1),
+            ..endpoint_limits()
+        },
+    );
+    let first = lease_with(store, "a", T0, &policy).unwrap();
+    assert_eq!(first.endpoint, "capped");
+    assert_eq!(
+        lease_with(store, "b", T0, &policy).unwrap().endpoint,
+        "free"
+    );
+    assert!(lease_with(store, "c", T0, &policy).is_none());
+    assert_eq!(
+        state(store, 2).state,
+        DeliveryState::Ready,
+        "skipped, not rerouted"
+    );
+    store
+        .attempt_finish(&FinishAttempt::delivered(
+            &first,
+            T0,
+            AttemptOutcome::Delivered,
+        ))
+        .unwrap();
+    assert_eq!(lease_with(store, "c", T0, &policy).unwrap().delivery_id, 2);
+}
+
+pub fn an_endpoint_over_its_rate_reroutes_with_reserved_slots(store: &mut dyn Store) {
+    subscribe(store, &[("t", "e")]);
+    messages_of(store, &[("t", "a"), ("t", "b"), ("t", "c")]);
+    let mut policy = Policy::default();
+    policy.endpoints.insert(
+        "e".into(),
+        EndpointLimits {
+            rate: Some(Rate {
+                per_second: 10.0,
+                burst: 1,
+            }),
+            ..endpoint_limits()
+        },
+    );
+    assert_eq!(lease_with(store, "a", T0, &policy).unwrap().delivery_id, 1);
+    assert!(lease_with(store, "b", T0, &policy).is_none());
+    let slots: Vec<(Option<String>, i64)> = (2..=3)
+        .map(|id| {
+            let d = state(store, id);
+            (d.reason, d.not_before - T0)
+        })
+        .collect();
+    let rate = Some(reason::ENDPOINT_RATE.to_string());
+    assert_eq!(slots, [(rate.clone(), 101), (rate.clone(), 201)]);
+    assert_eq!(
+        lease_with(store, "b", T0 + 101, &policy)
+            .unwrap()
+            .delivery_id,
+        2
+    );
+}
+
+pub fn deliveries_of_a_removed_endpoint_are_parked_restored_or_purged(store: &mut dyn Store) {
+    subscribe(store, &[("t", "gone"), ("t", "kept")]);
+    store
+        .messages_insert(&[message("t", 5), message("t", 0), message("t", 0)])
+        .unwrap();
+    route(store, T0);
+    let policy = Policy {
+        removed: vec!["gone".into()],
+        ..Policy::default()
+    };
+    // Never leased: parked, every ready one of it, and the others flow.
+    for owner in ["a", "b", "c"] {
+        let l = lease_with(store, owner, T0, &policy).unwrap();
+        assert_eq!(l.endpoint, "kept");
+    }
+    assert!(lease_with(store, "d", T0, &policy).is_none());
+    let parked: Vec<DeliveryRow> = (1..=6)
+        .map(|id| state(store, id))
+        .filter(|d| d.endpoint == "gone")
+        .collect();
+    assert_eq!(parked.len(), 3);
+    for d in &parked {
+        assert_eq!(
+            (d.state, d.reason.as_deref(), d.not_before),
+            (
+                DeliveryState::Delayed,
+                Some(reason::ENDPOINT_REMOVED),
+                PARKED_UNTIL
+            )
+        );
+        assert_eq!(d.attempts, 0, "nothing was tried");
+    }
+    let stats = store.stats(T0).unwrap();
+    assert_eq!(stats.orphaned, [("gone".to_string(), 3)]);
+    assert_eq!(store.leasable_count(T0, 100).unwrap(), 0);
+    // The endpoint comes back: its deliveries are ready again.
+    assert_eq!(
+        store
+            .deliveries_restore_endpoints(&["gone".into()], T0 + 1)
+            .unwrap(),
+        3
+    );
+    assert_eq!(lease(store, "e", T0 + 1).unwrap().endpoint, "gone");
+    // Or an admin purges what is parked.
+    let policy = Policy {
+        removed: vec!["gone".into()],
+        ..Policy::default()
+    };
+    assert!(lease_with(store, "f", T0 + 2, &policy).is_none());
+    let purge = |endpoint: Option<&str>, configured: &[&str], dry_run| PurgeOrphanedParams {
+        endpoint: endpoint.map(str::to_string),
+        configured: configured.iter().map(|e| e.to_string()).collect(),
+        dry_run,
+    };
+    let mut purged = |p: PurgeOrphanedParams| store.deliveries_purge_orphaned(&p).unwrap();
+    assert_eq!(purged(purge(Some("kept"), &["kept"], false)), 0);
+    // Back in the config, not restored yet (no run since): kept.
+    assert_eq!(purged(purge(None, &["kept", "gone"], false)), 0);
+    assert_eq!(purged(purge(None, &["kept"], true)), 2);
+    assert_eq!(purged(purge(None, &["kept"], false)), 2);
+    assert!(store.stats(T0).unwrap().orphaned.is_empty());
+}

@@ -16,14 +16,7 @@ use crate::store::{
     RequeueParams, RunRecord, SqliteStore, Stats, Store, ms, now_ms,
 };
 
-/// Rows removed per purge transaction: small enough that a run waiting for
-/// the write lock waits milliseconds, not seconds.
-pub const PURGE_BATCH: u64 = 2_000;
-
-/// `n` and the noun, singular or plural: "1 delivery", "3 deliveries".
-pub fn plural(n: u64, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
-}
+pub use crate::words::plural;
 
 fn print(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
@@ -530,38 +523,11 @@ pub fn purge_orphaned(
     })
 }
 
-/// Removes delivered history last changed before `before`, in batches of
-/// [`PURGE_BATCH`], at most `max_batches` (None: until none is left),
-/// calling `between` after each; returns the reports added up and the
-/// number of batches. Runs (bounded, for retention) and `cronpost purge`
-/// (unbounded) share it.
-pub fn purge_history(
-    store: &mut impl Store,
-    before: i64,
-    max_batches: Option<usize>,
-    between: &mut dyn FnMut(),
-) -> Result<(crate::store::PurgeReport, usize)> {
-    let mut total = crate::store::PurgeReport::default();
-    let mut batches = 0;
-    while max_batches.is_none_or(|max| batches < max) {
-        let report = store.delivered_purge(before, PURGE_BATCH)?;
-        batches += 1;
-        between();
-        total.deliveries += report.deliveries;
-        total.messages += report.messages;
-        total.runs += report.runs;
-        if report.deliveries + report.messages + report.runs == 0 {
-            break;
-        }
-    }
-    Ok((total, batches))
-}
-
 /// `cronpost purge --older-than D`: delivered history, in batches.
 pub fn purge(config: &Config, older_than: Duration, as_json: bool) -> Result<()> {
     let mut store = crate::store::open(config)?;
     let before = now_ms() - ms(older_than);
-    let (purged, batches) = purge_history(&mut store, before, None, &mut || {})?;
+    let (purged, batches) = crate::retention::purge(&mut store, before, None, &mut || {})?;
     if as_json {
         return print_json(&json!({
             "deliveries": purged.deliveries, "messages": purged.messages, "runs": purged.runs,

@@ -474,7 +474,7 @@ fn enqueue(config: &Config, args: EnqueueArgs, as_json: bool) -> Result<()> {
     }
     let mut text = format!(
         "enqueued {}",
-        admin::plural(report.inserted as u64, "message", "messages")
+        crate::words::plural(report.inserted as u64, "message", "messages")
     );
     match report.messages.as_slice() {
         [] => {}

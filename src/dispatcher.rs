@@ -28,7 +28,7 @@ use crate::signals::Signals;
 use crate::slots::Slots;
 use crate::store::{Queue, ReclaimParams, RunRecord, SqliteStore, Store, now_ms};
 
-/// Retention batches (of `admin::PURGE_BATCH`) at the end of each run.
+/// Retention batches (of `retention::PURGE_BATCH`) at the end of each run.
 const RETENTION_BATCHES_PER_RUN: usize = 5;
 /// How long to wait before forking again when the counted work was all held
 /// back, or every slot was taken by another process's children.
@@ -189,11 +189,11 @@ fn purge_history(
 ) -> Result<()> {
     let before = now_ms() - crate::store::ms(config.retention);
     let (purged, _) =
-        crate::admin::purge_history(store, before, Some(RETENTION_BATCHES_PER_RUN), between)?;
+        crate::retention::purge(store, before, Some(RETENTION_BATCHES_PER_RUN), between)?;
     if purged.deliveries > 0 {
         log::info!(
             "retention: purged {} older than {}",
-            crate::admin::plural(
+            crate::words::plural(
                 purged.deliveries,
                 "delivered delivery",
                 "delivered deliveries"
@@ -397,7 +397,7 @@ impl Parent<'_> {
     fn failed(&self, e: Error) -> Error {
         log::error!(
             "{e}; forking no more: the {} in flight finish first",
-            crate::admin::plural(self.children.len() as u64, "child", "children")
+            crate::words::plural(self.children.len() as u64, "child", "children")
         );
         e
     }

@@ -4,6 +4,8 @@
 //!
 //! ARCHITECTURE.md maps the modules and the life of a delivery.
 
+#![warn(missing_docs)]
+
 pub mod admin;
 pub mod child;
 pub mod cli;
@@ -23,6 +25,7 @@ pub mod lease;
 pub mod metrics;
 pub mod preflight;
 pub mod receiver;
+pub mod retention;
 pub mod routing;
 pub mod saturation;
 pub mod signals;
@@ -31,3 +34,4 @@ pub mod slots;
 pub mod steps;
 pub mod store;
 pub mod watch;
+pub mod words;

@@ -1,0 +1,38 @@
+//! Retention: delivered history (deliveries, their attempts, the messages
+//! left with none, old run records) is removed in small batches, one
+//! transaction each, so a run waiting for the write lock waits milliseconds.
+//! Runs purge a bounded amount at their end; `cronpost purge` until done.
+
+use crate::error::Result;
+use crate::store::{PurgeReport, Store};
+
+/// Rows removed per purge transaction: small enough that a run waiting for
+/// the write lock waits milliseconds, not seconds.
+pub const PURGE_BATCH: u64 = 2_000;
+
+/// Removes delivered history last changed before `before`, in batches of
+/// [`PURGE_BATCH`], at most `max_batches` (None: until none is left),
+/// calling `between` after each; returns the reports added up and the
+/// number of batches. Runs (bounded, for retention) and `cronpost purge`
+/// (unbounded) share it.
+pub fn purge(
+    store: &mut impl Store,
+    before: i64,
+    max_batches: Option<usize>,
+    between: &mut dyn FnMut(),
+) -> Result<(PurgeReport, usize)> {
+    let mut total = PurgeReport::default();
+    let mut batches = 0;
+    while max_batches.is_none_or(|max| batches < max) {
+        let report = store.delivered_purge(before, PURGE_BATCH)?;
+        batches += 1;
+        between();
+        total.deliveries += report.deliveries;
+        total.messages += report.messages;
+        total.runs += report.runs;
+        if report.deliveries + report.messages + report.runs == 0 {
+            break;
+        }
+    }
+    Ok((total, batches))
+}

@@ -80,10 +80,7 @@ pub fn run_once(
     let mut run = prepare(config, heartbeat)?;
     let keeper = Keeper::start(config);
     // Done once here, inherited by every child instead of done by each.
-    crate::signature::warm_up();
-    if config.endpoints.iter().any(|e| e.url.scheme() == "https") {
-        crate::delivery::load_ca_certificates();
-    }
+    crate::delivery::warm_up(config.endpoints.iter().any(|e| e.url.scheme() == "https"));
     let mut parent = Parent {
         config,
         signals,

@@ -23,7 +23,17 @@ use crate::signature;
 use crate::steps::Step;
 use crate::store::Lease;
 
-pub use tls::warm_up as load_ca_certificates;
+/// Does now, in the parent, what every child forked afterwards would
+/// otherwise repeat: the CPU feature detection of SHA-256 and of httparse
+/// (CPUID traps to the hypervisor on a VM: measured, 44 µs a child), and,
+/// when an endpoint is https, loading the CA certificates.
+pub fn warm_up(https: bool) {
+    signature::warm_up();
+    http::warm_up();
+    if https {
+        tls::warm_up();
+    }
+}
 
 /// What a POST came to.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -59,6 +59,10 @@ pub trait Store {
     /// lease. None: nothing will.
     fn deliveries_next_due(&mut self, now: i64) -> Result<Option<i64>>;
 
+    /// How many attempts of run `run_id` are in flight: its children that
+    /// hold a lease (the others alive may still take one).
+    fn attempts_in_flight(&mut self, run_id: i64) -> Result<u64>;
+
     /// ready or delayed (time has come) → leased, for the next delivery of
     /// the preferred queue (highest priority first, then oldest), opening its
     /// attempt; atomically, so two children never get the same one. On the

@@ -200,3 +200,26 @@ pub fn the_next_due_time_is_the_earliest_delayed_delivery_or_lease_expiry(store:
     lease(store, "a", T0 - 7_000).unwrap();
     assert_eq!(store.deliveries_next_due(T0).unwrap(), Some(T0 + 3_000));
 }
+
+pub fn a_runs_attempts_in_flight_are_its_children_holding_a_lease(store: &mut dyn Store) {
+    subscribe(store, &[("t", "e")]);
+    store
+        .messages_insert(&[message("t", 0), message("t", 0), message("t", 0)])
+        .unwrap();
+    route(store, T0);
+    let run = store.run_begin(1, T0).unwrap();
+    let other = store.run_begin(2, T0).unwrap();
+    let policy = Policy::default();
+    let mut leases = Vec::new();
+    for (owner, run_id) in [("a", run), ("b", run), ("c", other)] {
+        let mut params = lease_params(owner, T0, &policy);
+        params.run_id = Some(run_id);
+        leases.push(store.delivery_lease_next(&params).unwrap().unwrap());
+    }
+    assert_eq!(store.attempts_in_flight(run).unwrap(), 2);
+    let done = FinishAttempt::delivered(&leases[0], T0 + 1, AttemptOutcome::Delivered);
+    assert!(store.attempt_finish(&done).unwrap());
+    assert_eq!(store.attempts_in_flight(run).unwrap(), 1);
+    assert_eq!(store.attempts_in_flight(other).unwrap(), 1);
+    assert_eq!(store.attempts_in_flight(other + 1).unwrap(), 0);
+}

@@ -150,6 +150,7 @@ macro_rules! conformance {
                 an_expired_lease_is_reclaimed_and_its_late_owner_loses,
                 a_lease_taken_on_this_boot_expires_by_the_boot_clock_not_the_wall_clock,
                 the_next_due_time_is_the_earliest_delayed_delivery_or_lease_expiry,
+                a_runs_attempts_in_flight_are_its_children_holding_a_lease,
             ];
             finish: [
                 delivered_is_final_and_records_the_attempt,

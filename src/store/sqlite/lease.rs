@@ -454,6 +454,16 @@ impl SqliteStore {
             .map_err(|e| self.err(e))
     }
 
+    pub(super) fn attempts_in_flight(&mut self, run_id: i64) -> Result<u64> {
+        self.conn
+            .query_row(
+                "SELECT count(*) FROM attempts WHERE run_id = ?1 AND outcome = 'in_flight'",
+                [run_id],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))
+    }
+
     pub(super) fn deliveries_next_due(&mut self, now: i64) -> Result<Option<i64>> {
         self.conn
             .query_row(

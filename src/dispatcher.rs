@@ -98,7 +98,6 @@ pub fn run_once(
         deadline,
         linger_until: linger_until.map(|until| until.min(deadline)),
         keeper: keeper.as_ref(),
-        routed_by_keeper: 0,
         stopping_since: None,
     };
     let loop_result = parent.fork_until_done(&mut run);
@@ -111,10 +110,9 @@ pub fn run_once(
     let Parent {
         heartbeat,
         failed_in_a_row,
-        routed_by_keeper,
         ..
     } = parent;
-    run.routed += routed_by_keeper;
+    run.routed += keeper.as_ref().map_or(0, Keeper::routed);
     run.finished_at = Some(now_ms());
     let mut store = crate::store::open(config)?;
     store.run_finish(&run)?;
@@ -283,8 +281,6 @@ struct Parent<'c> {
     linger_until: Option<Instant>,
     /// The keeper, whose wake pipe says when new work came.
     keeper: Option<&'c Keeper>,
-    /// Messages the keeper routed during the run.
-    routed_by_keeper: u64,
     /// When SIGTERM/SIGINT came.
     stopping_since: Option<Instant>,
 }
@@ -383,9 +379,7 @@ impl Parent<'_> {
             .saturating_duration_since(Instant::now())
             .min(Duration::from_secs(1));
         self.signals.wait_or(left, self.keeper.map(Keeper::wake_fd));
-        if let Some(routed) = self.keeper.and_then(Keeper::take_wake) {
-            self.routed_by_keeper += routed;
-        }
+        self.keeper.map(Keeper::take_wake);
         Ok(())
     }
 
@@ -412,9 +406,22 @@ impl Parent<'_> {
         Ok(self.budget > 0)
     }
 
+    /// Counts the leasable work into the budget. The keeper hears that the
+    /// parent waits before the count (see `keeper`: work committed after
+    /// the count then wakes it).
     fn count_ready(&mut self, store: &mut SqliteStore, run: &RunRecord) -> Result<()> {
-        self.budget = store.leasable_count(now_ms(), self.config.run.max_messages - run.forked)?;
+        self.set_budget(0);
+        let count = store.leasable_count(now_ms(), self.config.run.max_messages - run.forked)?;
+        self.set_budget(count);
         Ok(())
+    }
+
+    /// Sets the budget; with none, the keeper wakes us when work comes.
+    fn set_budget(&mut self, budget: u64) {
+        self.budget = budget;
+        if let Some(keeper) = self.keeper {
+            keeper.set_waiting(budget == 0);
+        }
     }
 
     fn fork_child(&mut self, run: &mut RunRecord, slot: File) -> Result<()> {
@@ -456,7 +463,9 @@ impl Parent<'_> {
                 // Closing our descriptor leaves the lock to the child.
                 drop(slot);
                 run.forked += 1;
-                self.budget -= 1;
+                // At zero, work committed from now on wakes us; the child
+                // just forked commits after this, so the keeper looks again.
+                self.set_budget(self.budget - 1);
                 self.delayed_forks += u64::from(prefer == Queue::Delayed);
                 self.children.insert(
                     child,
@@ -475,7 +484,7 @@ impl Parent<'_> {
             Err(e) => {
                 // Out of processes: finish with the children we have.
                 log::warn!("cannot fork a child ({e}); waiting for those alive");
-                self.budget = 0;
+                self.set_budget(0);
                 Ok(())
             }
         }
@@ -527,7 +536,7 @@ impl Parent<'_> {
             // Another run took what we counted: check again once ours are done.
             Ok(ChildExit::Empty) => {
                 run.found_nothing += 1;
-                self.budget = 0;
+                self.set_budget(0);
                 self.saw_empty = true;
             }
             Ok(ChildExit::LeaseLost) => run.failed += 1,
@@ -644,16 +653,19 @@ impl Parent<'_> {
         );
         // New work while children run: counted now, so it need not wait
         // for them (when the budget still holds, children find it anyway).
-        // Each child alive may still be about to lease one of those counted:
-        // they are not counted twice.
-        let woken = self.keeper.and_then(Keeper::take_wake);
-        self.routed_by_keeper += woken.unwrap_or(0);
-        if woken.is_some()
+        // A child alive that holds no lease may still take one of those
+        // counted: those are not counted twice.
+        let woken = self.keeper.is_some_and(Keeper::take_wake);
+        if woken
             && self.budget == 0
             && let Ok(mut store) = crate::store::open(self.config)
+            // Counted first: a child leasing meanwhile is then not counted
+            // as holding a lease, nor its delivery as leasable.
+            && let Ok(holding) = store.attempts_in_flight(self.run_id)
             && self.count_ready(&mut store, run).is_ok()
         {
-            self.budget = self.budget.saturating_sub(self.children.len() as u64);
+            let about_to_lease = (self.children.len() as u64).saturating_sub(holding);
+            self.set_budget(self.budget.saturating_sub(about_to_lease));
         }
     }
 

@@ -198,3 +198,33 @@ fn a_message_of_higher_priority_overtakes_a_backlog_that_is_draining() {
     );
     drop(run);
 }
+
+#[test]
+fn new_work_gets_a_child_while_a_slow_one_is_still_in_flight() {
+    let rx = Receiver::start();
+    rx.set_default("/slow", Reply::Hang);
+    let endpoints = endpoint(
+        "slow",
+        &rx.url("/slow"),
+        &["slow"],
+        "mode = \"confirm\"\ntimeout = \"60s\"",
+    ) + &endpoint("fast", &rx.url("/fast"), &["fast"], "");
+    let env = Env::new(
+        "max_children = 2\nchild_deadline = \"90s\"\nlease_timeout = \"100s\"",
+        &endpoints,
+    );
+    env.enqueue("slow", "a", "{}");
+    let run = Running(env.command(&["run"]).stderr(Stdio::null()).spawn().unwrap());
+    // The run counted one delivery and forked for it: it knows of no more.
+    wait_until(LIMIT, "the slow delivery is in flight", || {
+        rx.received_on("/slow").len() == 1
+    });
+    env.enqueue("fast", "b", "{}");
+    // Within LIMIT, far below the slow child's 60 s: the keeper woke the
+    // parent, which did not wait for its child to end.
+    wait_until(LIMIT, "the new message arrives", || {
+        rx.received_on("/fast").len() == 1
+    });
+    assert_eq!(env.count_state("leased"), 1, "the slow child is in flight");
+    drop(run);
+}

@@ -290,9 +290,10 @@ fn steps(config: &Path, n: usize) {
     use cronpost::store::Queue;
     let config = Config::load(config).unwrap();
     // As the dispatcher does: open the database before forking (so SQLite
-    // is initialised in the parent), close it, start the keeper.
+    // is initialised in the parent), close it, start the keeper, warm up.
     drop(store::open(&config).unwrap());
     let _keeper = cronpost::keeper::Keeper::start(&config);
+    cronpost::delivery::warm_up(false);
     let base = Instant::now();
     // SAFETY: a fresh anonymous shared mapping of 8 u64s, never unmapped.
     let marks = unsafe {
@@ -380,7 +381,7 @@ fn fork_post(config: &Path, n: usize, children: usize) {
         account: "a1".into(),
         payload: payload(1),
     };
-    cronpost::signature::warm_up();
+    cronpost::delivery::warm_up(false);
     let started = Instant::now();
     let (mut forked, mut alive) = (0, 0);
     while forked < n || alive > 0 {
@@ -933,6 +934,331 @@ fn latency(options: &Options, n: usize, table: &mut Table) {
     stop(run);
 }
 
+/// The receiver's own ceiling: what no dispatcher can beat.
+fn receiver_ceiling_section(setup: &mut Setup, table: &mut Table) {
+    let requests = if setup.options.quick { 5_000 } else { 20_000 };
+    let (rate, xs) = repeat(setup.options.repeats, || {
+        receiver_ceiling(&setup.receiver.url, requests, 4)
+    });
+    table.row(
+        format!("receiver ceiling: {requests} POSTs, a new connection each, 4 client threads"),
+        format!("{rate:.0} requests/s"),
+        &xs,
+    );
+}
+
+/// The main figure: a run draining `n` deliveries, fork per delivery, at
+/// each max_children. Returns the best (max_children, deliveries/s).
+fn drain(setup: &mut Setup, table: &mut Table) -> Best {
+    let mut best = (0, 0.0);
+    for children in [1, 2, 4, 8, 16] {
+        let (rate, xs) = repeat(setup.options.repeats, || {
+            let config = setup.bench.copy_of("drain", setup.n, children);
+            let before = setup.receiver.count();
+            let report = cronpost_run(&config);
+            assert_eq!(
+                (setup.receiver.count() - before) as usize,
+                setup.n,
+                "{}",
+                report.log
+            );
+            setup.n as f64 / report.took.as_secs_f64()
+        });
+        if rate > best.1 {
+            best = (children, rate);
+        }
+        table.row(
+            format!(
+                "fork per delivery: {} deliveries, max_children {children}",
+                setup.n
+            ),
+            format!("{rate:.0} deliveries/s"),
+            &xs,
+        );
+    }
+    best
+}
+
+/// The same drain in one process without forking, kept-alive and not:
+/// what forking costs, against the best drain.
+fn no_fork_section(setup: &Setup, best: Best, table: &mut Table) {
+    for (name, keep_alive) in [
+        ("one kept-alive connection", true),
+        ("a new connection per delivery", false),
+    ] {
+        let (rate, xs) = repeat(setup.options.repeats, || {
+            let config = setup.bench.copy_of("drain", setup.n, 1);
+            let mut client = if keep_alive {
+                cronpost::delivery::Client::keep_alive()
+            } else {
+                cronpost::delivery::Client::one_shot()
+            };
+            no_fork(&config, &mut client)
+        });
+        let ratio = if best.1 > 0.0 {
+            format!(
+                "; fork per delivery at max_children {} is {:.0}% of it",
+                best.0,
+                100.0 * best.1 / rate
+            )
+        } else {
+            String::new()
+        };
+        table.row(
+            format!("no fork (bench harness): lease → POST → record in one process, {name}"),
+            format!("{rate:.0} deliveries/s{ratio}"),
+            &xs,
+        );
+    }
+}
+
+/// fork + POST + exit without SQLite in the child: the ceiling of forking.
+fn fork_post_section(setup: &Setup, table: &mut Table) {
+    let count = if setup.options.quick { 2_000 } else { setup.n };
+    for children in [1, 8] {
+        let (rate, xs) = repeat(setup.options.repeats, || {
+            let config = setup.bench.copy_of("drain", setup.n, 1);
+            run_role(&[
+                "fork-post",
+                config.to_str().unwrap(),
+                &count.to_string(),
+                &children.to_string(),
+            ])
+            .trim()
+            .parse()
+            .unwrap()
+        });
+        table.row(
+            format!(
+                "fork + POST + exit, no SQLite in the child (bench harness), {children} at a time"
+            ),
+            format!("{rate:.0} deliveries/s"),
+            &xs,
+        );
+    }
+}
+
+/// Where a child's time goes, step by step.
+fn steps_section(setup: &Setup, table: &mut Table) {
+    let per_run = if setup.options.quick { 300 } else { 2_000 };
+    let runs: Vec<Vec<f64>> = (0..setup.options.repeats)
+        .map(|_| {
+            let config = setup.bench.copy_of("drain", setup.n, 1);
+            run_role(&["steps", config.to_str().unwrap(), &per_run.to_string()])
+                .split_whitespace()
+                .map(|x| x.parse().unwrap())
+                .collect()
+        })
+        .collect();
+    for (k, name) in STEP_NAMES.iter().enumerate() {
+        let xs: Vec<f64> = runs.iter().map(|run| run[k]).collect();
+        table.row(
+            format!("child step (median of {per_run} sequential children): {name}"),
+            format!("{:.0} µs", median(xs.clone())),
+            &xs,
+        );
+    }
+}
+
+/// Lease + record against a small and a big backlog, and the peak RSS
+/// of parent and children: the queue's size must not show in either.
+fn scale(setup: &Setup, table: &mut Table) {
+    let ops = if setup.options.quick { 1_000 } else { 5_000 };
+    let mut rates = Vec::new();
+    for backlog in [10_000, setup.big] {
+        let name = format!("backlog{backlog}");
+        for (fresh, how) in [
+            (true, "a new connection per delivery, as children"),
+            (false, "one connection"),
+        ] {
+            let (rate, xs) = repeat(setup.options.repeats, || {
+                let config = setup.bench.copy_of(&name, backlog, 1);
+                lease_record_rate(&config, ops, fresh)
+            });
+            rates.push(rate);
+            table.row(
+                format!("lease + record (no HTTP), {how}, {backlog} ready deliveries"),
+                format!("{rate:.0} deliveries/s"),
+                &xs,
+            );
+        }
+        let mut child = Vec::new();
+        let (parent, xs) = repeat(setup.options.repeats, || {
+            let config = setup.bench.copy_of(&name, backlog, 4);
+            let text = std::fs::read_to_string(&config).unwrap();
+            let text = text.replace("max_messages = 10000000", "max_messages = 2000");
+            std::fs::write(&config, text).unwrap();
+            let report = cronpost_run(&config);
+            child.push(report.child_mib);
+            report.parent_mib
+        });
+        table.row(
+            format!("peak RSS of the parent, {backlog} ready deliveries (a run of 2,000)"),
+            format!("{parent:.1} MiB"),
+            &xs,
+        );
+        table.row(
+            format!("peak RSS of the largest child, {backlog} ready deliveries"),
+            format!("{:.1} MiB", median(child.clone())),
+            &child,
+        );
+    }
+    table.row(
+        format!(
+            "lease + record rate at {} vs 10,000 ready: new connections / one connection",
+            setup.big
+        ),
+        format!("{:.2}x / {:.2}x", rates[2] / rates[0], rates[3] / rates[1]),
+        &[],
+    );
+}
+
+/// Publishing: NDJSON in bulk, and one process per message.
+fn enqueue(setup: &Setup, table: &mut Table) {
+    let count = if setup.options.quick { 20_000 } else { 100_000 };
+    let ndjson = setup.bench.dir.path().join("messages.ndjson");
+    let mut text = String::new();
+    for i in 0..count {
+        text.push_str(&format!(
+            "{{\"topic\":\"t\",\"account\":\"a{}\",\"payload\":{}}}\n",
+            i % ACCOUNTS,
+            payload(i)
+        ));
+    }
+    std::fs::write(&ndjson, text).unwrap();
+    let (rate, xs) = repeat(setup.options.repeats, || {
+        let config = setup.bench.config("enqueue", "enqueue.db", 1, 1);
+        setup.bench.remove_db("enqueue");
+        let started = Instant::now();
+        let status = Command::new(BIN)
+            .args(["enqueue", "--ndjson"])
+            .env("CRONPOST_CONFIG", &config)
+            .stdin(std::fs::File::open(&ndjson).unwrap())
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        count as f64 / started.elapsed().as_secs_f64()
+    });
+    table.row(
+        format!("enqueue --ndjson, {count} messages of 512 bytes"),
+        format!("{rate:.0} messages/s"),
+        &xs,
+    );
+    let calls = if setup.options.quick { 100 } else { 500 };
+    let (rate, xs) = repeat(setup.options.repeats, || {
+        let config = setup.bench.config("enqueue", "enqueue.db", 1, 1);
+        let started = Instant::now();
+        for i in 0..calls {
+            let status = Command::new(BIN)
+                .args([
+                    "enqueue",
+                    "--topic",
+                    "t",
+                    "--account",
+                    "a1",
+                    "--data",
+                    &payload(i),
+                ])
+                .env("CRONPOST_CONFIG", &config)
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        calls as f64 / started.elapsed().as_secs_f64()
+    });
+    table.row(
+        format!("one `cronpost enqueue` process per message, {calls} in a row"),
+        format!("{rate:.0} messages/s"),
+        &xs,
+    );
+}
+
+/// Routing a backlog of messages to three endpoints.
+fn route(setup: &Setup, table: &mut Table) {
+    let count = if setup.options.quick { 20_000 } else { 100_000 };
+    let (seconds, xs) = repeat(setup.options.repeats, || {
+        let config = setup.bench.config("route", "route.db", 1, 3);
+        setup.bench.remove_db("route");
+        let config = Config::load(&config).unwrap();
+        let mut store = store::open(&config).unwrap();
+        insert_messages(&mut store, count);
+        store
+            .subscriptions_replace(&cronpost::routing::subscriptions(&config))
+            .unwrap();
+        let started = Instant::now();
+        let report = cronpost::routing::route_all(&mut store, store::now_ms(), &mut || {}).unwrap();
+        assert_eq!(report.deliveries, 3 * count);
+        started.elapsed().as_secs_f64()
+    });
+    table.row(
+        format!(
+            "route {count} messages to 3 endpoints ({} deliveries)",
+            3 * count
+        ),
+        format!("{seconds:.2} s"),
+        &xs,
+    );
+}
+
+/// A long run at the best drain's max_children, and the TIME_WAIT
+/// sockets it leaves.
+fn sustained(setup: &mut Setup, best: Best, table: &mut Table) {
+    let long = if setup.options.quick { 6_000 } else { 60_000 };
+    // The drain's best max_children; 8 when the drain did not run (--only).
+    let children = if best.0 > 0 { best.0 } else { 8 };
+    let mut waits = Vec::new();
+    let (rate, xs) = repeat(setup.options.repeats, || {
+        let config = setup.bench.copy_of("sustained", long, children);
+        let before = setup.receiver.count();
+        let report = cronpost_run(&config);
+        assert_eq!(
+            (setup.receiver.count() - before) as usize,
+            long,
+            "{}",
+            report.log
+        );
+        waits.push(tcp::time_wait(setup.port));
+        long as f64 / report.took.as_secs_f64()
+    });
+    table.row(
+        format!("sustained: {long} deliveries in one run, max_children {children}"),
+        if best.1 > 0.0 {
+            format!(
+                "{rate:.0} deliveries/s = {:.0}% of the {}-delivery rate",
+                100.0 * rate / best.1,
+                setup.n
+            )
+        } else {
+            format!("{rate:.0} deliveries/s")
+        },
+        &xs,
+    );
+    let (server, client) = waits.last().copied().unwrap_or_default();
+    table.row(
+        "TIME_WAIT sockets right after it: receiver side / client side".into(),
+        format!("{server} / {client}"),
+        &[],
+    );
+}
+
+/// What every section shares.
+struct Setup {
+    options: Options,
+    receiver: Receiver,
+    /// The receiver's port, for counting its TIME_WAIT sockets.
+    port: u16,
+    bench: Bench,
+    /// The drain's size.
+    n: usize,
+    /// The big backlog's size.
+    big: usize,
+}
+
+/// The best drain: (max_children, deliveries/s), (0, 0.0) when it did not run.
+type Best = (usize, f64);
+
 fn orchestrate(args: &[String]) {
     let quick = args.iter().any(|a| a == "--quick");
     let options = Options {
@@ -943,295 +1269,49 @@ fn orchestrate(args: &[String]) {
             .position(|a| a == "--only")
             .and_then(|i| args.get(i + 1).cloned()),
     };
-    let mut receiver = Receiver::start();
+    let receiver = Receiver::start();
     let port: u16 = receiver.url.rsplit(':').next().unwrap().parse().unwrap();
     let bench = Bench::new(&receiver.url);
-    let n = if options.quick { 2_000 } else { 20_000 };
-    let big = if options.quick { 100_000 } else { 1_000_000 };
+    let mut setup = Setup {
+        n: if quick { 2_000 } else { 20_000 },
+        big: if quick { 100_000 } else { 1_000_000 },
+        options,
+        receiver,
+        port,
+        bench,
+    };
     let mut table = Table(Vec::new());
-    let r = options.repeats;
-
-    if options.wants("receiver") {
-        let requests = if options.quick { 5_000 } else { 20_000 };
-        let (rate, xs) = repeat(r, || receiver_ceiling(&receiver.url, requests, 4));
-        table.row(
-            format!("receiver ceiling: {requests} POSTs, a new connection each, 4 client threads"),
-            format!("{rate:.0} requests/s"),
-            &xs,
-        );
+    if setup.options.wants("receiver") {
+        receiver_ceiling_section(&mut setup, &mut table);
     }
-
-    let mut best = (0, 0.0);
-    if options.wants("drain") {
-        for children in [1, 2, 4, 8, 16] {
-            let mut parent = Vec::new();
-            let (rate, xs) = repeat(r, || {
-                let config = bench.copy_of("drain", n, children);
-                let before = receiver.count();
-                let report = cronpost_run(&config);
-                assert_eq!((receiver.count() - before) as usize, n, "{}", report.log);
-                parent.push(report.parent_mib);
-                n as f64 / report.took.as_secs_f64()
-            });
-            if rate > best.1 {
-                best = (children, rate);
-            }
-            table.row(
-                format!("fork per delivery: {n} deliveries, max_children {children}"),
-                format!("{rate:.0} deliveries/s"),
-                &xs,
-            );
-        }
+    let best = if setup.options.wants("drain") {
+        drain(&mut setup, &mut table)
+    } else {
+        (0, 0.0)
+    };
+    if setup.options.wants("nofork") {
+        no_fork_section(&setup, best, &mut table);
     }
-
-    if options.wants("nofork") {
-        for (name, keep_alive) in [
-            ("one kept-alive connection", true),
-            ("a new connection per delivery", false),
-        ] {
-            let (rate, xs) = repeat(r, || {
-                let config = bench.copy_of("drain", n, 1);
-                let mut client = if keep_alive {
-                    cronpost::delivery::Client::keep_alive()
-                } else {
-                    cronpost::delivery::Client::one_shot()
-                };
-                no_fork(&config, &mut client)
-            });
-            let ratio = if best.1 > 0.0 {
-                format!(
-                    "; fork per delivery at max_children {} is {:.0}% of it",
-                    best.0,
-                    100.0 * best.1 / rate
-                )
-            } else {
-                String::new()
-            };
-            table.row(
-                format!("no fork (bench harness): lease → POST → record in one process, {name}"),
-                format!("{rate:.0} deliveries/s{ratio}"),
-                &xs,
-            );
-        }
+    if setup.options.wants("forkpost") {
+        fork_post_section(&setup, &mut table);
     }
-
-    if options.wants("forkpost") {
-        let count = if options.quick { 2_000 } else { n };
-        for children in [1, 8] {
-            let (rate, xs) = repeat(r, || {
-                let config = bench.copy_of("drain", n, 1);
-                run_role(&[
-                    "fork-post",
-                    config.to_str().unwrap(),
-                    &count.to_string(),
-                    &children.to_string(),
-                ])
-                .trim()
-                .parse()
-                .unwrap()
-            });
-            table.row(
-                format!("fork + POST + exit, no SQLite in the child (bench harness), {children} at a time"),
-                format!("{rate:.0} deliveries/s"),
-                &xs,
-            );
-        }
+    if setup.options.wants("steps") {
+        steps_section(&setup, &mut table);
     }
-
-    if options.wants("steps") {
-        let per_run = if options.quick { 300 } else { 2_000 };
-        let runs: Vec<Vec<f64>> = (0..r)
-            .map(|_| {
-                let config = bench.copy_of("drain", n, 1);
-                run_role(&["steps", config.to_str().unwrap(), &per_run.to_string()])
-                    .split_whitespace()
-                    .map(|x| x.parse().unwrap())
-                    .collect()
-            })
-            .collect();
-        for (k, name) in STEP_NAMES.iter().enumerate() {
-            let xs: Vec<f64> = runs.iter().map(|run| run[k]).collect();
-            table.row(
-                format!("child step (median of {per_run} sequential children): {name}"),
-                format!("{:.0} µs", median(xs.clone())),
-                &xs,
-            );
-        }
+    if setup.options.wants("scale") {
+        scale(&setup, &mut table);
     }
-
-    if options.wants("scale") {
-        let ops = if options.quick { 1_000 } else { 5_000 };
-        let mut rates = Vec::new();
-        for backlog in [10_000, big] {
-            let name = format!("backlog{backlog}");
-            for (fresh, how) in [
-                (true, "a new connection per delivery, as children"),
-                (false, "one connection"),
-            ] {
-                let (rate, xs) = repeat(r, || {
-                    let config = bench.copy_of(&name, backlog, 1);
-                    lease_record_rate(&config, ops, fresh)
-                });
-                rates.push(rate);
-                table.row(
-                    format!("lease + record (no HTTP), {how}, {backlog} ready deliveries"),
-                    format!("{rate:.0} deliveries/s"),
-                    &xs,
-                );
-            }
-            let mut child = Vec::new();
-            let (parent, xs) = repeat(r, || {
-                let config = bench.copy_of(&name, backlog, 4);
-                let text = std::fs::read_to_string(&config).unwrap();
-                let text = text.replace("max_messages = 10000000", "max_messages = 2000");
-                std::fs::write(&config, text).unwrap();
-                let report = cronpost_run(&config);
-                child.push(report.child_mib);
-                report.parent_mib
-            });
-            table.row(
-                format!("peak RSS of the parent, {backlog} ready deliveries (a run of 2,000)"),
-                format!("{parent:.1} MiB"),
-                &xs,
-            );
-            table.row(
-                format!("peak RSS of the largest child, {backlog} ready deliveries"),
-                format!("{:.1} MiB", median(child.clone())),
-                &child,
-            );
-        }
-        table.row(
-            format!(
-                "lease + record rate at {big} vs 10,000 ready: new connections / one connection"
-            ),
-            format!("{:.2}x / {:.2}x", rates[2] / rates[0], rates[3] / rates[1]),
-            &[],
-        );
+    if setup.options.wants("enqueue") {
+        enqueue(&setup, &mut table);
     }
-
-    if options.wants("enqueue") {
-        let count = if options.quick { 20_000 } else { 100_000 };
-        let ndjson = bench.dir.path().join("messages.ndjson");
-        let mut text = String::new();
-        for i in 0..count {
-            text.push_str(&format!(
-                "{{\"topic\":\"t\",\"account\":\"a{}\",\"payload\":{}}}\n",
-                i % ACCOUNTS,
-                payload(i)
-            ));
-        }
-        std::fs::write(&ndjson, text).unwrap();
-        let (rate, xs) = repeat(r, || {
-            let config = bench.config("enqueue", "enqueue.db", 1, 1);
-            bench.remove_db("enqueue");
-            let started = Instant::now();
-            let status = Command::new(BIN)
-                .args(["enqueue", "--ndjson"])
-                .env("CRONPOST_CONFIG", &config)
-                .stdin(std::fs::File::open(&ndjson).unwrap())
-                .stdout(Stdio::null())
-                .status()
-                .unwrap();
-            assert!(status.success());
-            count as f64 / started.elapsed().as_secs_f64()
-        });
-        table.row(
-            format!("enqueue --ndjson, {count} messages of 512 bytes"),
-            format!("{rate:.0} messages/s"),
-            &xs,
-        );
-        let calls = if options.quick { 100 } else { 500 };
-        let (rate, xs) = repeat(r, || {
-            let config = bench.config("enqueue", "enqueue.db", 1, 1);
-            let started = Instant::now();
-            for i in 0..calls {
-                let status = Command::new(BIN)
-                    .args([
-                        "enqueue",
-                        "--topic",
-                        "t",
-                        "--account",
-                        "a1",
-                        "--data",
-                        &payload(i),
-                    ])
-                    .env("CRONPOST_CONFIG", &config)
-                    .stdout(Stdio::null())
-                    .status()
-                    .unwrap();
-                assert!(status.success());
-            }
-            calls as f64 / started.elapsed().as_secs_f64()
-        });
-        table.row(
-            format!("one `cronpost enqueue` process per message, {calls} in a row"),
-            format!("{rate:.0} messages/s"),
-            &xs,
-        );
+    if setup.options.wants("route") {
+        route(&setup, &mut table);
     }
-
-    if options.wants("route") {
-        let count = if options.quick { 20_000 } else { 100_000 };
-        let (seconds, xs) = repeat(r, || {
-            let config = bench.config("route", "route.db", 1, 3);
-            bench.remove_db("route");
-            let config = Config::load(&config).unwrap();
-            let mut store = store::open(&config).unwrap();
-            insert_messages(&mut store, count);
-            store
-                .subscriptions_replace(&cronpost::routing::subscriptions(&config))
-                .unwrap();
-            let started = Instant::now();
-            let report =
-                cronpost::routing::route_all(&mut store, store::now_ms(), &mut || {}).unwrap();
-            assert_eq!(report.deliveries, 3 * count);
-            started.elapsed().as_secs_f64()
-        });
-        table.row(
-            format!(
-                "route {count} messages to 3 endpoints ({} deliveries)",
-                3 * count
-            ),
-            format!("{seconds:.2} s"),
-            &xs,
-        );
+    if setup.options.wants("sustained") {
+        sustained(&mut setup, best, &mut table);
     }
-
-    if options.wants("sustained") {
-        let long = if options.quick { 6_000 } else { 60_000 };
-        // The drain's best max_children; 8 when the drain did not run (--only).
-        let children = if best.0 > 0 { best.0 } else { 8 };
-        let mut waits = Vec::new();
-        let (rate, xs) = repeat(r, || {
-            let config = bench.copy_of("sustained", long, children);
-            let before = receiver.count();
-            let report = cronpost_run(&config);
-            assert_eq!((receiver.count() - before) as usize, long, "{}", report.log);
-            waits.push(tcp::time_wait(port));
-            long as f64 / report.took.as_secs_f64()
-        });
-        table.row(
-            format!("sustained: {long} deliveries in one run, max_children {children}"),
-            if best.1 > 0.0 {
-                format!(
-                    "{rate:.0} deliveries/s = {:.0}% of the {n}-delivery rate",
-                    100.0 * rate / best.1
-                )
-            } else {
-                format!("{rate:.0} deliveries/s")
-            },
-            &xs,
-        );
-        let (server, client) = waits.last().copied().unwrap_or_default();
-        table.row(
-            "TIME_WAIT sockets right after it: receiver side / client side".into(),
-            format!("{server} / {client}"),
-            &[],
-        );
-    }
-
-    if options.wants("latency") {
-        latency(&options, n, &mut table);
+    if setup.options.wants("latency") {
+        latency(&setup.options, setup.n, &mut table);
     }
 
     println!("| measure | result | readings |\n|---|---|---|");

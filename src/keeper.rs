@@ -23,8 +23,9 @@
 //! The parent says which it is through a page both share (`Shared`);
 //! setting it before counting the work closes the race: work committed
 //! after the count finds the flag set. It looks at most every
-//! [`LOOK_INTERVAL`], and once more just after the last write (a commit's
-//! last WAL write comes a moment before other connections can see it).
+//! [`LOOK_INTERVAL`], and a few more times, further and further apart,
+//! after the last write (a commit's last WAL write comes a moment, up to an
+//! fsync, before other connections can see it).
 //!
 //! It needs no signal: it blocks reading a pipe whose write end the parent
 //! and its children hold, so it leaves once they are all gone, even when the
@@ -221,10 +222,12 @@ fn keep(config: &Config, alive: OwnedFd, wake: OwnedFd, shared: &Shared) {
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
     );
     let mut last_look = Instant::now();
-    // When to look next (None: nothing written since the last look), and
-    // whether a write came since the last look.
+    // When to look next (None: nothing written since the last look),
+    // whether a write came since the last look, and how many looks found
+    // no write since the last one that did.
     let mut look_at: Option<Instant> = None;
     let mut written = false;
+    let mut quiet_looks = 0;
     loop {
         let timeout = look_at.map_or(PollTimeout::NONE, |at| {
             let left = at.saturating_duration_since(Instant::now());
@@ -262,19 +265,43 @@ fn keep(config: &Config, alive: OwnedFd, wake: OwnedFd, shared: &Shared) {
         if look_at.is_some_and(|at| Instant::now() >= at) {
             written |= watch.as_ref().is_some_and(DbWatch::drain);
             last_look = Instant::now();
-            // A write seen before this look gets one more after it: its
-            // commit may not have been visible yet.
-            look_at = std::mem::take(&mut written).then(|| last_look + LOOK_INTERVAL);
+            quiet_looks = if std::mem::take(&mut written) {
+                0
+            } else {
+                quiet_looks + 1
+            };
+            look_at = follow_up(last_look, quiet_looks);
             match look_for_work(&mut store, shared) {
                 Ok(true) => {
                     let _ = wake.write(&[1]);
                 }
                 Ok(false) => {}
-                Err(e) => log::warn!("database keeper: {e}"),
+                Err(e) => {
+                    // Locked out, say: what was written still needs a look.
+                    log::warn!("database keeper: {e}");
+                    quiet_looks = 0;
+                    look_at = Some(last_look + LOOK_INTERVAL);
+                }
             }
         }
     }
     drop(store);
+}
+
+/// When to look again after a look, `quiet_looks` looks after the last one
+/// that followed a write. A write's commit becomes visible a moment after
+/// its last WAL write (the one inotify reports): after the fsync of a
+/// `synchronous=FULL` commit, which can take milliseconds, or tens on a
+/// busy disk, the wal-index in shared memory is updated, and that makes no
+/// event. So the looks go on every [`LOOK_INTERVAL`] for the first 16 ms,
+/// then at doubling intervals, about half a second in all, before the
+/// keeper waits for the next write (the parent, lingering, also routes once
+/// a second: a safety net, not the path).
+fn follow_up(last_look: Instant, quiet_looks: u32) -> Option<Instant> {
+    const EVERY_INTERVAL: u32 = 8;
+    const DOUBLING: u32 = 7;
+    (quiet_looks < EVERY_INTERVAL + DOUBLING)
+        .then(|| last_look + LOOK_INTERVAL * (1 << quiet_looks.saturating_sub(EVERY_INTERVAL - 1)))
 }
 
 /// Routes what is unrouted; whether to wake the parent: it is waiting,

@@ -93,7 +93,9 @@ pub fn run_once(
         dead_children: Vec::new(),
         delayed_forks: 0,
         budget: 0,
-        saw_empty: false,
+        empty_at: None,
+        routed_seen: 0,
+        held_back: false,
         failed_in_a_row: 0,
         deadline,
         linger_until: linger_until.map(|until| until.min(deadline)),
@@ -271,9 +273,16 @@ struct Parent<'c> {
     /// seen at the last check, less the children forked since. Zero too when
     /// a child found nothing to lease.
     budget: u64,
-    /// A child found nothing it could lease although work was counted: the
-    /// work is held back (in-flight caps, probes), maybe by another run.
-    saw_empty: bool,
+    /// When a child last found nothing it could lease although work was
+    /// counted: the work is held back (in-flight caps, probes), maybe by
+    /// another run. Cleared once the run paused for it.
+    empty_at: Option<Instant>,
+    /// The keeper's count of routed messages at the last wake-up.
+    routed_seen: u64,
+    /// The last child that ended found nothing to lease: until one leases
+    /// again, the budget is at most one, so that work held back costs one
+    /// empty child per look, not `max_children`.
+    held_back: bool,
     /// Children that failed (exit 70) one after another, up to now.
     failed_in_a_row: u32,
     deadline: Instant,
@@ -334,7 +343,7 @@ impl Parent<'_> {
                 if let Some(e) = failure {
                     return Err(e);
                 }
-                if may_fork && std::mem::take(&mut self.saw_empty) {
+                if may_fork && self.empty_at.take().is_some() {
                     // Do not spin on work another run is holding.
                     self.signals.wait(HELD_BACK_PAUSE);
                 }
@@ -410,7 +419,7 @@ impl Parent<'_> {
     fn count_ready(&mut self, store: &mut SqliteStore, run: &RunRecord) -> Result<()> {
         self.set_budget(0);
         let count = store.leasable_count(now_ms(), self.config.run.max_messages - run.forked)?;
-        self.set_budget(count);
+        self.set_budget(if self.held_back { count.min(1) } else { count });
         Ok(())
     }
 
@@ -528,14 +537,24 @@ impl Parent<'_> {
             self.failed_in_a_row = 0;
         }
         match exit {
-            Ok(ChildExit::Delivered) => run.delivered += 1,
-            Ok(ChildExit::Retry) => run.retried += 1,
-            Ok(ChildExit::Dead) => run.dead += 1,
+            Ok(ChildExit::Delivered) => {
+                run.delivered += 1;
+                self.held_back = false;
+            }
+            Ok(ChildExit::Retry) => {
+                run.retried += 1;
+                self.held_back = false;
+            }
+            Ok(ChildExit::Dead) => {
+                run.dead += 1;
+                self.held_back = false;
+            }
             // Another run took what we counted: check again once ours are done.
             Ok(ChildExit::Empty) => {
                 run.found_nothing += 1;
                 self.set_budget(0);
-                self.saw_empty = true;
+                self.empty_at = Some(Instant::now());
+                self.held_back = true;
             }
             Ok(ChildExit::LeaseLost) => run.failed += 1,
             Ok(ChildExit::Failed) => {
@@ -652,9 +671,19 @@ impl Parent<'_> {
         // New work while children run: counted now, so it need not wait
         // for them (when the budget still holds, children find it anyway).
         // A child alive that holds no lease may still take one of those
-        // counted: those are not counted twice.
+        // counted: those are not counted twice. Just after a child found
+        // nothing, what is counted is likely held back (the count does not
+        // know in-flight caps or probes): only new messages count then, or
+        // each commit of another child would fork one more that finds
+        // nothing (the children exiting count it again anyway).
         let woken = self.keeper.is_some_and(Keeper::take_wake);
+        let routed = self.keeper.map_or(0, Keeper::routed);
+        let new_messages = std::mem::replace(&mut self.routed_seen, routed) < routed;
+        let held_back = self
+            .empty_at
+            .is_some_and(|at| at.elapsed() < HELD_BACK_PAUSE);
         if woken
+            && (new_messages || !held_back)
             && self.budget == 0
             && let Ok(mut store) = crate::store::open(self.config)
             // Counted first: a child leasing meanwhile is then not counted

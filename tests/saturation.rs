@@ -172,6 +172,25 @@ fn max_in_flight_holds_across_two_concurrent_runs() {
     let max = rx.max_concurrency();
     assert!(max <= 3, "the receiver saw {max} requests at once");
     assert!(max >= 2, "runs did post concurrently ({max})");
+    // Work held back by the cap costs at most one child that finds nothing
+    // per look (a look after each 50 ms pause, and a few on wake-ups), not
+    // max_children each time: bounded by the run's length, whatever the
+    // machine's speed (pauses only get longer under load).
+    let runs = env
+        .db()
+        .prepare("SELECT found_nothing, finished_at - started_at FROM runs")
+        .unwrap()
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    assert_eq!(runs.len(), 2);
+    for (empty, ms) in runs {
+        assert!(
+            empty <= 2 * ms / 50 + 8,
+            "{empty} children found nothing in a run of {ms} ms"
+        );
+    }
 }
 
 #[test]

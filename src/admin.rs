@@ -4,12 +4,14 @@
 //! msg_... for its uid) are what `show` and `requeue` take (see `ids`).
 
 use std::io::Write;
+use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{Error, ExitCode, Result};
+use crate::files::Sharing;
 use crate::ids::MessageRef;
 use crate::store::{
     AttemptRow, DeliveryFilter, DeliveryRow, DeliveryState, ListedDelivery, MessageKey, MessageRow,
@@ -545,5 +547,85 @@ pub fn purge(config: &Config, older_than: Duration, as_json: bool) -> Result<()>
         plural(purged.runs, "run record", "run records"),
         humantime::format_duration(older_than),
         plural(batches as u64, "batch", "batches")
+    ))
+}
+
+/// `cronpost backup PATH`: a consistent copy of the queue, taken while runs
+/// go on, with the database's group and mode. It never overwrites: the copy
+/// is written to a temporary name beside PATH, synced, then linked to PATH
+/// (which fails if PATH exists), so PATH is whole or absent.
+pub fn backup(config: &Config, path: &Path, as_json: bool) -> Result<()> {
+    let database = &config.database;
+    if !database.exists() {
+        return Err(Error::new(
+            ExitCode::NoInput,
+            format!(
+                "database {} does not exist: nothing to back up",
+                database.display()
+            ),
+        ));
+    }
+    let exists = || {
+        Error::new(
+            ExitCode::CantCreate,
+            format!(
+                "backup {} exists: a backup never overwrites; remove it or choose another name",
+                path.display()
+            ),
+        )
+    };
+    if path.symlink_metadata().is_ok() {
+        return Err(exists());
+    }
+    let mut store = crate::store::open(config)?;
+    let sharing = Sharing::of_database(database)
+        .map_err(|e| Error::io(format!("database {}", database.display()), e))?;
+    let temporary = crate::files::with_suffix(path, &format!(".tmp-{}", std::process::id()));
+    let busy = || {
+        Error::new(
+            ExitCode::CantCreate,
+            format!(
+                "{} exists: another backup to {} is under way, or one was interrupted (remove it)",
+                temporary.display(),
+                path.display()
+            ),
+        )
+    };
+    let file = sharing
+        .create_new(&temporary)
+        .map_err(|e| {
+            Error::io(format!("backup {}", temporary.display()), e).with_code_for_create()
+        })?
+        .ok_or_else(busy)?;
+    let written = store
+        .vacuum_into(&temporary)
+        .and_then(|()| {
+            file.sync_all()
+                .map_err(|e| Error::io(format!("backup {}", temporary.display()), e))
+        })
+        .and_then(|()| {
+            std::fs::hard_link(&temporary, path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => exists(),
+                _ => Error::io(format!("backup {}", path.display()), e).with_code_for_create(),
+            })
+        });
+    let _ = std::fs::remove_file(&temporary);
+    written?;
+    if let Ok(dir) = std::fs::File::open(crate::files::parent_dir(path)) {
+        let _ = dir.sync_all();
+    }
+    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    if as_json {
+        return print_json(&json!({
+            "database": database, "backup": path, "bytes": bytes,
+            "schema_version": store.schema_version()?
+        }));
+    }
+    print(&format!(
+        "backed up {} to {} ({} bytes, schema version {})\n",
+        database.display(),
+        path.display(),
+        bytes,
+        store.schema_version()?
     ))
 }

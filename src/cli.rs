@@ -149,6 +149,16 @@ enum Command {
         #[command(flatten)]
         json: JsonArg,
     },
+    /// Write a consistent copy of the queue to PATH while runs go on (the
+    /// database's group and mode; never overwrites).
+    Backup {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Where the copy goes; must not exist.
+        path: PathBuf,
+        #[command(flatten)]
+        json: JsonArg,
+    },
     /// Check the config file and what a run will need (directories, group,
     /// schedule); exit non-zero naming each problem.
     CheckConfig {
@@ -386,6 +396,7 @@ fn execute(command: Command) -> Result<()> {
             Some(age) if !orphaned => admin::purge(&config.load()?, age, json.json),
             _ => admin::purge_orphaned(&config.load()?, endpoint.as_deref(), dry_run, json.json),
         },
+        Command::Backup { config, path, json } => admin::backup(&config.load()?, &path, json.json),
         Command::CheckConfig {
             config,
             print_defaults,

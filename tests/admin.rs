@@ -454,3 +454,102 @@ fn an_admin_write_lock_makes_dispatch_wait_then_fail_clearly_losing_nothing() {
     );
     assert!(rx.received_on("/hook").len() == 1);
 }
+
+#[test]
+fn a_backup_taken_during_a_run_is_consistent_and_a_restored_copy_delivers_what_was_pending() {
+    use std::os::unix::fs::MetadataExt;
+    let rx = Receiver::start();
+    rx.set_default("/slow", Reply::Delayed(Duration::from_millis(40), 200));
+    // Short leases, so that those held when the copy is taken expire soon.
+    let env_for = |rx: &Receiver| {
+        let env = Env::new(
+            "max_children = 2\nchild_deadline = \"2s\"\nlease_timeout = \"4s\"",
+            &endpoint("slow", &rx.url("/slow"), &["t"], ""),
+        );
+        env.prepend_config("busy_timeout = \"1s\"");
+        env
+    };
+    let env = env_for(&rx);
+    let lines: String = (0..100)
+        .map(|i| format!("{{\"topic\":\"t\",\"account\":\"a{i}\",\"payload\":{{\"n\":{i}}}}}\n"))
+        .collect();
+    env.enqueue_ndjson(&lines);
+
+    // The backup, taken while a run delivers.
+    let mut running = env.command(&["run"]).stderr(Stdio::null()).spawn().unwrap();
+    wait_until(Duration::from_secs(60), "the run has begun", || {
+        rx.received_on("/slow").len() >= 10
+    });
+    let backup = env.dir.path().join("backup.db");
+    let out = env.cronpost(&["backup", backup.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["bytes"], std::fs::metadata(&backup).unwrap().len());
+    assert!(running.wait().unwrap().success());
+    assert_eq!(rx.received_on("/slow").len(), 100);
+
+    // Whole, private as the database, and taken mid-run.
+    let (db_meta, copy_meta) = (
+        std::fs::metadata(&env.db).unwrap(),
+        std::fs::metadata(&backup).unwrap(),
+    );
+    assert_eq!(copy_meta.mode() & 0o7777, db_meta.mode() & 0o7777);
+    assert_eq!(copy_meta.gid(), db_meta.gid());
+    let copy = rusqlite::Connection::open(&backup).unwrap();
+    let check: String = copy
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    let pending: i64 = copy
+        .query_row(
+            "SELECT count(*) FROM deliveries WHERE state != 'delivered'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        (1..100).contains(&pending),
+        "{pending} pending: the copy was taken mid-run"
+    );
+    drop(copy);
+    let leftovers: Vec<_> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // A backup never overwrites, and a missing database is not backed up.
+    let before = std::fs::read(&backup).unwrap();
+    let out = env.cronpost(&["backup", backup.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(73));
+    assert!(
+        stderr(&out).contains(&format!("backup {} exists", backup.display())),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(&backup).unwrap(), before);
+    let nowhere = env_for(&rx);
+    let out = nowhere.cronpost(&["backup", backup.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(66), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does not exist: nothing to back up"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!nowhere.db.exists(), "no database was created");
+
+    // Restored as the README says, the copy delivers what was pending
+    // (leased at the time: once its lease expires).
+    let rx2 = Receiver::start();
+    rx2.set_default("/slow", Reply::Status(200));
+    let restored = env_for(&rx2);
+    std::fs::copy(&backup, &restored.db).unwrap();
+    run_until(
+        &restored,
+        Duration::from_secs(60),
+        "all pending delivered",
+        || restored.count_state("delivered") == 100,
+    );
+    assert_eq!(rx2.received_on("/slow").len() as i64, pending);
+}

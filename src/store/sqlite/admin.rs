@@ -1,5 +1,6 @@
 //! The admin side of the SQLite store: what `stats`, `list`, `show`,
-//! `requeue` and `purge` read and write, and the run totals for metrics.
+//! `requeue`, `purge` and `backup` read and write, and the run totals for
+//! metrics.
 
 use rusqlite::types::Value;
 use rusqlite::{OptionalExtension, params, params_from_iter};
@@ -7,6 +8,27 @@ use rusqlite::{OptionalExtension, params, params_from_iter};
 use super::*;
 
 impl SqliteStore {
+    /// Writes a consistent copy of the database into `target`, an empty
+    /// file: `VACUUM INTO` reads one snapshot (a read transaction, which in
+    /// WAL mode holds up no writer) and writes it compacted. Chosen over the
+    /// online backup API, which restarts its copy whenever another
+    /// connection writes, so it might never finish during a busy run.
+    pub fn vacuum_into(&mut self, target: &Path) -> Result<()> {
+        let target_text = target.to_str().ok_or_else(|| {
+            Error::usage(format!(
+                "backup path {} is not valid UTF-8",
+                target.display()
+            ))
+        })?;
+        self.conn
+            .execute("VACUUM INTO ?1", [target_text])
+            .map(|_| ())
+            .map_err(|e| {
+                self.err(e)
+                    .context(format!("backup into {}", target.display()))
+            })
+    }
+
     pub(super) fn deliveries_restore_endpoints(
         &mut self,
         endpoints: &[String],

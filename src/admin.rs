@@ -426,15 +426,22 @@ pub fn show(config: &Config, key: &MessageRef, as_json: bool) -> Result<()> {
     print(&out)
 }
 
-/// `cronpost requeue`: dead (or delayed) deliveries back to ready. Ids that
-/// name no delivery, or one that is neither dead nor delayed, are an error
-/// naming them, and nothing changes.
-pub fn requeue(
-    config: &Config,
-    filter: DeliveryFilter,
-    dry_run: bool,
-    as_json: bool,
-) -> Result<()> {
+/// How `cronpost requeue` requeues what it selects.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Requeue {
+    /// At most this many, oldest first.
+    pub limit: Option<u64>,
+    /// Milliseconds between two requeued deliveries' due times (0: all now).
+    pub spacing_ms: i64,
+    /// Count, change nothing.
+    pub dry_run: bool,
+}
+
+/// `cronpost requeue`: dead (or delayed) deliveries back to ready, all at
+/// once or spread out (`how`). Ids that name no delivery, or one that is
+/// neither dead nor delayed, are an error naming them, and nothing changes.
+pub fn requeue(config: &Config, filter: DeliveryFilter, how: Requeue, as_json: bool) -> Result<()> {
+    let Requeue { dry_run, .. } = how;
     let mut store = crate::store::open(config)?;
     check_endpoint(config, &mut store, filter.endpoint.as_deref())?;
     let (mut missing, mut unmovable) = (Vec::new(), Vec::new());
@@ -463,17 +470,31 @@ pub fn requeue(
     let params = RequeueParams {
         filter,
         now: now_ms(),
+        limit: how.limit,
+        spacing_ms: how.spacing_ms,
         dry_run,
     };
     let n = store.deliveries_requeue(&params)?;
+    // The last is due (n - 1) spacings from now.
+    let over = Duration::from_millis((n.saturating_sub(1) as i64 * how.spacing_ms) as u64);
     if as_json {
-        return print_json(&json!({"requeued": n, "dry_run": dry_run}));
+        return print_json(&json!({
+            "requeued": n, "dry_run": dry_run, "spread_seconds": over.as_secs_f64()
+        }));
     }
     let deliveries = plural(n, "delivery", "deliveries");
-    print(&if dry_run {
-        format!("would requeue {deliveries} (dry run: nothing changed)\n")
+    let spread = if how.spacing_ms > 0 && n > 1 {
+        format!(
+            ", spread over {}",
+            humantime::format_duration(Duration::from_secs(over.as_secs().max(1)))
+        )
     } else {
-        format!("requeued {deliveries}\n")
+        String::new()
+    };
+    print(&if dry_run {
+        format!("would requeue {deliveries}{spread} (dry run: nothing changed)\n")
+    } else {
+        format!("requeued {deliveries}{spread}\n")
     })
 }
 

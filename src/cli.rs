@@ -122,6 +122,13 @@ enum Command {
         /// topic): routed again by the next run.
         #[arg(long, conflicts_with_all = ["ids", "state", "endpoint", "account", "topic"])]
         unroutable: bool,
+        /// Spread them out: this many a second (50/s; also /m, /h), the
+        /// first now, so a recovered endpoint is not hit by all at once.
+        #[arg(long, value_parser = parse_rate, value_name = "N/s", conflicts_with = "unroutable")]
+        rate: Option<u64>,
+        /// At most this many, oldest first.
+        #[arg(long, conflicts_with = "unroutable")]
+        limit: Option<u64>,
         /// Count what would be requeued; change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -248,6 +255,24 @@ impl CommonFilter {
     }
 }
 
+/// A rate such as `50/s`, `600/m` or `100/h` (a bare number: per second),
+/// as the milliseconds between two deliveries (at least 1).
+fn parse_rate(text: &str) -> std::result::Result<u64, String> {
+    let (count, per_ms) = match text.split_once('/') {
+        None => (text, 1_000.0),
+        Some((count, "s")) => (count, 1_000.0),
+        Some((count, "m")) => (count, 60_000.0),
+        Some((count, "h")) => (count, 3_600_000.0),
+        Some((_, unit)) => return Err(format!("unknown unit /{unit} (like 50/s, 600/m, 100/h)")),
+    };
+    match count.trim().parse::<f64>() {
+        Ok(n) if n > 0.0 && n.is_finite() => Ok(((per_ms / n).round() as u64).max(1)),
+        _ => Err(format!(
+            "{text:?} is not a positive rate (like 50/s, 600/m, 100/h)"
+        )),
+    }
+}
+
 /// A duration with its unit; a bare number is refused with an example.
 fn parse_age(text: &str) -> std::result::Result<std::time::Duration, String> {
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
@@ -367,6 +392,8 @@ fn execute(command: Command) -> Result<()> {
             ids,
             filter,
             unroutable,
+            rate,
+            limit,
             dry_run,
             json,
         } => {
@@ -380,7 +407,12 @@ fn execute(command: Command) -> Result<()> {
                 // By filter alone, the dead-letter queue is what an admin means.
                 filter.state = Some(DeliveryState::Dead);
             }
-            admin::requeue(&config, filter, dry_run, json.json)
+            let how = admin::Requeue {
+                limit,
+                spacing_ms: rate.map_or(0, |ms| ms as i64),
+                dry_run,
+            };
+            admin::requeue(&config, filter, how, json.json)
         }
         Command::Purge {
             config,

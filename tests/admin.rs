@@ -216,7 +216,10 @@ fn requeue_redelivers_dead_letters_and_dry_run_changes_nothing() {
     let dry: serde_json::Value =
         serde_json::from_str(&env.ok(&["requeue", "--endpoint", "gone", "--dry-run", "--json"]))
             .unwrap();
-    assert_eq!(dry, serde_json::json!({"requeued": 2, "dry_run": true}));
+    assert_eq!(
+        dry,
+        serde_json::json!({"requeued": 2, "dry_run": true, "spread_seconds": 0.0})
+    );
     assert_eq!(env.count_state("dead"), 2, "dry run changed nothing");
 
     rx.set_default("/gone", Reply::Status(200));
@@ -552,4 +555,69 @@ fn a_backup_taken_during_a_run_is_consistent_and_a_restored_copy_delivers_what_w
         || restored.count_state("delivered") == 100,
     );
     assert_eq!(rx2.received_on("/slow").len() as i64, pending);
+}
+
+#[test]
+fn dead_letters_requeued_at_a_rate_arrive_at_that_rate_not_in_a_burst() {
+    let rx = Receiver::start();
+    rx.set_default("/hook", Reply::Status(410));
+    let env = Env::new(
+        "max_children = 4\nmax_runtime = \"12s\"",
+        &endpoint("hook", &rx.url("/hook"), &["t"], ""),
+    );
+    let lines: String = (0..500)
+        .map(|i| format!("{{\"topic\":\"t\",\"account\":\"a{i}\",\"payload\":{{\"n\":{i}}}}}\n"))
+        .collect();
+    env.enqueue_ndjson(&lines);
+    run_until(&env, Duration::from_secs(120), "500 dead letters", || {
+        env.count_state("dead") == 500
+    });
+
+    // Bad rates are refused, naming the flag.
+    for bad in ["0/s", "5/d", "fast"] {
+        let out = env.cronpost(&["requeue", "--rate", bad]);
+        assert_eq!(out.status.code(), Some(64), "{bad}");
+        assert!(stderr(&out).contains("--rate"), "{}", stderr(&out));
+    }
+    let out = env.ok(&["requeue", "--rate", "50/s", "--limit", "10", "--dry-run"]);
+    assert!(
+        out.contains("would requeue 10 deliveries, spread over"),
+        "{out}"
+    );
+
+    // The endpoint is back: 500 at 50/s, the first now, the last ~10 s on.
+    rx.set_default("/hook", Reply::Status(200));
+    let before = std::time::Instant::now();
+    let out = env.ok(&["requeue", "--rate", "50/s"]);
+    assert!(
+        out.contains("requeued 500 deliveries, spread over 9s"),
+        "{out}"
+    );
+    assert!(
+        env.command(&["run", "--linger"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    run_until(&env, Duration::from_secs(60), "all delivered", || {
+        env.count_state("delivered") == 500
+    });
+    let mut arrivals: Vec<Duration> = rx
+        .received_on("/hook")
+        .iter()
+        .filter(|r| r.status == Some(200))
+        .map(|r| r.at.duration_since(before))
+        .collect();
+    arrivals.sort();
+    assert_eq!(arrivals.len(), 500);
+    // By the k-th arrival at least k slots of 20 ms had come due: a lower
+    // bound that holds however slow the machine (a few ms for the clocks).
+    for (k, at) in arrivals.iter().enumerate() {
+        let due = Duration::from_millis(20 * k as u64);
+        assert!(
+            *at + Duration::from_millis(5) >= due,
+            "arrival {k} at {at:?}, before its slot at {due:?}"
+        );
+    }
+    assert!(arrivals[499] >= Duration::from_millis(9_975));
 }

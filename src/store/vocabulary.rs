@@ -489,6 +489,13 @@ pub struct RequeueParams {
     pub filter: DeliveryFilter,
     /// Now.
     pub now: i64,
+    /// At most this many, oldest first (None: all).
+    pub limit: Option<u64>,
+    /// Milliseconds between the due times of two requeued deliveries, so a
+    /// recovered endpoint is not hit by the whole backlog at once: the
+    /// first is ready now, the others delayed (`scheduled`) until theirs.
+    /// 0: all ready now.
+    pub spacing_ms: i64,
     /// Count, change nothing.
     pub dry_run: bool,
 }

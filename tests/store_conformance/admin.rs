@@ -145,6 +145,8 @@ pub fn requeue_moves_only_dead_and_delayed_deliveries_and_restarts_their_attempt
             ..DeliveryFilter::default()
         },
         now: T0 + 1,
+        limit: None,
+        spacing_ms: 0,
         dry_run,
     };
     // A delivered one does not move.
@@ -177,6 +179,63 @@ pub fn requeue_moves_only_dead_and_delayed_deliveries_and_restarts_their_attempt
         (DeliveryState::Ready, 0, None)
     );
     assert_eq!(lease(store, "z", T0 + 2).unwrap().attempt, 1);
+}
+
+pub fn requeue_at_a_rate_spreads_due_times_oldest_first_up_to_its_limit(store: &mut dyn Store) {
+    subscribe(store, &[("t", "a")]);
+    store
+        .messages_insert(&(0..5).map(|_| message("t", 0)).collect::<Vec<_>>())
+        .unwrap();
+    route(store, T0);
+    let mut dead = Vec::new();
+    while let Some(l) = lease(store, "x", T0) {
+        store
+            .attempt_finish(&FinishAttempt::dead(&l, T0, "HTTP 410".into()))
+            .unwrap();
+        dead.push(l.delivery_id);
+    }
+    dead.sort();
+    assert_eq!(dead.len(), 5);
+    let params = |limit, dry_run| RequeueParams {
+        filter: DeliveryFilter {
+            state: Some(DeliveryState::Dead),
+            ..DeliveryFilter::default()
+        },
+        now: T0 + 100,
+        limit,
+        spacing_ms: 20,
+        dry_run,
+    };
+    assert_eq!(store.deliveries_requeue(&params(Some(3), true)).unwrap(), 3);
+    assert_eq!(
+        state(store, dead[0]).state,
+        DeliveryState::Dead,
+        "a dry run"
+    );
+    assert_eq!(
+        store.deliveries_requeue(&params(Some(3), false)).unwrap(),
+        3
+    );
+    // The oldest ready now, the next two 20 and 40 ms later; the rest dead.
+    let rows: Vec<_> = dead.iter().map(|&id| state(store, id)).collect();
+    let seen: Vec<_> = rows
+        .iter()
+        .map(|d| (d.state, d.reason.clone(), d.not_before, d.attempts))
+        .collect();
+    let scheduled = || Some("scheduled".to_string());
+    assert_eq!(
+        seen[..3],
+        [
+            (DeliveryState::Ready, None, T0 + 100, 0),
+            (DeliveryState::Delayed, scheduled(), T0 + 120, 0),
+            (DeliveryState::Delayed, scheduled(), T0 + 140, 0),
+        ]
+    );
+    assert!(rows[3..].iter().all(|d| d.state == DeliveryState::Dead));
+    // Leased in that order, each at its time.
+    assert_eq!(lease(store, "y", T0 + 100).unwrap().delivery_id, dead[0]);
+    assert!(lease(store, "y", T0 + 119).is_none());
+    assert_eq!(lease(store, "y", T0 + 120).unwrap().delivery_id, dead[1]);
 }
 
 pub fn retention_purges_old_delivered_history_in_batches_and_keeps_the_rest(store: &mut dyn Store) {

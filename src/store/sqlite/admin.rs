@@ -223,22 +223,31 @@ impl SqliteStore {
 
     pub(super) fn deliveries_requeue(&mut self, p: &RequeueParams) -> Result<u64> {
         let (clause, filter_values) = filter_clause(&p.filter);
-        let target = format!(
-            "SELECT d.id FROM deliveries d JOIN messages m ON m.id = d.message_id
-             WHERE d.state IN ('dead', 'delayed') AND {clause}"
+        let limit = p.limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+        // The n-th picked (from 0, oldest first) is due at now + n * spacing.
+        let picked = format!(
+            "SELECT d.id, row_number() OVER (ORDER BY d.id) - 1 AS n
+             FROM deliveries d JOIN messages m ON m.id = d.message_id
+             WHERE d.state IN ('dead', 'delayed') AND {clause} ORDER BY d.id LIMIT ?"
         );
+        // Anonymous parameters number in text order.
+        let mut values = filter_values;
+        values.push(Value::Integer(limit));
         self.write(|tx| {
             if p.dry_run {
-                let count = format!("SELECT count(*) FROM ({target})");
-                return tx.query_row(&count, params_from_iter(filter_values), |r| r.get(0));
+                let count = format!("SELECT count(*) FROM ({picked})");
+                return tx.query_row(&count, params_from_iter(values), |r| r.get(0));
             }
-            // Anonymous parameters number in text order: the times come first.
-            let mut values = vec![Value::Integer(p.now), Value::Integer(p.now)];
-            values.extend(filter_values);
+            let (now, spacing) = (Value::Integer(p.now), Value::Integer(p.spacing_ms));
+            values.extend([spacing.clone(), spacing.clone(), now.clone(), spacing, now]);
             tx.execute(
                 &format!(
-                    "UPDATE deliveries SET state = 'ready', reason = NULL, not_before = ?, attempts = 0, updated_at = ?
-                     WHERE id IN ({target})"
+                    "WITH picked AS ({picked})
+                     UPDATE deliveries
+                     SET state = CASE WHEN picked.n * ? > 0 THEN 'delayed' ELSE 'ready' END,
+                         reason = CASE WHEN picked.n * ? > 0 THEN 'scheduled' END,
+                         not_before = ? + picked.n * ?, attempts = 0, updated_at = ?
+                     FROM picked WHERE deliveries.id = picked.id"
                 ),
                 params_from_iter(values),
             )

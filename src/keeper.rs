@@ -228,15 +228,20 @@ fn keep(config: &Config, alive: OwnedFd, wake: OwnedFd, shared: &Shared) {
     let mut look_at: Option<Instant> = None;
     let mut written = false;
     let mut quiet_looks = 0;
+    // Looks that failed in a row: retried further and further apart (a
+    // full disk fails at once, every time), the warning only now and then.
+    let mut errors: u32 = 0;
     loop {
         let timeout = look_at.map_or(PollTimeout::NONE, |at| {
             let left = at.saturating_duration_since(Instant::now());
             PollTimeout::try_from(left.as_millis() as u64 + 1).unwrap_or(PollTimeout::MAX)
         });
         let mut fds = vec![PollFd::new(alive.as_fd(), PollFlags::POLLIN)];
-        // With a look pending, more writes change nothing until it is due:
-        // the watch is read then, not on each of a drain's WAL writes.
-        if let Some(watch) = watch.as_ref().filter(|_| look_at.is_none()) {
+        // With a look due within the interval, more writes change nothing
+        // until then: the watch is read at the look, not on each of a
+        // drain's WAL writes. A later follow-up must not delay a new write.
+        let look_soon = look_at.is_some_and(|at| at <= last_look + LOOK_INTERVAL);
+        if let Some(watch) = watch.as_ref().filter(|_| !look_soon) {
             fds.push(PollFd::new(watch.as_fd(), PollFlags::POLLIN));
         }
         match poll(&mut fds, timeout) {
@@ -259,7 +264,8 @@ fn keep(config: &Config, alive: OwnedFd, wake: OwnedFd, shared: &Shared) {
         }
         if watch_ready && watch.as_ref().is_some_and(DbWatch::drain) {
             // Now, or as soon as the interval allows.
-            look_at = Some((last_look + LOOK_INTERVAL).max(Instant::now()));
+            let soon = (last_look + LOOK_INTERVAL).max(Instant::now());
+            look_at = Some(look_at.map_or(soon, |at| at.min(soon)));
             written = true;
         }
         if look_at.is_some_and(|at| Instant::now() >= at) {
@@ -272,15 +278,20 @@ fn keep(config: &Config, alive: OwnedFd, wake: OwnedFd, shared: &Shared) {
             };
             look_at = follow_up(last_look, quiet_looks);
             match look_for_work(&mut store, shared) {
-                Ok(true) => {
-                    let _ = wake.write(&[1]);
+                Ok(found) => {
+                    errors = 0;
+                    if found {
+                        let _ = wake.write(&[1]);
+                    }
                 }
-                Ok(false) => {}
                 Err(e) => {
-                    // Locked out, say: what was written still needs a look.
-                    log::warn!("database keeper: {e}");
+                    // What was written still needs a look.
+                    if errors.is_power_of_two() || errors == 0 {
+                        log::warn!("database keeper: {e} (failed {} in a row)", errors + 1);
+                    }
+                    errors += 1;
                     quiet_looks = 0;
-                    look_at = Some(last_look + LOOK_INTERVAL);
+                    look_at = Some(last_look + LOOK_INTERVAL * (1 << errors.min(9)));
                 }
             }
         }
@@ -313,13 +324,6 @@ fn look_for_work(store: &mut SqliteStore, shared: &Shared) -> crate::error::Resu
     shared
         .routed
         .fetch_add(routed.messages as u64, Ordering::SeqCst);
-    if routed.unroutable > 0 {
-        log::warn!(
-            "{} messages marked unroutable: no endpoint subscribes to {} (see the unroutable_messages view)",
-            routed.unroutable,
-            routed.unroutable_topics.join(", ")
-        );
-    }
     Ok(shared.parent_waiting.load(Ordering::SeqCst)
         && (routed.messages > 0 || store.leasable_count(now, 1)? > 0))
 }

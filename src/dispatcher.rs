@@ -209,13 +209,6 @@ fn prepare(config: &Config, between: &mut dyn FnMut()) -> Result<RunRecord> {
     let now = now_ms();
     store.subscriptions_replace(&routing::subscriptions(config))?;
     let routed = routing::route_all(&mut store, now, between)?;
-    if routed.unroutable > 0 {
-        log::warn!(
-            "{} messages marked unroutable: no endpoint subscribes to {} (see the unroutable_messages view)",
-            routed.unroutable,
-            routed.unroutable_topics.join(", ")
-        );
-    }
     let restored = store.deliveries_restore_endpoints(
         &config
             .endpoints
@@ -279,8 +272,8 @@ struct Parent<'c> {
     empty_at: Option<Instant>,
     /// The keeper's count of routed messages at the last wake-up.
     routed_seen: u64,
-    /// The last child that ended found nothing to lease: until one leases
-    /// again, the budget is at most one, so that work held back costs one
+    /// A child found nothing to lease, and none that leased has ended since:
+    /// until one does, the budget is at most one, so that work held back costs one
     /// empty child per look, not `max_children`.
     held_back: bool,
     /// Children that failed (exit 70) one after another, up to now.
@@ -332,7 +325,13 @@ impl Parent<'_> {
                         self.signals.wait(HELD_BACK_PAUSE);
                         continue;
                     }
-                    Ok(None) => {}
+                    // Wait for one of ours, or for the keeper to see any
+                    // commit (another process's child ending frees a slot).
+                    Ok(None) => {
+                        if let Some(keeper) = self.keeper {
+                            keeper.set_waiting(true);
+                        }
+                    }
                     Err(e) => {
                         failure = Some(self.failed(e));
                         continue;
@@ -388,7 +387,9 @@ impl Parent<'_> {
             .saturating_duration_since(Instant::now())
             .min(Duration::from_secs(1));
         self.signals.wait_or(left, self.keeper.map(Keeper::wake_fd));
-        self.keeper.map(Keeper::take_wake);
+        if let Some(keeper) = self.keeper {
+            keeper.take_wake();
+        }
         Ok(())
     }
 
@@ -536,19 +537,17 @@ impl Parent<'_> {
         if exit != Ok(ChildExit::Failed) {
             self.failed_in_a_row = 0;
         }
+        // A child that had leased: work is no longer held back.
+        if matches!(
+            exit,
+            Ok(ChildExit::Delivered | ChildExit::Retry | ChildExit::Dead | ChildExit::LeaseLost)
+        ) {
+            self.held_back = false;
+        }
         match exit {
-            Ok(ChildExit::Delivered) => {
-                run.delivered += 1;
-                self.held_back = false;
-            }
-            Ok(ChildExit::Retry) => {
-                run.retried += 1;
-                self.held_back = false;
-            }
-            Ok(ChildExit::Dead) => {
-                run.dead += 1;
-                self.held_back = false;
-            }
+            Ok(ChildExit::Delivered) => run.delivered += 1,
+            Ok(ChildExit::Retry) => run.retried += 1,
+            Ok(ChildExit::Dead) => run.dead += 1,
             // Another run took what we counted: check again once ours are done.
             Ok(ChildExit::Empty) => {
                 run.found_nothing += 1;
@@ -678,7 +677,7 @@ impl Parent<'_> {
         // nothing (the children exiting count it again anyway).
         let woken = self.keeper.is_some_and(Keeper::take_wake);
         let routed = self.keeper.map_or(0, Keeper::routed);
-        let new_messages = std::mem::replace(&mut self.routed_seen, routed) < routed;
+        let new_messages = woken && std::mem::replace(&mut self.routed_seen, routed) < routed;
         let held_back = self
             .empty_at
             .is_some_and(|at| at.elapsed() < HELD_BACK_PAUSE);
@@ -686,8 +685,10 @@ impl Parent<'_> {
             && (new_messages || !held_back)
             && self.budget == 0
             && let Ok(mut store) = crate::store::open(self.config)
-            // Counted first: a child leasing meanwhile is then not counted
-            // as holding a lease, nor its delivery as leasable.
+            // Counted first, in a read of its own: a child that leases or
+            // finishes between the two reads (or has exited, not yet
+            // reaped) makes the budget one short, never one too many; the
+            // keeper's next look corrects it.
             && let Ok(holding) = store.attempts_in_flight(self.run_id)
             && self.count_ready(&mut store, run).is_ok()
         {

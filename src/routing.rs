@@ -85,5 +85,12 @@ pub fn route_all_in_batches(
     }
     total.unroutable_topics.sort();
     total.unroutable_topics.dedup();
+    if total.unroutable > 0 {
+        log::warn!(
+            "{} messages marked unroutable: no endpoint subscribes to {} (see the unroutable_messages view)",
+            total.unroutable,
+            total.unroutable_topics.join(", ")
+        );
+    }
     Ok(total)
 }

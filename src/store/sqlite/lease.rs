@@ -457,8 +457,8 @@ impl SqliteStore {
     pub(super) fn attempts_in_flight(&mut self, run_id: i64) -> Result<u64> {
         self.conn
             .query_row(
-                "SELECT count(*) FROM attempts WHERE run_id = ?1 AND outcome = 'in_flight'",
-                [run_id],
+                "SELECT count(*) FROM attempts WHERE run_id = ?1 AND outcome = ?2",
+                params![run_id, outcome::IN_FLIGHT],
                 |r| r.get(0),
             )
             .map_err(|e| self.err(e))

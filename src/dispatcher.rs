@@ -272,9 +272,9 @@ struct Parent<'c> {
     empty_at: Option<Instant>,
     /// The keeper's count of routed messages at the last wake-up.
     routed_seen: u64,
-    /// A child found nothing to lease, and none that leased has ended since:
-    /// until one does, the budget is at most one, so that work held back costs one
-    /// empty child per look, not `max_children`.
+    /// A child found nothing to lease, and none that leased has ended
+    /// since: until one does, the budget is at most one, so that work held
+    /// back costs one empty child per look, not `max_children`.
     held_back: bool,
     /// Children that failed (exit 70) one after another, up to now.
     failed_in_a_row: u32,

@@ -473,10 +473,7 @@ fn a_backup_taken_during_a_run_is_consistent_and_a_restored_copy_delivers_what_w
         env
     };
     let env = env_for(&rx);
-    let lines: String = (0..100)
-        .map(|i| format!("{{\"topic\":\"t\",\"account\":\"a{i}\",\"payload\":{{\"n\":{i}}}}}\n"))
-        .collect();
-    env.enqueue_ndjson(&lines);
+    env.enqueue_one_per_account("t", 100);
 
     // The backup, taken while a run delivers.
     let mut running = env.command(&["run"]).stderr(Stdio::null()).spawn().unwrap();
@@ -565,10 +562,7 @@ fn dead_letters_requeued_at_a_rate_arrive_at_that_rate_not_in_a_burst() {
         "max_children = 4\nmax_runtime = \"12s\"",
         &endpoint("hook", &rx.url("/hook"), &["t"], ""),
     );
-    let lines: String = (0..500)
-        .map(|i| format!("{{\"topic\":\"t\",\"account\":\"a{i}\",\"payload\":{{\"n\":{i}}}}}\n"))
-        .collect();
-    env.enqueue_ndjson(&lines);
+    env.enqueue_one_per_account("t", 500);
     run_until(&env, Duration::from_secs(120), "500 dead letters", || {
         env.count_state("dead") == 500
     });

@@ -376,6 +376,19 @@ impl Env {
         assert!(out.status.success(), "{}", stderr(&out));
     }
 
+    /// Enqueues `count` messages of `topic` in one NDJSON batch, each from
+    /// its own account (`a0`, `a1`, ...) with the payload `{"n": i}`.
+    pub fn enqueue_one_per_account(&self, topic: &str, count: usize) {
+        let lines: String = (0..count)
+            .map(|i| {
+                format!(
+                    "{{\"topic\":\"{topic}\",\"account\":\"a{i}\",\"payload\":{{\"n\":{i}}}}}\n"
+                )
+            })
+            .collect();
+        self.enqueue_ndjson(&lines);
+    }
+
     /// Starts `runs` concurrent `cronpost run`s, again and again, until
     /// `delivered` deliveries are delivered.
     pub fn run_concurrently_until_delivered(&self, runs: usize, delivered: i64, limit: Duration) {

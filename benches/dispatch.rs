@@ -14,6 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+#[path = "dispatch/postgres.rs"]
+mod postgres;
+#[path = "../tests/common/postgres.rs"]
+mod postgres_server;
 #[path = "../tests/common/tcp.rs"]
 mod tcp;
 
@@ -459,11 +463,11 @@ impl Bench {
         if !db.exists() {
             let config = self.load(&self.config(name, &format!("{name}.db"), 1, 1));
             let mut store = store::open(&config).unwrap();
-            insert_messages(&mut store, n);
+            insert_messages(store.as_mut(), n);
             store
                 .subscriptions_replace(&cronpost::routing::subscriptions(&config))
                 .unwrap();
-            cronpost::routing::route_all(&mut store, store::now_ms(), &mut || {}).unwrap();
+            cronpost::routing::route_all(store.as_mut(), store::now_ms(), &mut || {}).unwrap();
         }
         db
     }
@@ -491,7 +495,7 @@ fn payload(i: usize) -> String {
     format!("{head}{}\"}}", "x".repeat(PAYLOAD_BYTES - head.len() - 2))
 }
 
-fn insert_messages(store: &mut impl Store, n: usize) {
+fn insert_messages(store: &mut dyn Store, n: usize) {
     let now = store::now_ms();
     let mut i = 0;
     while i < n {
@@ -606,8 +610,7 @@ fn receiver_ceiling(url: &str, requests: usize, threads: usize) -> f64 {
 fn no_fork(config: &Path, client: &mut cronpost::delivery::Client) -> f64 {
     use cronpost::child::{self, ChildContext, ChildExit};
     let config = Config::load(config).unwrap();
-    let mut store =
-        store::SqliteStore::open_existing(&config.database, config.busy_timeout).unwrap();
+    let mut store = store::open_existing(&config).unwrap();
     let started = Instant::now();
     let mut delivered = 0;
     loop {
@@ -618,7 +621,7 @@ fn no_fork(config: &Path, client: &mut cronpost::delivery::Client) -> f64 {
             boot_id: cronpost::clock::boot_id(),
             deadline: Instant::now() + config.run.child_deadline,
         };
-        match child::deliver_one(&mut store, client, &config, &ctx, &mut |_| {}).unwrap() {
+        match child::deliver_one(store.as_mut(), client, &config, &ctx, &mut |_| {}).unwrap() {
             ChildExit::Delivered => delivered += 1,
             ChildExit::Empty => break,
             other => panic!("no-fork delivery ended {other:?}"),
@@ -632,7 +635,7 @@ fn no_fork(config: &Path, client: &mut cronpost::delivery::Client) -> f64 {
 fn lease_record_rate(config: &Path, n: usize, fresh: bool) -> f64 {
     use cronpost::store::{AttemptOutcome, FinishAttempt, LeaseParams};
     let config = Config::load(config).unwrap();
-    let open = || store::SqliteStore::open_existing(&config.database, config.busy_timeout).unwrap();
+    let open = || store::open_existing(&config).unwrap();
     // Open all along, as the keeper is in a run.
     let _held_open = store::open(&config).unwrap();
     let mut store = open();
@@ -725,7 +728,12 @@ fn one_at_a_time(
     count: usize,
     priority: i64,
 ) -> (Vec<f64>, Vec<f64>) {
-    let db = Config::load(config).unwrap().database;
+    let db = Config::load(config)
+        .unwrap()
+        .database
+        .sqlite_path()
+        .unwrap()
+        .to_path_buf();
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.busy_timeout(Duration::from_secs(10)).unwrap();
     (0..count)
@@ -864,7 +872,12 @@ fn latency(options: &Options, n: usize, table: &mut Table) {
                 .spawn()
                 .unwrap();
             // The run has begun once it wrote its runs row.
-            let db = Config::load(&config).unwrap().database;
+            let db = Config::load(&config)
+                .unwrap()
+                .database
+                .sqlite_path()
+                .unwrap()
+                .to_path_buf();
             let deadline = Instant::now() + Duration::from_secs(30);
             while rusqlite::Connection::open(&db)
                 .and_then(|c| c.query_row("SELECT count(*) FROM runs", [], |r| r.get::<_, i64>(0)))
@@ -1183,12 +1196,13 @@ fn route(setup: &Setup, table: &mut Table) {
         setup.bench.remove_db("route");
         let config = Config::load(&config).unwrap();
         let mut store = store::open(&config).unwrap();
-        insert_messages(&mut store, count);
+        insert_messages(store.as_mut(), count);
         store
             .subscriptions_replace(&cronpost::routing::subscriptions(&config))
             .unwrap();
         let started = Instant::now();
-        let report = cronpost::routing::route_all(&mut store, store::now_ms(), &mut || {}).unwrap();
+        let report =
+            cronpost::routing::route_all(store.as_mut(), store::now_ms(), &mut || {}).unwrap();
         assert_eq!(report.deliveries, 3 * count);
         started.elapsed().as_secs_f64()
     });
@@ -1312,6 +1326,9 @@ fn orchestrate(args: &[String]) {
     }
     if setup.options.wants("latency") {
         latency(&setup.options, setup.n, &mut table);
+    }
+    if setup.options.wants("postgres") {
+        postgres::section(&mut setup, &mut table);
     }
 
     println!("| measure | result | readings |\n|---|---|---|");

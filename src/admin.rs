@@ -95,7 +95,7 @@ fn waiting(d: &DeliveryRow, now: i64) -> String {
 
 /// An endpoint filter must name an endpoint of the config, or one that
 /// left it but still has deliveries (parked, or history).
-fn check_endpoint(config: &Config, store: &mut SqliteStore, endpoint: Option<&str>) -> Result<()> {
+fn check_endpoint(config: &Config, store: &mut dyn Store, endpoint: Option<&str>) -> Result<()> {
     let Some(name) = endpoint else {
         return Ok(());
     };
@@ -271,7 +271,7 @@ fn stats_text(config: &Config, stats: &Stats) -> String {
 /// `cronpost list`.
 pub fn list(config: &Config, filter: &DeliveryFilter, limit: u64, as_json: bool) -> Result<()> {
     let mut store = crate::store::open(config)?;
-    check_endpoint(config, &mut store, filter.endpoint.as_deref())?;
+    check_endpoint(config, store.as_mut(), filter.endpoint.as_deref())?;
     let rows = store.deliveries_list(filter, limit)?;
     if as_json {
         let items: Vec<Value> = rows
@@ -343,7 +343,7 @@ fn list_table(rows: &[ListedDelivery], now: i64) -> String {
 /// its deliveries and their attempts.
 pub fn show(config: &Config, key: &MessageRef, as_json: bool) -> Result<()> {
     let mut store = crate::store::open(config)?;
-    let not_found = || Error::data(format!("no {key} in {}", config.database.display()));
+    let not_found = || Error::data(format!("no {key} in {}", config.database));
     let (message_key, found_by) = match key {
         MessageRef::Message(id) => (MessageKey::Id(*id), "its message id".to_string()),
         MessageRef::Uid(uid) => (MessageKey::Uid(uid.clone()), "its uid".to_string()),
@@ -443,7 +443,7 @@ pub struct Requeue {
 pub fn requeue(config: &Config, filter: DeliveryFilter, how: Requeue, as_json: bool) -> Result<()> {
     let Requeue { dry_run, .. } = how;
     let mut store = crate::store::open(config)?;
-    check_endpoint(config, &mut store, filter.endpoint.as_deref())?;
+    check_endpoint(config, store.as_mut(), filter.endpoint.as_deref())?;
     let (mut missing, mut unmovable) = (Vec::new(), Vec::new());
     for &id in &filter.ids {
         match store.delivery_get(id)? {
@@ -550,7 +550,7 @@ pub fn purge_orphaned(
 pub fn purge(config: &Config, older_than: Duration, as_json: bool) -> Result<()> {
     let mut store = crate::store::open(config)?;
     let before = now_ms() - ms(older_than);
-    let (purged, batches) = crate::retention::purge(&mut store, before, None, &mut || {})?;
+    let (purged, batches) = crate::retention::purge(store.as_mut(), before, None, &mut || {})?;
     if as_json {
         return print_json(&json!({
             "deliveries": purged.deliveries, "messages": purged.messages, "runs": purged.runs,
@@ -576,7 +576,12 @@ pub fn purge(config: &Config, older_than: Duration, as_json: bool) -> Result<()>
 /// is written to a temporary name beside PATH, synced, then linked to PATH
 /// (which fails if PATH exists), so PATH is whole or absent.
 pub fn backup(config: &Config, path: &Path, as_json: bool) -> Result<()> {
-    let database = &config.database;
+    let Some(database) = config.database.sqlite_path() else {
+        return Err(Error::usage(format!(
+            "backup copies a SQLite queue; {} is PostgreSQL: back it up with pg_dump (README, \"Outgrowing one host\")",
+            config.database
+        )));
+    };
     if !database.exists() {
         return Err(Error::new(
             ExitCode::NoInput,
@@ -598,7 +603,7 @@ pub fn backup(config: &Config, path: &Path, as_json: bool) -> Result<()> {
     if path.symlink_metadata().is_ok() {
         return Err(exists());
     }
-    let mut store = crate::store::open(config)?;
+    let mut store = SqliteStore::open(database, config.database_group, config.busy_timeout)?;
     let sharing = Sharing::of_database(database)
         .map_err(|e| Error::io(format!("database {}", database.display()), e))?;
     let temporary = crate::files::with_suffix(path, &format!(".tmp-{}", std::process::id()));

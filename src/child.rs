@@ -10,7 +10,7 @@ use crate::delivery::Client;
 use crate::error::Error;
 use crate::lease;
 use crate::steps::Step;
-use crate::store::{FinishAttempt, LeaseParams, Queue, SqliteStore, Store, ms, now_ms};
+use crate::store::{FinishAttempt, LeaseParams, Queue, Store, ms, now_ms};
 
 /// What a child's exit code says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,13 +67,11 @@ pub fn main(config: &Config, ctx: &ChildContext) -> ChildExit {
 
 /// [`main`], calling `mark` as each [`Step`] ends.
 pub fn main_traced(config: &Config, ctx: &ChildContext, mark: &mut dyn FnMut(Step)) -> ChildExit {
-    let delivered = SqliteStore::open_existing(&config.database, config.busy_timeout)
+    let delivered = crate::store::open_existing(config)
         .inspect(|_| mark(Step::Opened))
         .and_then(|mut store| {
-            let exit = deliver_one(&mut store, &mut Client::one_shot(), config, ctx, mark);
-            // The process ends now: its exit releases the locks and closes the
-            // files; sqlite3_close would only free memory first.
-            std::mem::forget(store);
+            let exit = deliver_one(store.as_mut(), &mut Client::one_shot(), config, ctx, mark);
+            store.close_at_exit();
             exit
         });
     match delivered {
@@ -89,7 +87,7 @@ pub fn main_traced(config: &Config, ctx: &ChildContext, mark: &mut dyn FnMut(Ste
 /// it with `client`, records the outcome. The benchmark's no-fork harness
 /// calls it in a loop with one store and one kept-alive client.
 pub fn deliver_one(
-    store: &mut impl Store,
+    store: &mut dyn Store,
     client: &mut Client,
     config: &Config,
     ctx: &ChildContext,

@@ -13,7 +13,7 @@ use crate::config::{self, Config, Secret};
 use crate::error::{Error, ExitCode, Result};
 use crate::ids::{DeliveryId, MessageRef};
 use crate::signals::Signals;
-use crate::store::{DeliveryFilter, DeliveryState, Store, now_ms};
+use crate::store::{DeliveryFilter, DeliveryState, now_ms};
 use crate::{admin, daemon, demo, dispatcher, enqueue, metrics, preflight, receiver};
 
 /// cronpost: a SQLite-backed webhook dispatcher.
@@ -440,10 +440,10 @@ fn execute(command: Command) -> Result<()> {
         }
         Command::Migrate { config } => {
             let config = config.load()?;
-            let store = crate::store::open(&config)?;
+            let mut store = crate::store::open(&config)?;
             print_line(&format!(
                 "database {} is at schema version {}",
-                config.database.display(),
+                config.database,
                 store.schema_version()?
             ))
         }

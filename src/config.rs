@@ -23,8 +23,15 @@ pub const DEFAULT_PATH: &str = "/etc/cronpost/cronpost.toml";
 pub struct Config {
     /// The file it was read from.
     pub path: PathBuf,
-    /// The SQLite database (relative paths are relative to the config file).
-    pub database: PathBuf,
+    /// Where the queue lives: a SQLite file or a PostgreSQL database.
+    pub database: Database,
+    /// Where a run's keeper LISTENs for new messages on PostgreSQL (a
+    /// session's state: a direct connection when `database` goes through
+    /// PgBouncer in transaction pooling); None: `database`.
+    pub listen_database: Option<String>,
+    /// Where the slot files of the global child limit live (local disk: the
+    /// limit is per host, also when hosts share a PostgreSQL queue).
+    pub slots_dir: PathBuf,
     /// How long a statement waits for a lock held by another process.
     pub busy_timeout: Duration,
     /// The group a new database file is given (mode 0660 instead of 0600).
@@ -48,6 +55,68 @@ pub struct Config {
     /// Settings that are allowed but probably wrong, one line each.
     pub warnings: Vec<String>,
 }
+
+/// Where the queue lives (`database`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Database {
+    /// A SQLite file (relative paths are relative to the config file).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, by its connection URL (`postgres://` or
+    /// `postgresql://`), shared by the dispatchers of several hosts.
+    Postgres(String),
+}
+
+impl Config {
+    /// The URL a PostgreSQL keeper LISTENs on: `listen_database`, else
+    /// `database` (empty for SQLite).
+    pub fn listen_url(&self) -> &str {
+        match (&self.listen_database, &self.database) {
+            (Some(url), _) => url,
+            (None, Database::Postgres(url)) => url,
+            (None, Database::Sqlite(_)) => "",
+        }
+    }
+}
+
+impl Database {
+    /// The SQLite file, if the queue is one.
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        match self {
+            Database::Sqlite(path) => Some(path),
+            Database::Postgres(_) => None,
+        }
+    }
+
+    /// Whether `text` names a PostgreSQL database rather than a file.
+    fn is_postgres_url(text: &str) -> bool {
+        ["postgres://", "postgresql://"]
+            .iter()
+            .any(|scheme| text.starts_with(scheme))
+    }
+}
+
+/// The database as messages name it: the file, or the URL without its
+/// password.
+impl fmt::Display for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Database::Sqlite(path) => write!(f, "{}", path.display()),
+            Database::Postgres(url) => {
+                let shown = url::Url::parse(url)
+                    .ok()
+                    .filter(|u| u.password().is_some())
+                    .map(|mut u| {
+                        let _ = u.set_password(Some("***"));
+                        u.to_string()
+                    });
+                f.write_str(shown.as_deref().unwrap_or(url))
+            }
+        }
+    }
+}
+
+/// Where the slots of a PostgreSQL queue live unless `slots_dir` says.
+pub const DEFAULT_POSTGRES_SLOTS_DIR: &str = "/run/cronpost";
 
 /// Limits of one dispatcher run (`[run]`).
 #[derive(Clone, Debug)]
@@ -438,6 +507,8 @@ impl Locator<'_> {
 struct RawConfig {
     database: Spanned<String>,
     database_group: Option<Spanned<String>>,
+    slots_dir: Option<Spanned<String>>,
+    listen_database: Option<Spanned<String>>,
     busy_timeout: Option<Spanned<String>>,
     max_payload_bytes: Option<Spanned<i64>>,
     #[serde(default)]
@@ -515,7 +586,54 @@ impl RawConfig {
             return Err(at.error(self.database.span(), "database", "must not be empty"));
         }
         let base = at.path.parent().unwrap_or(Path::new("."));
-        let database = base.join(self.database.get_ref());
+        let text = self.database.get_ref().trim();
+        let database = if Database::is_postgres_url(text) {
+            if let Err(e) = text.parse::<postgres::Config>() {
+                return Err(at.error(
+                    self.database.span(),
+                    "database",
+                    format!("is not a PostgreSQL connection URL: {e}"),
+                ));
+            }
+            Database::Postgres(text.to_string())
+        } else {
+            Database::Sqlite(base.join(self.database.get_ref()))
+        };
+        let listen_database = match (&self.listen_database, &database) {
+            (None, _) => None,
+            (Some(url), Database::Postgres(_)) if Database::is_postgres_url(url.get_ref()) => {
+                if let Err(e) = url.get_ref().parse::<postgres::Config>() {
+                    return Err(at.error(
+                        url.span(),
+                        "listen_database",
+                        format!("is not a PostgreSQL connection URL: {e}"),
+                    ));
+                }
+                Some(url.get_ref().clone())
+            }
+            (Some(url), Database::Postgres(_)) => {
+                return Err(at.error(
+                    url.span(),
+                    "listen_database",
+                    "must be a postgres:// or postgresql:// URL",
+                ));
+            }
+            (Some(url), Database::Sqlite(_)) => {
+                return Err(at.error(
+                    url.span(),
+                    "listen_database",
+                    "is for a PostgreSQL database; this database is a SQLite file",
+                ));
+            }
+        };
+        let slots_dir = match (&self.slots_dir, &database) {
+            (Some(dir), _) if dir.get_ref().trim().is_empty() => {
+                return Err(at.error(dir.span(), "slots_dir", "must not be empty"));
+            }
+            (Some(dir), _) => base.join(dir.get_ref()),
+            (None, Database::Sqlite(path)) => crate::files::with_suffix(path, ".slots"),
+            (None, Database::Postgres(_)) => PathBuf::from(DEFAULT_POSTGRES_SLOTS_DIR),
+        };
         let database_group = match &self.database_group {
             None => None,
             Some(name) => match nix::unistd::Group::from_name(name.get_ref()) {
@@ -605,6 +723,8 @@ impl RawConfig {
         Ok(Config {
             path: at.path.to_path_buf(),
             database,
+            listen_database,
+            slots_dir,
             database_group,
             busy_timeout,
             max_payload_bytes,
@@ -863,7 +983,10 @@ secret = "whsec_c2VjcmV0"
     #[test]
     fn a_minimal_config_gets_defaults() {
         let config = parse(GOOD).unwrap();
-        assert_eq!(config.database, Path::new("/etc/cronpost/q.db"));
+        assert_eq!(
+            config.database,
+            Database::Sqlite("/etc/cronpost/q.db".into())
+        );
         assert_eq!(config.run.max_children, 2);
         assert_eq!(config.endpoints[0].secrets[0].key(), b"secret");
         assert_eq!(config.endpoints[0].mode, DeliveryMode::FireAndForget);

@@ -65,7 +65,7 @@ pub fn run(config_path: &Path, config: Config) -> Result<()> {
     log::info!(
         "daemon started: schedule {:?}, database {}",
         schedule_text(&config),
-        config.database.display()
+        config.database
     );
     notifier.send(&[
         NotifyState::Ready,

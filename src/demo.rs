@@ -14,7 +14,7 @@ use base64::Engine;
 use crate::config::Config;
 use crate::enqueue::Draft;
 use crate::error::{Error, ExitCode, Result};
-use crate::store::{Store, now_ms};
+use crate::store::now_ms;
 
 /// Runs the demo.
 pub fn run() -> Result<()> {

@@ -26,7 +26,7 @@ use crate::lease;
 use crate::routing;
 use crate::signals::Signals;
 use crate::slots::Slots;
-use crate::store::{Queue, ReclaimParams, RunRecord, SqliteStore, Store, now_ms};
+use crate::store::{Queue, ReclaimParams, RunRecord, Store, now_ms};
 
 /// Retention batches (of `retention::PURGE_BATCH`) at the end of each run.
 const RETENTION_BATCHES_PER_RUN: usize = 5;
@@ -85,7 +85,7 @@ pub fn run_once(
         config,
         signals,
         heartbeat,
-        slots: Slots::new(&config.database, config.run.max_children)?,
+        slots: Slots::new(config)?,
         run_id: run.id,
         token: rand::random(),
         boot_id: crate::clock::boot_id(),
@@ -118,7 +118,7 @@ pub fn run_once(
     run.finished_at = Some(now_ms());
     let mut store = crate::store::open(config)?;
     store.run_finish(&run)?;
-    purge_history(config, &mut store, heartbeat)?;
+    purge_history(config, store.as_mut(), heartbeat)?;
     drop(store);
     // Last to close, the keeper checkpoints the WAL into the file.
     drop(keeper);
@@ -179,11 +179,7 @@ fn peak_rss_kib() -> u64 {
 /// Retention, bounded per run: a few small batches of delivered history
 /// older than `retention`, so the file does not grow forever and no run
 /// spends long on it; `between` is called after each batch.
-fn purge_history(
-    config: &Config,
-    store: &mut SqliteStore,
-    between: &mut dyn FnMut(),
-) -> Result<()> {
+fn purge_history(config: &Config, store: &mut dyn Store, between: &mut dyn FnMut()) -> Result<()> {
     let before = now_ms() - crate::store::ms(config.retention);
     let (purged, _) =
         crate::retention::purge(store, before, Some(RETENTION_BATCHES_PER_RUN), between)?;
@@ -208,7 +204,7 @@ fn prepare(config: &Config, between: &mut dyn FnMut()) -> Result<RunRecord> {
     let mut store = crate::store::open(config)?;
     let now = now_ms();
     store.subscriptions_replace(&routing::subscriptions(config))?;
-    let routed = routing::route_all(&mut store, now, between)?;
+    let routed = routing::route_all(store.as_mut(), now, between)?;
     let restored = store.deliveries_restore_endpoints(
         &config
             .endpoints
@@ -293,7 +289,7 @@ impl Parent<'_> {
     /// the children in flight: they finish (or meet their deadline) first,
     /// then the error is returned.
     fn fork_until_done(&mut self, run: &mut RunRecord) -> Result<()> {
-        self.count_ready(&mut crate::store::open(self.config)?, run)?;
+        self.count_ready(crate::store::open(self.config)?.as_mut(), run)?;
         let mut failure: Option<Error> = None;
         loop {
             (self.heartbeat)();
@@ -408,16 +404,17 @@ impl Parent<'_> {
         let now = now_ms();
         // The keeper routes what comes as it comes; this catches what it
         // missed (or all, without a keeper). Nothing to route is one read.
-        run.routed += routing::route_all(&mut store, now, &mut *self.heartbeat)?.messages as u64;
+        run.routed +=
+            routing::route_all(store.as_mut(), now, &mut *self.heartbeat)?.messages as u64;
         run.reclaimed += store.leases_reclaim_expired(&reclaim_params(now))? as u64;
-        self.count_ready(&mut store, run)?;
+        self.count_ready(store.as_mut(), run)?;
         Ok(self.budget > 0)
     }
 
     /// Counts the leasable work into the budget. The keeper hears that the
     /// parent waits before the count (see `keeper`: work committed after
     /// the count then wakes it).
-    fn count_ready(&mut self, store: &mut SqliteStore, run: &RunRecord) -> Result<()> {
+    fn count_ready(&mut self, store: &mut dyn Store, run: &RunRecord) -> Result<()> {
         self.set_budget(0);
         let count = store.leasable_count(now_ms(), self.config.run.max_messages - run.forked)?;
         self.set_budget(if self.held_back { count.min(1) } else { count });
@@ -690,7 +687,7 @@ impl Parent<'_> {
             // reaped) makes the budget one short, never one too many; the
             // keeper's next look corrects it.
             && let Ok(holding) = store.attempts_in_flight(self.run_id)
-            && self.count_ready(&mut store, run).is_ok()
+            && self.count_ready(store.as_mut(), run).is_ok()
         {
             let about_to_lease = (self.children.len() as u64).saturating_sub(holding);
             self.set_budget(self.budget.saturating_sub(about_to_lease));

@@ -43,8 +43,8 @@ use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
 use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, Pid, fork, pipe};
 
-use crate::config::Config;
-use crate::store::{SqliteStore, Store, now_ms};
+use crate::config::{Config, Database};
+use crate::store::{PostgresStore, SqliteStore, Store, now_ms};
 use crate::watch::DbWatch;
 
 /// The shortest time between two looks at the queue: during a busy run the
@@ -199,8 +199,98 @@ fn keep(config: &Config, alive: OwnedFd, wake: OwnedFd, shared: &Shared) {
             nix::sys::signal::SigHandler::SigIgn,
         );
     }
-    let mut store = match SqliteStore::open_existing(&config.database, config.busy_timeout)
-        .and_then(|store| store.schema_version().map(|_| store))
+    let mut wake = std::fs::File::from(wake);
+    // The parent drains the pipe; a full one is a wake-up already.
+    let _ = nix::fcntl::fcntl(
+        &wake,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    );
+    let alive = std::fs::File::from(alive);
+    match &config.database {
+        Database::Sqlite(path) => keep_sqlite(config, path, alive, &mut wake, shared),
+        Database::Postgres(_) => keep_postgres(config, alive, &mut wake, shared),
+    }
+}
+
+/// How long the PostgreSQL keeper waits for a notification before it
+/// checks whether its run is still there.
+const NOTIFICATION_WAIT: Duration = Duration::from_millis(100);
+
+/// The keeper of a PostgreSQL queue: LISTENs for new messages (a trigger
+/// notifies every host's keeper once per inserting transaction; a
+/// notification comes after the commit, so what it announces is visible),
+/// and looks when one comes. Delayed deliveries coming due and leases
+/// expiring are the parent's own timer, as on SQLite.
+fn keep_postgres(
+    config: &Config,
+    mut alive: std::fs::File,
+    wake: &mut std::fs::File,
+    shared: &Shared,
+) {
+    let listened = PostgresStore::open_existing(config.listen_url(), config.busy_timeout)
+        .and_then(|mut store| store.listen_for_messages().map(|()| store));
+    let mut store = match listened {
+        Ok(store) => store,
+        Err(e) => {
+            log::warn!("database keeper: {e}; new work waits for the next check");
+            return;
+        }
+    };
+    let _ = nix::fcntl::fcntl(
+        &alive,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    );
+    // Messages inserted before the LISTEN took effect: one look to begin.
+    let mut look = true;
+    let mut errors: u32 = 0;
+    loop {
+        let mut buf = [0u8; 1];
+        match alive.read(&mut buf) {
+            Ok(0) => break,
+            Err(e)
+                if e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::Interrupted =>
+            {
+                break;
+            }
+            _ => {}
+        }
+        if look {
+            match look_for_work(&mut store, shared) {
+                Ok(found) => {
+                    errors = 0;
+                    if found {
+                        let _ = wake.write(&[1]);
+                    }
+                }
+                Err(e) => {
+                    if errors.is_power_of_two() || errors == 0 {
+                        log::warn!("database keeper: {e} (failed {} in a row)", errors + 1);
+                    }
+                    errors += 1;
+                }
+            }
+        }
+        let wait = NOTIFICATION_WAIT * (1 << errors.min(4));
+        look = match store.wait_for_notification(wait) {
+            Ok(notified) => notified,
+            Err(e) => {
+                log::warn!("database keeper: {e}; new work waits for the next check");
+                return;
+            }
+        };
+    }
+}
+
+fn keep_sqlite(
+    config: &Config,
+    path: &std::path::Path,
+    mut alive: std::fs::File,
+    wake: &mut std::fs::File,
+    shared: &Shared,
+) {
+    let mut store = match SqliteStore::open_existing(path, config.busy_timeout)
+        .and_then(|mut store| store.schema_version().map(|_| store))
     {
         Ok(store) => store,
         Err(e) => {
@@ -211,16 +301,9 @@ fn keep(config: &Config, alive: OwnedFd, wake: OwnedFd, shared: &Shared) {
     if let Err(e) = store.wait_for_locks_eagerly(config.busy_timeout) {
         log::warn!("database keeper: {e}");
     }
-    let watch = DbWatch::new(&config.database)
+    let watch = DbWatch::new(path)
         .inspect_err(|e| log::warn!("database keeper: {e}; new work waits for the next check"))
         .ok();
-    let mut alive = std::fs::File::from(alive);
-    let mut wake = std::fs::File::from(wake);
-    // The parent drains the pipe; a full one is a wake-up already.
-    let _ = nix::fcntl::fcntl(
-        &wake,
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-    );
     let mut last_look = Instant::now();
     // When to look next (None: nothing written since the last look),
     // whether a write came since the last look, and how many looks found
@@ -318,7 +401,7 @@ fn follow_up(last_look: Instant, quiet_looks: u32) -> Option<Instant> {
 /// Routes what is unrouted; whether to wake the parent: it is waiting,
 /// and messages were routed (a delayed one changes when it should look
 /// next) or something is leasable now.
-fn look_for_work(store: &mut SqliteStore, shared: &Shared) -> crate::error::Result<bool> {
+fn look_for_work(store: &mut dyn Store, shared: &Shared) -> crate::error::Result<bool> {
     let now = now_ms();
     let routed = crate::routing::route_all(store, now, &mut || {})?;
     shared

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::store::{DeliveryState, RunRecord, RunTotals, Stats, Store, now_ms};
+use crate::store::{DeliveryState, RunRecord, RunTotals, Stats, now_ms};
 
 /// Renders the metrics text.
 pub fn render(stats: &Stats, run: &RunRecord, took: Duration, totals: &RunTotals) -> String {

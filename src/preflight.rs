@@ -9,7 +9,7 @@ use std::path::Path;
 
 use nix::unistd::AccessFlags;
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, Database};
 use crate::error::{Error, ExitCode, Result};
 
 /// Every key of a config with its default (`check-config --print-defaults`);
@@ -88,7 +88,33 @@ fn writable_dir(dir: &Path) -> std::result::Result<(), String> {
 
 fn problems(config: &Config) -> Vec<Problem> {
     let mut found = Vec::new();
-    let db = &config.database;
+    match config.database.sqlite_path() {
+        Some(db) => sqlite_problems(config, db, &mut found),
+        None if !config.slots_dir.is_dir() => {
+            // A run creates it (one level), as it creates `<database>.slots`.
+            if let Err(why) = writable_dir(crate::files::parent_dir(&config.slots_dir)) {
+                found.push(Problem {
+                    key: "slots_dir",
+                    message: format!("{} cannot be created: {why}", config.slots_dir.display()),
+                    code: ExitCode::CantCreate,
+                });
+            }
+        }
+        None => {}
+    }
+    if let Some(metrics) = &config.metrics_file
+        && let Err(why) = writable_dir(crate::files::parent_dir(metrics))
+    {
+        found.push(Problem {
+            key: "metrics_file",
+            message: format!("{} cannot be written: {why}", metrics.display()),
+            code: ExitCode::CantCreate,
+        });
+    }
+    found
+}
+
+fn sqlite_problems(config: &Config, db: &Path, found: &mut Vec<Problem>) {
     let dir = crate::files::parent_dir(db);
     if !dir.is_dir() {
         found.push(Problem {
@@ -115,16 +141,6 @@ fn problems(config: &Config) -> Vec<Problem> {
             code: ExitCode::CantCreate,
         });
     }
-    if let Some(metrics) = &config.metrics_file
-        && let Err(why) = writable_dir(crate::files::parent_dir(metrics))
-    {
-        found.push(Problem {
-            key: "metrics_file",
-            message: format!("{} cannot be written: {why}", metrics.display()),
-            code: ExitCode::CantCreate,
-        });
-    }
-    found
 }
 
 fn as_error(config: &Config, problem: &Problem) -> Error {
@@ -144,8 +160,9 @@ fn as_error(config: &Config, problem: &Problem) -> Error {
 /// mode, and only such a directory gives them its group, whoever makes them.
 fn sharing_warning(config: &Config) -> Option<String> {
     let gid = config.database_group?;
-    let dir = crate::files::parent_dir(&config.database);
-    if !dir.is_dir() || crate::files::directory_shares_group(&config.database, gid) {
+    let db = config.database.sqlite_path()?;
+    let dir = crate::files::parent_dir(db);
+    if !dir.is_dir() || crate::files::directory_shares_group(db, gid) {
         return None;
     }
     let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
@@ -177,15 +194,39 @@ pub fn check_for_run(config: &Config) -> Result<()> {
 /// the first problem's.
 pub fn check_config(config: &Config) -> Result<()> {
     let mut out = format!("config {} is valid\n", config.path.display());
-    out += &format!(
-        "database: {}{}\n",
-        config.database.display(),
-        if config.database.exists() {
-            ""
-        } else {
-            " (created by the first command that opens it)"
+    let mut found = Vec::new();
+    match &config.database {
+        Database::Sqlite(db) => {
+            out += &format!(
+                "database: {}{}\n",
+                db.display(),
+                if db.exists() {
+                    ""
+                } else {
+                    " (created by the first command that opens it)"
+                }
+            )
         }
-    );
+        Database::Postgres(url) => {
+            match crate::store::PostgresStore::open_existing(url, config.busy_timeout)
+                .and_then(|mut store| crate::store::Store::schema_version(&mut store))
+            {
+                Ok(version) => {
+                    out += &format!(
+                        "database: {} (PostgreSQL, schema version {version} of {}; slots in {})\n",
+                        config.database,
+                        crate::store::PostgresStore::latest_schema_version(),
+                        config.slots_dir.display()
+                    )
+                }
+                Err(e) => found.push(Problem {
+                    key: "database",
+                    message: e.message,
+                    code: e.code,
+                }),
+            }
+        }
+    }
     for e in &config.endpoints {
         out += &format!(
             "endpoint {}: {} ({}), topics: {}\n",
@@ -212,7 +253,7 @@ pub fn check_config(config: &Config) -> Result<()> {
         out += &format!("warning: {warning}\n");
     }
     print!("{out}");
-    let found = problems(config);
+    found.extend(problems(config));
     for problem in found.iter().skip(1) {
         eprintln!("cronpost: {}", as_error(config, problem));
     }

@@ -16,7 +16,7 @@ pub const PURGE_BATCH: u64 = 2_000;
 /// number of batches. Runs (bounded, for retention) and `cronpost purge`
 /// (unbounded) share it.
 pub fn purge(
-    store: &mut impl Store,
+    store: &mut dyn Store,
     before: i64,
     max_batches: Option<usize>,
     between: &mut dyn FnMut(),

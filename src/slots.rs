@@ -1,6 +1,8 @@
 //! The global child limit: `max_children` slots shared by every process
 //! dispatching from one database (a timer's run, a manual run, the daemon).
-//! A slot is a lock file `<database>.slots/N` held with flock(2) by one child.
+//! A slot is a lock file `N` in `slots_dir` (for SQLite `<database>.slots`
+//! by default) held with flock(2) by one child. The directory is local: on
+//! a PostgreSQL queue each host has its own limit.
 //! The parent takes the lock, forks, and closes its descriptor; the child
 //! holds the lock through the inherited descriptor until it exits, however
 //! it exits (the kernel drops the lock with the last descriptor), so a
@@ -8,10 +10,11 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use crate::config::{Config, Database};
 use crate::error::{Error, Result};
-use crate::files::{self, Sharing};
+use crate::files::Sharing;
 
 /// The slots of one database.
 pub struct Slots {
@@ -21,13 +24,20 @@ pub struct Slots {
 }
 
 impl Slots {
-    /// The `count` slots beside `database`; creates their directory. Slot
-    /// files get the database's group and mode, so any process that may
-    /// dispatch can take a slot, and nobody else can hold one.
-    pub fn new(database: &Path, count: usize) -> Result<Slots> {
-        let dir = files::with_suffix(database, ".slots");
-        let sharing = Sharing::of_database(database)
-            .map_err(|e| Error::io(format!("database {}", database.display()), e))?;
+    /// The `max_children` slots of `config`; creates their directory. Slot
+    /// files get the SQLite database's group and mode (on PostgreSQL:
+    /// `database_group`'s, or the setgid directory's), so any process that
+    /// may dispatch can take a slot, and nobody else can hold one.
+    pub fn new(config: &Config) -> Result<Slots> {
+        let dir = config.slots_dir.clone();
+        let sharing = match &config.database {
+            Database::Sqlite(path) => Sharing::of_database(path)
+                .map_err(|e| Error::io(format!("database {}", path.display()), e))?,
+            Database::Postgres(_) => {
+                Sharing::for_new_database(&dir.join("0"), config.database_group)
+            }
+        };
+        let count = config.run.max_children;
         sharing
             .create_dir(&dir)
             .map_err(|e| Error::io(format!("slot directory {}", dir.display()), e))?;

@@ -1,20 +1,23 @@
 //! The queue's storage, behind one trait. Every storage operation is a named
 //! verb taking a params value, and every state change of a delivery is one of
-//! the transitions below, applied atomically. The SQLite backend is the only
-//! code that speaks SQL; a PostgreSQL backend would implement the same trait
-//! and pass the same conformance suite (tests/store_conformance.rs).
+//! the transitions below, applied atomically. Two backends implement it, the
+//! only code that speaks SQL: SQLite (one file, the embedded default) and
+//! PostgreSQL (one database several hosts dispatch from); both pass the one
+//! conformance suite (tests/store_conformance/).
 //!
 //! Times are Unix epoch milliseconds (`i64`), the unit the schema stores.
 
-mod migrations;
+pub mod postgres;
 pub mod sqlite;
 mod vocabulary;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::config::{Config, Database};
 use crate::error::Result;
 pub use crate::saturation::{EndpointLimits, LeasePolicy, PARKED_UNTIL};
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 pub use vocabulary::*;
 
@@ -118,6 +121,12 @@ pub trait Store {
     /// a fresh count of attempts; returns how many (would) move.
     fn deliveries_requeue(&mut self, params: &RequeueParams) -> Result<u64>;
 
+    /// The schema version the database records.
+    fn schema_version(&mut self) -> Result<i64>;
+
+    /// Closes the connection of a process about to exit.
+    fn close_at_exit(self: Box<Self>) {}
+
     /// One bounded batch of retention: removes up to `batch` delivered
     /// deliveries last changed before `before` (their attempts go with them),
     /// then routed messages left with no delivery and run records from before
@@ -125,22 +134,54 @@ pub trait Store {
     fn delivered_purge(&mut self, before: i64, batch: u64) -> Result<PurgeReport>;
 }
 
-/// Opens the configured database (the one backend today: SQLite), creating
-/// it when missing: shared with `database_group` (or the group of a setgid
+/// Opens the configured database and migrates it. A SQLite file is created
+/// when missing: shared with `database_group` (or the group of a setgid
 /// directory) as 0660, else readable by its owner only, since it holds every
 /// payload (see `files`).
-pub fn open(config: &crate::config::Config) -> Result<SqliteStore> {
-    SqliteStore::open(&config.database, config.database_group, config.busy_timeout)
+pub fn open(config: &Config) -> Result<Box<dyn Store>> {
+    Ok(match &config.database {
+        Database::Sqlite(path) => Box::new(SqliteStore::open(
+            path,
+            config.database_group,
+            config.busy_timeout,
+        )?),
+        Database::Postgres(url) => Box::new(PostgresStore::open(url, config.busy_timeout)?),
+    })
+}
+
+/// Connects to the configured, migrated database without checks or
+/// migrations: a child's connection, made after fork, as cheaply as possible.
+pub fn open_existing(config: &Config) -> Result<Box<dyn Store>> {
+    Ok(match &config.database {
+        Database::Sqlite(path) => Box::new(SqliteStore::open_existing(path, config.busy_timeout)?),
+        Database::Postgres(url) => {
+            Box::new(PostgresStore::open_existing(url, config.busy_timeout)?)
+        }
+    })
 }
 
 /// [`open`], for producers: a commit survives an OS crash or a power loss
-/// (SQLite's synchronous=FULL), since a producer told "enqueued" forgets
-/// the message. The dispatcher's connections keep synchronous=NORMAL: a
+/// (SQLite's synchronous=FULL; PostgreSQL's commits are durable unless its
+/// server is set otherwise), since a producer told "enqueued" forgets the
+/// message. The dispatcher's SQLite connections keep synchronous=NORMAL: a
 /// commit lost there is an attempt recorded again, a redelivery at worst.
-pub fn open_durable(config: &crate::config::Config) -> Result<SqliteStore> {
-    let mut store = open(config)?;
-    store.make_durable()?;
-    Ok(store)
+pub fn open_durable(config: &Config) -> Result<Box<dyn Store>> {
+    match &config.database {
+        Database::Sqlite(path) => {
+            let mut store = SqliteStore::open(path, config.database_group, config.busy_timeout)?;
+            store.make_durable()?;
+            Ok(Box::new(store))
+        }
+        Database::Postgres(_) => open(config),
+    }
+}
+
+/// The schema version this build migrates the configured database to.
+pub fn latest_schema_version(config: &Config) -> i64 {
+    match config.database {
+        Database::Sqlite(_) => SqliteStore::latest_schema_version(),
+        Database::Postgres(_) => PostgresStore::latest_schema_version(),
+    }
 }
 
 /// Now, in Unix epoch milliseconds.

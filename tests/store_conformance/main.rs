@@ -2,12 +2,16 @@
 //! `cronpost::store::Store` must have, written once against the trait, by
 //! area (insert, lease, finish, saturation, admin) as riverdrivertest is.
 //! A backend joins by adding one `conformance!` line at the bottom; every
-//! verb of the trait is called by some test here.
+//! verb of the trait is called by some test here. PostgreSQL runs it twice:
+//! connected directly, and through PgBouncer in transaction pooling (each
+//! test with a fresh database of one server this binary starts).
 
 mod admin;
 mod finish;
 mod insert;
 mod lease;
+#[path = "../common/postgres.rs"]
+mod postgres_server;
 mod saturation;
 
 use std::collections::HashMap;
@@ -201,4 +205,19 @@ conformance!(on_sqlite, {
     )
     .unwrap();
     (dir, store)
+});
+
+conformance!(on_postgres, {
+    let db = crate::postgres_server::database();
+    let store =
+        cronpost::store::PostgresStore::open(&db.url, std::time::Duration::from_secs(5)).unwrap();
+    (db, store)
+});
+
+conformance!(on_postgres_through_pgbouncer, {
+    let db = crate::postgres_server::database();
+    let store =
+        cronpost::store::PostgresStore::open(&db.bouncer_url, std::time::Duration::from_secs(5))
+            .unwrap();
+    (db, store)
 });

@@ -9,6 +9,7 @@
 
 mod admin;
 mod lease;
+mod migrations;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -127,13 +128,6 @@ impl SqliteStore {
     pub fn make_durable(&mut self) -> Result<()> {
         self.conn
             .pragma_update(None, "synchronous", "FULL")
-            .map_err(|e| self.err(e))
-    }
-
-    /// The schema version recorded in the file.
-    pub fn schema_version(&self) -> Result<i64> {
-        self.conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(|e| self.err(e))
     }
 
@@ -514,5 +508,17 @@ impl Store for SqliteStore {
 
     fn stats(&mut self, now: i64) -> Result<Stats> {
         SqliteStore::stats(self, now)
+    }
+
+    fn close_at_exit(self: Box<Self>) {
+        // The process's exit releases the locks and closes the files;
+        // sqlite3_close would only free memory first.
+        std::mem::forget(self);
+    }
+
+    fn schema_version(&mut self) -> Result<i64> {
+        self.conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
     }
 }

@@ -1,4 +1,4 @@
-//! Schema migrations: the numbered SQL files in migrations/, applied in order
+//! SQLite schema migrations: the numbered SQL files in migrations/sqlite/, applied in order
 //! by rusqlite_migration, which records the applied version in the file's
 //! `PRAGMA user_version`. Add a file here and to [`FILES`]; never edit one
 //! that has shipped.
@@ -10,27 +10,27 @@ use rusqlite_migration::{M, Migrations};
 pub const FILES: &[(&str, &str)] = &[
     (
         "0001_core.sql",
-        include_str!("../../migrations/0001_core.sql"),
+        include_str!("../../../migrations/sqlite/0001_core.sql"),
     ),
     (
         "0002_saturation.sql",
-        include_str!("../../migrations/0002_saturation.sql"),
+        include_str!("../../../migrations/sqlite/0002_saturation.sql"),
     ),
     (
         "0003_admin_views.sql",
-        include_str!("../../migrations/0003_admin_views.sql"),
+        include_str!("../../../migrations/sqlite/0003_admin_views.sql"),
     ),
     (
         "0004_unroutable.sql",
-        include_str!("../../migrations/0004_unroutable.sql"),
+        include_str!("../../../migrations/sqlite/0004_unroutable.sql"),
     ),
     (
         "0005_hardening.sql",
-        include_str!("../../migrations/0005_hardening.sql"),
+        include_str!("../../../migrations/sqlite/0005_hardening.sql"),
     ),
     (
         "0006_wakeups.sql",
-        include_str!("../../migrations/0006_wakeups.sql"),
+        include_str!("../../../migrations/sqlite/0006_wakeups.sql"),
     ),
 ];
 
@@ -65,7 +65,7 @@ pub fn latest_version() -> i64 {
 mod tests {
     #[test]
     fn every_file_in_migrations_is_listed_in_order() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite");
         let mut on_disk: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

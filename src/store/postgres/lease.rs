@@ -1,0 +1,606 @@
+//! The children's path of the PostgreSQL store: picking the next delivery
+//! (ready or due delayed, by priority, past held-back accounts and
+//! endpoints), leasing it with its attempt, finishing the attempt with its
+//! endpoint signal, reclaiming expired leases, and what a run counts.
+//!
+//! Children of every host lease at once. A pick locks its row and skips
+//! rows others hold (`FOR UPDATE SKIP LOCKED`), so two children never wait
+//! for or take the same delivery. A candidate whose account or endpoint is
+//! limited (a rate, an in-flight cap, an open breaker) is decided under an
+//! advisory lock on that key, with the key's state read again under it, so
+//! budgets, caps and probes hold across hosts as they do under SQLite's one
+//! write lock.
+
+use super::*;
+use crate::saturation::{self, Decision, Hold, RateKind};
+
+/// The next ready delivery, highest priority first, then oldest, skipping
+/// the endpoints in $1 and those with a probe in flight at $2, and rows
+/// another transaction holds.
+const PICK_READY_SQL: &str = "\
+SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, coalesce(h.failures, 0)
+FROM deliveries d LEFT JOIN endpoint_health h ON h.endpoint = d.endpoint
+WHERE d.state = 'ready' AND d.endpoint <> ALL($1)
+  AND NOT coalesce(h.probe_owner IS NOT NULL AND h.probe_expires_at > $2, false)
+ORDER BY d.priority DESC, d.id LIMIT 1
+FOR UPDATE OF d SKIP LOCKED";
+
+/// The next delayed delivery whose time ($2) has come, by priority, then
+/// the longest eligible, skipping as [`PICK_READY_SQL`] does.
+const PICK_DELAYED_SQL: &str = "\
+SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, coalesce(h.failures, 0)
+FROM deliveries d LEFT JOIN endpoint_health h ON h.endpoint = d.endpoint
+WHERE d.state = 'delayed' AND d.not_before <= $2 AND d.endpoint <> ALL($1)
+  AND NOT coalesce(h.probe_owner IS NOT NULL AND h.probe_expires_at > $2, false)
+ORDER BY d.priority DESC, d.not_before LIMIT 1
+FOR UPDATE OF d SKIP LOCKED";
+
+const ENDPOINT_HEALTHY_SQL: &str = "\
+UPDATE endpoint_health
+SET failures = 0, saturated_until = NULL, probe_owner = NULL, probe_expires_at = NULL, updated_at = $2
+WHERE endpoint = $1 AND (failures > 0 OR probe_owner IS NOT NULL)";
+
+/// How many deliveries one lease transaction may reroute before it gives up
+/// (the next child goes on where it stopped).
+const MAX_REROUTES: usize = 64;
+
+/// A delivery a lease transaction is looking at.
+struct Candidate {
+    id: i64,
+    endpoint: String,
+    account: String,
+    reason: Option<String>,
+    not_before: i64,
+    /// Its endpoint's breaker: saturated until, signals in a row.
+    saturated_until: Option<i64>,
+    failures: u32,
+    from: Queue,
+}
+
+impl Candidate {
+    /// Its key of `kind`: its account or its endpoint.
+    fn key(&self, kind: RateKind) -> &str {
+        match kind {
+            RateKind::Account => &self.account,
+            RateKind::Endpoint => &self.endpoint,
+        }
+    }
+}
+
+/// Waits for the transaction-scoped advisory lock on a limited key.
+fn lock_key(tx: &mut Client, kind: RateKind, key: &str) -> Result<(), ::postgres::Error> {
+    let name = format!("cronpost {} {key}", kind.as_str());
+    tx.execute_typed(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        typed![name => TEXT],
+    )
+    .map(drop)
+}
+
+fn lease_next(tx: &mut Client, p: &LeaseParams) -> Result<Option<Lease>, ::postgres::Error> {
+    let mut blocked = endpoints_at_cap(tx, p)?;
+    let order = match p.prefer {
+        Queue::Ready => [Queue::Ready, Queue::Delayed],
+        Queue::Delayed => [Queue::Delayed, Queue::Ready],
+    };
+    for _ in 0..MAX_REROUTES {
+        let mut candidate = None;
+        for queue in order {
+            candidate = pick(tx, queue, &blocked, p.now)?;
+            if candidate.is_some() {
+                break;
+            }
+        }
+        let Some(mut c) = candidate else {
+            return Ok(None);
+        };
+        if !lock_and_recheck(tx, p, &mut c)? {
+            // A probe went, or the cap filled, since the pick: other
+            // children of this endpoint wait, this one looks further.
+            blocked.push(c.endpoint.clone());
+            continue;
+        }
+        let view = saturation::Candidate {
+            endpoint: &c.endpoint,
+            account: &c.account,
+            held_for: c.reason.as_deref().and_then(held_for),
+            not_before: c.not_before,
+            saturated_until: c.saturated_until,
+            failures: c.failures,
+        };
+        let decision =
+            saturation::decide(p.policy, &view, p.now, |kind| tat(tx, kind, c.key(kind)))?;
+        match decision {
+            Decision::Go { probe, charges } => {
+                for charge in charges {
+                    set_tat(tx, charge.kind, c.key(charge.kind), charge.tat)?;
+                }
+                return lease_candidate(tx, p, &c, probe).map(Some);
+            }
+            Decision::Hold(hold) => reroute(tx, &c, &hold, p.now)?,
+        }
+    }
+    Ok(None)
+}
+
+/// Takes the advisory locks a limited candidate is decided under (its
+/// account's, then its endpoint's) and reads its endpoint's breaker and
+/// in-flight count again under them. False: its endpoint cannot take a
+/// child now (a probe is in flight, or the cap is full).
+fn lock_and_recheck(
+    tx: &mut Client,
+    p: &LeaseParams,
+    c: &mut Candidate,
+) -> Result<bool, ::postgres::Error> {
+    if p.policy.account_rate(&c.account).is_some() {
+        lock_key(tx, RateKind::Account, &c.account)?;
+    }
+    let limits = p.policy.endpoint_limits(&c.endpoint);
+    let cap = limits.and_then(|l| l.max_in_flight);
+    let rated = limits.is_some_and(|l| l.rate.is_some());
+    let breaker = c.saturated_until.is_some() || c.failures > 0;
+    if !(cap.is_some() || rated || breaker) {
+        return Ok(true);
+    }
+    lock_key(tx, RateKind::Endpoint, &c.endpoint)?;
+    let health = tx.query_typed_opt(
+        "SELECT saturated_until, failures, probe_owner IS NOT NULL AND probe_expires_at > $2
+         FROM endpoint_health WHERE endpoint = $1",
+        typed![c.endpoint => TEXT, p.now => INT8],
+    )?;
+    if let Some(h) = health {
+        if h.try_get::<_, Option<bool>>(2)?.unwrap_or(false) {
+            return Ok(false);
+        }
+        c.saturated_until = h.try_get(0)?;
+        c.failures = h.try_get::<_, i64>(1)? as u32;
+    } else {
+        (c.saturated_until, c.failures) = (None, 0);
+    }
+    if let Some(cap) = cap {
+        let in_flight: i64 = tx
+            .query_typed_one(
+                "SELECT count(*) FROM deliveries WHERE endpoint = $1 AND state = 'leased'",
+                typed![c.endpoint => TEXT],
+            )?
+            .try_get(0)?;
+        if in_flight >= i64::from(cap) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Endpoints at their in-flight cap (leases of every host), where no child
+/// may start now: a first filter, checked again under the endpoint's lock.
+fn endpoints_at_cap(tx: &mut Client, p: &LeaseParams) -> Result<Vec<String>, ::postgres::Error> {
+    let caps = p.policy.endpoints_with_in_flight_caps();
+    if caps.is_empty() {
+        return Ok(Vec::new());
+    }
+    let in_flight: std::collections::HashMap<String, i64> = tx
+        .query_typed(
+            "SELECT endpoint, count(*) FROM deliveries WHERE state = 'leased' GROUP BY endpoint",
+            &[],
+        )?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<_, ::postgres::Error>>()?;
+    Ok(caps
+        .into_iter()
+        .filter(|(endpoint, cap)| {
+            in_flight
+                .get(endpoint)
+                .is_some_and(|&n| n >= i64::from(*cap))
+        })
+        .map(|(endpoint, _)| endpoint)
+        .collect())
+}
+
+fn pick(
+    tx: &mut Client,
+    queue: Queue,
+    blocked: &[String],
+    now: i64,
+) -> Result<Option<Candidate>, ::postgres::Error> {
+    let sql = match queue {
+        Queue::Ready => PICK_READY_SQL,
+        Queue::Delayed => PICK_DELAYED_SQL,
+    };
+    let blocked = blocked.to_vec();
+    tx.query_typed_opt(sql, typed![blocked => TEXT_ARRAY, now => INT8])?
+        .map(|r| {
+            Ok(Candidate {
+                id: r.try_get(0)?,
+                endpoint: r.try_get(1)?,
+                account: r.try_get(2)?,
+                reason: r.try_get(3)?,
+                not_before: r.try_get(4)?,
+                saturated_until: r.try_get(5)?,
+                failures: r.try_get::<_, i64>(6)? as u32,
+                from: queue,
+            })
+        })
+        .transpose()
+}
+
+fn tat(tx: &mut Client, kind: RateKind, key: &str) -> Result<Option<f64>, ::postgres::Error> {
+    tx.query_typed_opt(
+        "SELECT tat FROM rate_limits WHERE kind = $1 AND key = $2",
+        typed![kind.as_str() => TEXT, key => TEXT],
+    )?
+    .map(|r| r.try_get(0))
+    .transpose()
+}
+
+fn set_tat(tx: &mut Client, kind: RateKind, key: &str, tat: f64) -> Result<(), ::postgres::Error> {
+    tx.execute_typed(
+        "INSERT INTO rate_limits (kind, key, tat) VALUES ($1, $2, $3)
+         ON CONFLICT (kind, key) DO UPDATE SET tat = excluded.tat",
+        typed![kind.as_str() => TEXT, key => TEXT, tat => FLOAT8],
+    )
+    .map(drop)
+}
+
+/// Reroutes every ready delivery whose `$column` is $1 to the delayed queue
+/// (reason $2), the k-th in priority order at $3 + k * $4, rounded up by a
+/// millisecond (never earlier than the rate allows). Rows another
+/// transaction holds are being leased or rerouted there: skipped.
+macro_rules! reroute_ready_sql {
+    ($column:literal) => {
+        concat!(
+            "UPDATE deliveries
+             SET state = 'delayed', reason = $2, not_before = CAST(floor($3 + r.k * $4) AS BIGINT) + 1,
+                 updated_at = $5
+             FROM (SELECT id, row_number() OVER (ORDER BY priority DESC, id) - 1 AS k
+                   FROM (SELECT id, priority FROM deliveries WHERE state = 'ready' AND ",
+            $column,
+            " = $1 FOR UPDATE SKIP LOCKED) AS held) AS r
+             WHERE deliveries.id = r.id"
+        )
+    };
+}
+
+/// Moves a held candidate to the delayed queue; from the ready queue, with
+/// every other ready delivery of its account or endpoint, each with its own
+/// slot `first + k * interval` in priority order.
+fn reroute(tx: &mut Client, c: &Candidate, hold: &Hold, now: i64) -> Result<(), ::postgres::Error> {
+    let reason = hold_reason(hold.reason);
+    let moved = match c.from {
+        Queue::Ready => {
+            let sql = match hold.group {
+                RateKind::Account => reroute_ready_sql!("account"),
+                RateKind::Endpoint => reroute_ready_sql!("endpoint"),
+            };
+            tx.execute_typed(
+                sql,
+                typed![
+                    c.key(hold.group) => TEXT,
+                    reason => TEXT,
+                    hold.first => FLOAT8,
+                    hold.interval => FLOAT8,
+                    now => INT8,
+                ],
+            )?
+        }
+        Queue::Delayed => tx.execute_typed(
+            "UPDATE deliveries SET reason = $2, not_before = CAST(floor($3) AS BIGINT) + 1, updated_at = $4
+             WHERE id = $1",
+            typed![c.id => INT8, reason => TEXT, hold.first => FLOAT8, now => INT8],
+        )?,
+    };
+    if let Some((kind, rate, tat)) = hold.rate {
+        let (_, new_tat) = saturation::reserve(rate, tat, moved);
+        set_tat(tx, kind, c.key(kind), new_tat)?;
+    }
+    Ok(())
+}
+
+fn lease_candidate(
+    tx: &mut Client,
+    p: &LeaseParams,
+    c: &Candidate,
+    probe: bool,
+) -> Result<Lease, ::postgres::Error> {
+    let expires = p.now + p.lease_timeout_ms;
+    let (boot_id, boot_expires) = match &p.boot {
+        Some(boot) => (
+            Some(boot.boot_id.as_str()),
+            Some(boot.ms + p.lease_timeout_ms),
+        ),
+        None => (None, None),
+    };
+    // The delivery, its attempt and its message in one statement: one round
+    // trip where SQLite's path takes three.
+    let r = tx.query_typed_one(
+        "WITH leased AS (
+           UPDATE deliveries
+           SET state = 'leased', reason = NULL, lease_owner = $2, lease_expires_at = $3,
+               attempts = attempts + 1, updated_at = $4, lease_boot_id = $5, lease_boot_expires_at = $6
+           WHERE id = $1
+           RETURNING id, message_id, endpoint, attempts),
+         attempt AS (
+           INSERT INTO attempts (delivery_id, number, run_id, pid, lease_owner, started_at)
+           SELECT id, attempts, $7, $8, $2, $4 FROM leased
+           RETURNING id)
+         SELECT leased.id, attempt.id, leased.attempts, leased.endpoint, m.uid, m.topic, m.account, m.payload
+         FROM leased, attempt, messages m WHERE m.id = leased.message_id",
+        typed![
+            c.id => INT8,
+            p.owner => TEXT,
+            expires => INT8,
+            p.now => INT8,
+            boot_id => TEXT,
+            boot_expires => INT8,
+            p.run_id => INT8,
+            i64::from(p.pid) => INT8,
+        ],
+    )?;
+    if probe {
+        // Half-open: this is the one request the endpoint gets until it answers.
+        tx.execute_typed(
+            "UPDATE endpoint_health SET probe_owner = $2, probe_expires_at = $3, updated_at = $4
+             WHERE endpoint = $1",
+            typed![c.endpoint => TEXT, p.owner => TEXT, expires => INT8, p.now => INT8],
+        )?;
+    }
+    lease_from_row(&r, &p.owner)
+}
+
+/// A lease from (delivery id, attempt id, attempt number, endpoint, uid,
+/// topic, account, payload).
+fn lease_from_row(r: &Row, owner: &str) -> Result<Lease, ::postgres::Error> {
+    Ok(Lease {
+        delivery_id: r.try_get(0)?,
+        attempt_id: r.try_get(1)?,
+        attempt: r.try_get::<_, i64>(2)? as u32,
+        owner: owner.to_string(),
+        endpoint: r.try_get(3)?,
+        message_uid: r.try_get(4)?,
+        topic: r.try_get(5)?,
+        account: r.try_get(6)?,
+        payload: r.try_get(7)?,
+    })
+}
+
+/// Applies what an attempt says about its endpoint; returns the time the
+/// endpoint is saturated until, when it is.
+fn record_signal(tx: &mut Client, f: &FinishAttempt) -> Result<Option<i64>, ::postgres::Error> {
+    match f.signal {
+        EndpointSignal::Unknown => {
+            tx.execute_typed(
+                "UPDATE endpoint_health SET probe_owner = NULL WHERE endpoint = $1 AND probe_owner = $2",
+                typed![f.endpoint => TEXT, f.owner => TEXT],
+            )?;
+            Ok(None)
+        }
+        EndpointSignal::Healthy => {
+            tx.execute_typed(
+                ENDPOINT_HEALTHY_SQL,
+                typed![f.endpoint => TEXT, f.now => INT8],
+            )?;
+            Ok(None)
+        }
+        EndpointSignal::Saturated {
+            retry_after,
+            limits,
+        } => {
+            // Children of every host finishing at once count their
+            // signals one after another.
+            lock_key(tx, RateKind::Endpoint, &f.endpoint)?;
+            let (until, failures) = tx
+                .query_typed_opt(
+                    "SELECT saturated_until, failures FROM endpoint_health WHERE endpoint = $1",
+                    typed![f.endpoint => TEXT],
+                )?
+                .map(|r| {
+                    Ok::<_, ::postgres::Error>((
+                        r.try_get::<_, Option<i64>>(0)?,
+                        r.try_get::<_, i64>(1)? as u32,
+                    ))
+                })
+                .transpose()?
+                .unwrap_or((None, 0));
+            // Children already in flight when the breaker opened do not count
+            // as repeats: the cool-down grows once per probe, not per child.
+            let already_open = until.is_some_and(|u| u > f.now);
+            let failures = if already_open {
+                failures.max(1)
+            } else {
+                failures + 1
+            };
+            let wait = saturation::cooldown(&limits, failures, retry_after);
+            let until = until.unwrap_or(0).max(f.now + ms(wait));
+            tx.execute_typed(
+                "INSERT INTO endpoint_health (endpoint, saturated_until, failures, last_error, updated_at)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (endpoint) DO UPDATE SET
+                     saturated_until = excluded.saturated_until, failures = excluded.failures,
+                     last_error = excluded.last_error, probe_owner = NULL, probe_expires_at = NULL,
+                     updated_at = excluded.updated_at",
+                typed![
+                    f.endpoint => TEXT,
+                    until => INT8,
+                    i64::from(failures) => INT8,
+                    f.error => TEXT,
+                    f.now => INT8,
+                ],
+            )?;
+            Ok(Some(until))
+        }
+    }
+}
+
+impl PostgresStore {
+    pub(super) fn leases_reclaim_expired(&mut self, p: &ReclaimParams) -> Result<usize> {
+        // On the boot (host) that took it, the boot clock says when a lease
+        // expired; otherwise (another host, no boot clock) the wall clock.
+        const EXPIRED: &str = "state = 'leased' AND CASE WHEN lease_boot_id = $2 \
+             THEN lease_boot_expires_at <= $3 ELSE lease_expires_at <= $1 END";
+        let (boot_id, boot_now) = match &p.boot {
+            Some(boot) => (Some(boot.boot_id.clone()), Some(boot.ms)),
+            None => (None, None),
+        };
+        let now = p.now;
+        self.write(|tx| {
+            // The expired leases, locked: hosts reclaiming at once each take
+            // their own, and a finishing child's row is not waited for.
+            let ids: Vec<i64> = tx
+                .query_typed(
+                    &format!("SELECT id FROM deliveries WHERE {EXPIRED} FOR UPDATE SKIP LOCKED"),
+                    typed![now => INT8, boot_id => TEXT, boot_now => INT8],
+                )?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            tx.execute_typed(
+                "UPDATE attempts SET outcome = $2, finished_at = $1, error = 'lease expired before the child finished'
+                 WHERE outcome = $3 AND delivery_id = ANY($4)",
+                typed![
+                    now => INT8,
+                    outcome::LEASE_EXPIRED => TEXT,
+                    outcome::IN_FLIGHT => TEXT,
+                    ids => INT8_ARRAY,
+                ],
+            )?;
+            tx.execute_typed(
+                "UPDATE deliveries
+                 SET state = 'ready', lease_owner = NULL, lease_expires_at = NULL, lease_boot_id = NULL,
+                     lease_boot_expires_at = NULL, reason = NULL, not_before = $1, updated_at = $1,
+                     last_error = 'lease expired'
+                 WHERE id = ANY($2)",
+                typed![now => INT8, ids => INT8_ARRAY],
+            )
+            .map(|n| n as usize)
+        })
+    }
+
+    pub(super) fn leasable_count(&mut self, now: i64, limit: u64) -> Result<u64> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|c| {
+            c.query_typed_one(
+                "SELECT (SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE state = 'ready' LIMIT $2) r)
+                      + (SELECT count(*) FROM (SELECT 1 FROM deliveries
+                                               WHERE state = 'delayed' AND not_before <= $1 LIMIT $2) d)",
+                typed![now => INT8, limit => INT8],
+            )?
+            .try_get::<_, i64>(0)
+        })
+        .map(|n| (n as u64).min(limit as u64))
+    }
+
+    pub(super) fn attempts_in_flight(&mut self, run_id: i64) -> Result<u64> {
+        self.read(|c| {
+            c.query_typed_one(
+                "SELECT count(*) FROM attempts WHERE run_id = $1 AND outcome = $2",
+                typed![run_id => INT8, outcome::IN_FLIGHT => TEXT],
+            )?
+            .try_get::<_, i64>(0)
+        })
+        .map(|n| n as u64)
+    }
+
+    pub(super) fn deliveries_next_due(&mut self, now: i64) -> Result<Option<i64>> {
+        self.read(|c| {
+            c.query_typed_one(
+                "SELECT least(
+                   (SELECT min(not_before) FROM deliveries
+                    WHERE state = 'delayed' AND not_before > $1 AND not_before < $2),
+                   (SELECT min(lease_expires_at) FROM deliveries WHERE state = 'leased'))",
+                typed![now => INT8, PARKED_UNTIL => INT8],
+            )?
+            .try_get(0)
+        })
+    }
+
+    pub(super) fn delivery_lease_next(&mut self, p: &LeaseParams) -> Result<Option<Lease>> {
+        // Columns are typed here: no row can be undecodable, as a row
+        // written with plain SQL into SQLite can.
+        self.write(|tx| lease_next(tx, p))
+    }
+
+    pub(super) fn lease_by_owner(&mut self, owner: &str) -> Result<Option<Lease>> {
+        self.read(|c| {
+            c.query_typed_opt(
+                "SELECT d.id, a.id, d.attempts, d.endpoint, m.uid, m.topic, m.account, m.payload
+                 FROM deliveries d JOIN attempts a ON a.delivery_id = d.id JOIN messages m ON m.id = d.message_id
+                 WHERE d.state = 'leased' AND d.lease_owner = $1 AND a.lease_owner = $1",
+                typed![owner => TEXT],
+            )?
+            .map(|r| lease_from_row(&r, owner))
+            .transpose()
+        })
+    }
+
+    pub(super) fn attempt_finish(&mut self, f: &FinishAttempt) -> Result<bool> {
+        let http_status = f.http_status.map(i64::from);
+        self.write(|tx| {
+            // A child that lost its lease says nothing about the endpoint any
+            // more: its signal could close a breaker another child opened,
+            // or clear another child's probe. The row stays locked until
+            // the end, so its lease cannot be reclaimed meanwhile.
+            let owner = tx
+                .query_typed_opt(
+                    "SELECT 1 FROM deliveries WHERE id = $1 AND state = 'leased' AND lease_owner = $2
+                     FOR UPDATE",
+                    typed![f.delivery_id => INT8, f.owner => TEXT],
+                )?
+                .is_some();
+            let moved = owner && {
+                let saturated_until = record_signal(tx, f)?;
+                let (state, not_before, reason) = match (f.next, saturated_until) {
+                    (NextState::Delivered, _) => (DeliveryState::Delivered, f.now, None),
+                    (NextState::Retry { not_before }, None) => (
+                        DeliveryState::Delayed,
+                        not_before,
+                        Some(reason::RETRY_BACKOFF),
+                    ),
+                    (NextState::Retry { not_before }, Some(until)) => (
+                        DeliveryState::Delayed,
+                        not_before.max(until),
+                        Some(reason::ENDPOINT_SATURATED),
+                    ),
+                    (NextState::Dead, _) => (DeliveryState::Dead, f.now, None),
+                };
+                tx.execute_typed(
+                    "UPDATE deliveries
+                     SET state = $3, not_before = $4, reason = $5, lease_owner = NULL, lease_expires_at = NULL,
+                         lease_boot_id = NULL, lease_boot_expires_at = NULL,
+                         last_status = coalesce($6, last_status), last_error = $7, updated_at = $8
+                     WHERE id = $1 AND state = 'leased' AND lease_owner = $2",
+                    typed![
+                        f.delivery_id => INT8,
+                        f.owner => TEXT,
+                        state.as_str() => TEXT,
+                        not_before => INT8,
+                        reason => TEXT,
+                        http_status => INT8,
+                        f.error => TEXT,
+                        f.now => INT8,
+                    ],
+                )? == 1
+            };
+            let outcome = if moved {
+                f.outcome.as_str()
+            } else {
+                outcome::LEASE_LOST
+            };
+            tx.execute_typed(
+                "UPDATE attempts SET finished_at = $2, outcome = $3, http_status = $4, error = $5, duration_ms = $6
+                 WHERE id = $1",
+                typed![
+                    f.attempt_id => INT8,
+                    f.now => INT8,
+                    outcome => TEXT,
+                    http_status => INT8,
+                    f.error => TEXT,
+                    f.duration_ms => INT8,
+                ],
+            )?;
+            Ok(moved)
+        })
+    }
+}

@@ -1,0 +1,96 @@
+//! PostgreSQL schema migrations: the numbered SQL files in
+//! migrations/postgres/, applied in order, each in the transaction that
+//! records it in `cronpost_schema`. The whole run holds a transaction-scoped
+//! advisory lock, so hosts starting at once migrate one after another and
+//! the later ones find nothing left to do. Add a file here and to
+//! [`FILES`]; never edit one that has shipped.
+
+use ::postgres::Client;
+
+/// The migration files, in order: (file name, SQL).
+pub const FILES: &[(&str, &str)] = &[
+    (
+        "0001_schema.sql",
+        include_str!("../../../migrations/postgres/0001_schema.sql"),
+    ),
+    (
+        "0002_admin_views.sql",
+        include_str!("../../../migrations/postgres/0002_admin_views.sql"),
+    ),
+];
+
+/// The advisory lock key migrations hold (any constant no other
+/// application of the database uses: "cronpost" in ASCII).
+const LOCK_KEY: i64 = 0x63726f6e706f7374;
+
+const SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS cronpost_schema (
+    version    BIGINT PRIMARY KEY,
+    file       TEXT   NOT NULL,
+    applied_at BIGINT NOT NULL
+)";
+
+/// Applies the migrations the database lacks.
+pub fn apply(client: &mut Client) -> Result<(), ::postgres::Error> {
+    // A read first: once migrated (every start but the first), no lock and
+    // no DDL is needed.
+    if current_version(client)? == latest_version() {
+        return Ok(());
+    }
+    let mut tx = client.transaction()?;
+    tx.batch_execute(&format!(
+        "SELECT pg_advisory_xact_lock({LOCK_KEY}); {SCHEMA_TABLE}"
+    ))?;
+    let applied: i64 = tx
+        .query_typed_one("SELECT coalesce(max(version), 0) FROM cronpost_schema", &[])?
+        .try_get(0)?;
+    for (i, (file, sql)) in FILES.iter().enumerate().skip(applied as usize) {
+        tx.batch_execute(sql)?;
+        let version = i as i64 + 1;
+        tx.execute_typed(
+            "INSERT INTO cronpost_schema (version, file, applied_at) VALUES ($1, $2, cronpost_now_ms())",
+            super::typed![version => INT8, file => TEXT],
+        )?;
+    }
+    tx.commit()
+}
+
+/// The version the database records (0: not migrated).
+pub fn current_version(client: &mut Client) -> Result<i64, ::postgres::Error> {
+    let exists: bool = client
+        .query_typed_one("SELECT to_regclass('cronpost_schema') IS NOT NULL", &[])?
+        .try_get(0)?;
+    if !exists {
+        return Ok(0);
+    }
+    client
+        .query_typed_one("SELECT coalesce(max(version), 0) FROM cronpost_schema", &[])?
+        .try_get(0)
+}
+
+/// The version a fully migrated database records.
+pub fn latest_version() -> i64 {
+    FILES.len() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_file_in_migrations_is_listed_in_order() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres");
+        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".sql"))
+            .collect();
+        on_disk.sort();
+        let listed: Vec<&str> = super::FILES.iter().map(|(name, _)| *name).collect();
+        assert_eq!(on_disk, listed);
+        for (i, name) in listed.iter().enumerate() {
+            assert!(
+                name.starts_with(&format!("{:04}_", i + 1)),
+                "{name} is number {}",
+                i + 1
+            );
+        }
+    }
+}

@@ -1,0 +1,560 @@
+//! The PostgreSQL backend of [`Store`], for several hosts dispatching from
+//! one queue: the same verbs, transitions and meanings as the SQLite
+//! backend (the conformance suite runs on both), with `lease` (the
+//! children's path) and `admin` (reads and writes for people) beside it.
+//!
+//! One connection per process, made after fork, directly or through
+//! PgBouncer in transaction pooling: every statement is sent unnamed with
+//! its parameter types (`query_typed`: parse, bind and execute in one round
+//! trip), so nothing relies on a server-side prepared statement outliving
+//! its transaction. What SQLite's one write lock serialised, PostgreSQL
+//! serialises where it matters and no further: a lease skips rows another
+//! transaction holds (`FOR UPDATE SKIP LOCKED`), and the shared state of a
+//! limited account or endpoint (its rate, breaker, in-flight count) is read
+//! and written under a transaction-scoped advisory lock on its key.
+
+mod admin;
+mod lease;
+mod migrations;
+
+use ::postgres::types::{ToSql, Type};
+use ::postgres::{Client, NoTls, Row, error::SqlState};
+
+use super::*;
+use crate::error::{Error, ExitCode};
+
+/// Typed parameters for `query_typed`: `typed![x => INT8, name => TEXT]`.
+macro_rules! typed {
+    ($($value:expr => $ty:ident),* $(,)?) => {
+        &[$((&$value as &(dyn ::postgres::types::ToSql + Sync), ::postgres::types::Type::$ty)),*]
+    };
+}
+use typed;
+
+/// A transaction is tried again this often when PostgreSQL aborts it for a
+/// deadlock or a serialization failure (rare: two leases taking the locks of
+/// two limited keys in opposite orders).
+const TRIES: u32 = 8;
+
+/// The PostgreSQL store.
+pub struct PostgresStore {
+    client: Client,
+    /// What begins a write transaction.
+    begin: String,
+    /// The database, as errors name it (without a password).
+    name: String,
+}
+
+impl PostgresStore {
+    /// Connects and migrates: what the dispatcher parent, `enqueue` and
+    /// admin commands do. Several hosts starting at once migrate one after
+    /// another (an advisory lock), and each applies only what is missing.
+    pub fn open(url: &str, busy_timeout: Duration) -> Result<PostgresStore> {
+        let mut store = PostgresStore::open_existing(url, busy_timeout)?;
+        migrations::apply(&mut store.client).map_err(|e| {
+            Error::new(
+                ExitCode::Software,
+                format!("database {}: migration failed: {e}", store.name),
+            )
+        })?;
+        Ok(store)
+    }
+
+    /// Connects to a migrated database without migrating: a child's
+    /// connection, made after fork. `busy_timeout` bounds the connect (unless
+    /// the URL says otherwise) and every lock wait.
+    pub fn open_existing(url: &str, busy_timeout: Duration) -> Result<PostgresStore> {
+        let name = redacted(url);
+        let mut config: ::postgres::Config = url.parse().map_err(|e| {
+            Error::config(format!(
+                "database {name}: not a PostgreSQL connection URL: {e}"
+            ))
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(busy_timeout);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("cronpost");
+        }
+        let client = config.connect(NoTls).map_err(|e| db_error(&name, &e))?;
+        let begin = format!(
+            "BEGIN; SET LOCAL lock_timeout = {}",
+            busy_timeout.as_millis().max(1)
+        );
+        Ok(PostgresStore {
+            client,
+            name,
+            begin,
+        })
+    }
+
+    /// Subscribes this connection to the notification every insert into
+    /// `messages` sends (a session's state: made directly, not through
+    /// PgBouncer in transaction pooling).
+    pub fn listen_for_messages(&mut self) -> Result<()> {
+        let name = self.name.clone();
+        self.client
+            .batch_execute("LISTEN cronpost_messages")
+            .map_err(|e| db_error(&name, &e))
+    }
+
+    /// Waits up to `timeout` for a notification; whether one came (all that
+    /// came are taken: one look serves them all).
+    pub fn wait_for_notification(&mut self, timeout: Duration) -> Result<bool> {
+        use ::postgres::fallible_iterator::FallibleIterator;
+        let name = self.name.clone();
+        let mut notifications = self.client.notifications();
+        let came = notifications
+            .timeout_iter(timeout)
+            .next()
+            .map_err(|e| db_error(&name, &e))?
+            .is_some();
+        if came {
+            while let Ok(Some(_)) = notifications.iter().next() {}
+        }
+        Ok(came)
+    }
+
+    /// The schema version this build migrates to.
+    pub fn latest_schema_version() -> i64 {
+        migrations::latest_version()
+    }
+
+    fn err(&self, e: ::postgres::Error) -> Error {
+        db_error(&self.name, &e)
+    }
+
+    /// Runs `f` in one transaction, committed if `f` succeeds, tried again
+    /// when PostgreSQL aborts it for a deadlock or a serialization failure.
+    /// A lock is waited for at most `busy_timeout`, as on SQLite (`SET
+    /// LOCAL`: PgBouncer in transaction pooling keeps no session setting);
+    /// the BEGIN and the SET go in one round trip.
+    fn write<T>(
+        &mut self,
+        mut f: impl FnMut(&mut Client) -> Result<T, ::postgres::Error>,
+    ) -> Result<T> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let client = &mut self.client;
+            let outcome = client.batch_execute(&self.begin).and_then(|()| {
+                let value = f(client)?;
+                client.batch_execute("COMMIT").map(|()| value)
+            });
+            if outcome.is_err() && !client.is_closed() {
+                // The transaction is aborted or was never begun: nothing of
+                // it is kept.
+                let _ = client.batch_execute("ROLLBACK");
+            }
+            match outcome {
+                Err(e) if tries < TRIES && is_retryable(&e) => continue,
+                other => return other.map_err(|e| self.err(e)),
+            }
+        }
+    }
+
+    /// One statement outside a transaction (autocommit): the reads.
+    fn read<T>(
+        &mut self,
+        f: impl FnOnce(&mut Client) -> Result<T, ::postgres::Error>,
+    ) -> Result<T> {
+        f(&mut self.client).map_err(|e| db_error(&self.name, &e))
+    }
+}
+
+/// `url` without its password, for messages.
+fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn is_retryable(e: &::postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(&SqlState::T_R_DEADLOCK_DETECTED | &SqlState::T_R_SERIALIZATION_FAILURE)
+    )
+}
+
+/// Maps a PostgreSQL error to a message naming the database and a sysexits
+/// code, as the SQLite backend does for its file.
+fn db_error(name: &str, e: &::postgres::Error) -> Error {
+    let (code, hint) = match e.code().map(SqlState::code) {
+        // Integrity constraint violations and data exceptions: bad input.
+        Some(c) if c.starts_with("23") || c.starts_with("22") => (ExitCode::DataErr, ""),
+        Some(c) if c.starts_with("40") || c == "55P03" || c == "57014" => {
+            (ExitCode::TempFail, " (nothing was changed; try again)")
+        }
+        Some(c) if c.starts_with("28") || c == "42501" => (ExitCode::NoPerm, ""),
+        Some(c) if c.starts_with("53") => (
+            ExitCode::TempFail,
+            " (the server is out of a resource, such as connections; try again)",
+        ),
+        Some(c) if c.starts_with("08") || c.starts_with("57") || c == "3D000" => {
+            (ExitCode::Unavailable, "")
+        }
+        Some(_) => (ExitCode::Software, ""),
+        // No SQLSTATE: the connection could not be made or was lost.
+        None => (
+            ExitCode::Unavailable,
+            " (is the server running, and the URL's host, port and database right?)",
+        ),
+    };
+    let detail = match e.as_db_error() {
+        Some(db) => db.message().to_string(),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text = format!("{text}: {s}");
+                source = s.source();
+            }
+            text
+        }
+    };
+    Error::new(code, format!("database {name}: {detail}{hint}"))
+}
+
+const DELIVERY_COLUMNS: &str = "d.id, d.message_id, d.endpoint, d.account, d.state, d.priority, \
+     d.not_before, d.reason, d.lease_owner, d.lease_expires_at, d.attempts, d.last_status, d.last_error";
+
+fn delivery_row(r: &Row) -> Result<DeliveryRow, ::postgres::Error> {
+    let state: String = r.try_get(4)?;
+    Ok(DeliveryRow {
+        id: r.try_get(0)?,
+        message_id: r.try_get(1)?,
+        endpoint: r.try_get(2)?,
+        account: r.try_get(3)?,
+        // The column's CHECK allows only the five names.
+        state: DeliveryState::parse(&state).unwrap_or(DeliveryState::Dead),
+        priority: r.try_get(5)?,
+        not_before: r.try_get(6)?,
+        reason: r.try_get(7)?,
+        lease_owner: r.try_get(8)?,
+        lease_expires_at: r.try_get(9)?,
+        attempts: r.try_get::<_, i64>(10)? as u32,
+        last_status: r.try_get::<_, Option<i64>>(11)?.map(|s| s as u16),
+        last_error: r.try_get(12)?,
+    })
+}
+
+fn run_row(r: &Row) -> Result<RunRecord, ::postgres::Error> {
+    let count = |i: usize| r.try_get::<_, i64>(i).map(|n| n as u64);
+    Ok(RunRecord {
+        id: r.try_get(0)?,
+        pid: r.try_get::<_, i64>(1)? as u32,
+        started_at: r.try_get(2)?,
+        finished_at: r.try_get(3)?,
+        routed: count(4)?,
+        reclaimed: count(5)?,
+        forked: count(6)?,
+        delivered: count(7)?,
+        retried: count(8)?,
+        dead: count(9)?,
+        failed: count(10)?,
+        found_nothing: count(11)?,
+    })
+}
+
+/// The WHERE clause of a `DeliveryFilter` over `deliveries d JOIN messages
+/// m`, its parameters numbered from `$first`, with their values in order.
+fn filter_clause(f: &DeliveryFilter, first: usize) -> (String, Vec<Box<dyn ToSql + Sync>>) {
+    let mut terms = vec!["true".to_string()];
+    let mut values: Vec<Box<dyn ToSql + Sync>> = Vec::new();
+    if !f.ids.is_empty() {
+        terms.push(format!("d.id = ANY(${})", first));
+        values.push(Box::new(f.ids.clone()));
+    }
+    for (column, value) in [
+        ("d.state", f.state.map(|s| s.as_str().to_string())),
+        ("d.endpoint", f.endpoint.clone()),
+        ("d.account", f.account.clone()),
+        ("m.topic", f.topic.clone()),
+    ] {
+        if let Some(value) = value {
+            terms.push(format!("{column} = ${}", first + values.len()));
+            values.push(Box::new(value));
+        }
+    }
+    (terms.join(" AND "), values)
+}
+
+/// The parameters of `filter_clause`, typed for `query_typed`.
+fn typed_values(values: &[Box<dyn ToSql + Sync>], ids: bool) -> Vec<(&(dyn ToSql + Sync), Type)> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let ty = if ids && i == 0 {
+                Type::INT8_ARRAY
+            } else {
+                Type::TEXT
+            };
+            (v.as_ref(), ty)
+        })
+        .collect()
+}
+
+/// The verbs of the trait: bookkeeping here, the rest in `lease` and
+/// `admin` as inherent methods of the same names.
+impl Store for PostgresStore {
+    fn subscriptions_replace(&mut self, subscriptions: &[Subscription]) -> Result<()> {
+        let mut wanted: Vec<(String, String)> = subscriptions
+            .iter()
+            .map(|s| (s.topic.clone(), s.endpoint.clone()))
+            .collect();
+        wanted.sort();
+        wanted.dedup();
+        let (topics, endpoints): (Vec<String>, Vec<String>) = wanted.iter().cloned().unzip();
+        self.write(|tx| {
+            // Hosts starting at once rewrite the table one after another.
+            tx.execute_typed("LOCK TABLE subscriptions IN EXCLUSIVE MODE", &[])?;
+            let current: Vec<(String, String)> = tx
+                .query_typed(
+                    "SELECT topic, endpoint FROM subscriptions ORDER BY topic, endpoint",
+                    &[],
+                )?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<_, ::postgres::Error>>()?;
+            if current == wanted {
+                return Ok(());
+            }
+            tx.execute_typed("DELETE FROM subscriptions", &[])?;
+            tx.execute_typed(
+                "INSERT INTO subscriptions (topic, endpoint) SELECT * FROM unnest($1::TEXT[], $2::TEXT[])",
+                typed![topics => TEXT_ARRAY, endpoints => TEXT_ARRAY],
+            )?;
+            // A topic that has a subscriber now: its unroutable messages
+            // are routed by this run after all.
+            tx.execute_typed(
+                "UPDATE messages SET routed_at = NULL, route_error = NULL
+                 WHERE route_error IS NOT NULL AND topic IN (SELECT topic FROM subscriptions)",
+                &[],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn messages_insert(&mut self, messages: &[NewMessage]) -> Result<InsertReport> {
+        self.write(|tx| {
+            let mut report = InsertReport::default();
+            for m in messages {
+                let inserted = tx.query_typed_opt(
+                    "INSERT INTO messages (topic, account, payload, priority, created_at, available_at, dedup_key)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (account, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
+                     RETURNING id, uid",
+                    typed![
+                        m.topic => TEXT,
+                        m.account => TEXT,
+                        m.payload => TEXT,
+                        m.priority => INT8,
+                        m.created_at => INT8,
+                        m.available_at => INT8,
+                        m.dedup_key => TEXT,
+                    ],
+                )?;
+                match inserted {
+                    Some(r) => {
+                        report.inserted += 1;
+                        report.messages.push(InsertedMessage {
+                            id: r.try_get(0)?,
+                            uid: r.try_get(1)?,
+                        });
+                    }
+                    None => report.duplicates += 1,
+                }
+            }
+            Ok(report)
+        })
+    }
+
+    fn messages_route(&mut self, params: RouteParams) -> Result<RouteReport> {
+        let batch = params.batch_size as i64;
+        let now = params.now;
+        self.write(|tx| {
+            // The batch is locked, and others' batches skipped: hosts
+            // routing at once route different messages.
+            let ids: Vec<i64> = tx
+                .query_typed(
+                    "SELECT id FROM messages WHERE routed_at IS NULL ORDER BY id LIMIT $1
+                     FOR UPDATE SKIP LOCKED",
+                    typed![batch => INT8],
+                )?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
+            if ids.is_empty() {
+                return Ok(RouteReport::default());
+            }
+            let unroutable_topics: Vec<String> = tx
+                .query_typed(
+                    "SELECT DISTINCT topic FROM messages
+                     WHERE id = ANY($1) AND topic NOT IN (SELECT topic FROM subscriptions)
+                     ORDER BY topic",
+                    typed![ids => INT8_ARRAY],
+                )?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
+            let deliveries = tx.execute_typed(
+                "INSERT INTO deliveries
+                   (message_id, endpoint, account, state, priority, not_before, reason, created_at, updated_at)
+                 SELECT m.id, s.endpoint, m.account,
+                        CASE WHEN m.available_at > $2 THEN 'delayed' ELSE 'ready' END,
+                        m.priority,
+                        CASE WHEN m.available_at > $2 THEN m.available_at ELSE $2 END,
+                        CASE WHEN m.available_at > $2 THEN 'scheduled' END,
+                        $2, $2
+                 FROM messages m JOIN subscriptions s ON s.topic = m.topic
+                 WHERE m.id = ANY($1)
+                 ORDER BY m.id, s.endpoint
+                 ON CONFLICT (message_id, endpoint) DO NOTHING",
+                typed![ids => INT8_ARRAY, now => INT8],
+            )?;
+            let unroutable = tx.execute_typed(
+                "UPDATE messages SET routed_at = $2,
+                        route_error = 'no endpoint subscribes to topic \"' || topic || '\"'
+                 WHERE id = ANY($1) AND topic NOT IN (SELECT topic FROM subscriptions)",
+                typed![ids => INT8_ARRAY, now => INT8],
+            )?;
+            let routed = tx.execute_typed(
+                "UPDATE messages SET routed_at = $2 WHERE id = ANY($1) AND routed_at IS NULL",
+                typed![ids => INT8_ARRAY, now => INT8],
+            )?;
+            Ok(RouteReport {
+                messages: routed as usize,
+                deliveries: deliveries as usize,
+                unroutable: unroutable as usize,
+                unroutable_topics: unroutable_topics.clone(),
+                more: ids.len() == params.batch_size,
+            })
+        })
+    }
+
+    fn leases_reclaim_expired(&mut self, p: &ReclaimParams) -> Result<usize> {
+        PostgresStore::leases_reclaim_expired(self, p)
+    }
+
+    fn deliveries_restore_endpoints(&mut self, endpoints: &[String], now: i64) -> Result<u64> {
+        PostgresStore::deliveries_restore_endpoints(self, endpoints, now)
+    }
+
+    fn deliveries_purge_orphaned(&mut self, p: &PurgeOrphanedParams) -> Result<u64> {
+        PostgresStore::deliveries_purge_orphaned(self, p)
+    }
+
+    fn leasable_count(&mut self, now: i64, limit: u64) -> Result<u64> {
+        PostgresStore::leasable_count(self, now, limit)
+    }
+
+    fn deliveries_next_due(&mut self, now: i64) -> Result<Option<i64>> {
+        PostgresStore::deliveries_next_due(self, now)
+    }
+
+    fn attempts_in_flight(&mut self, run_id: i64) -> Result<u64> {
+        PostgresStore::attempts_in_flight(self, run_id)
+    }
+
+    fn delivery_lease_next(&mut self, p: &LeaseParams) -> Result<Option<Lease>> {
+        PostgresStore::delivery_lease_next(self, p)
+    }
+
+    fn lease_by_owner(&mut self, owner: &str) -> Result<Option<Lease>> {
+        PostgresStore::lease_by_owner(self, owner)
+    }
+
+    fn attempt_finish(&mut self, f: &FinishAttempt) -> Result<bool> {
+        PostgresStore::attempt_finish(self, f)
+    }
+
+    fn run_begin(&mut self, pid: u32, now: i64) -> Result<i64> {
+        let pid = i64::from(pid);
+        self.write(|tx| {
+            tx.query_typed_one(
+                "INSERT INTO runs (pid, started_at) VALUES ($1, $2) RETURNING id",
+                typed![pid => INT8, now => INT8],
+            )?
+            .try_get(0)
+        })
+    }
+
+    fn run_finish(&mut self, run: &RunRecord) -> Result<()> {
+        let counts: Vec<i64> = [
+            run.routed,
+            run.reclaimed,
+            run.forked,
+            run.delivered,
+            run.retried,
+            run.dead,
+            run.failed,
+            run.found_nothing,
+        ]
+        .iter()
+        .map(|&n| i64::try_from(n).unwrap_or(i64::MAX))
+        .collect();
+        self.write(|tx| {
+            tx.execute_typed(
+                "UPDATE runs SET finished_at = $2, routed = $3[1], reclaimed = $3[2], forked = $3[3],
+                        delivered = $3[4], retried = $3[5], dead = $3[6], failed = $3[7],
+                        found_nothing = $3[8]
+                 WHERE id = $1",
+                typed![run.id => INT8, run.finished_at => INT8, counts => INT8_ARRAY],
+            )
+            .map(drop)
+        })
+    }
+
+    fn run_totals(&mut self) -> Result<RunTotals> {
+        PostgresStore::run_totals(self)
+    }
+
+    fn delivery_get(&mut self, id: i64) -> Result<Option<DeliveryRow>> {
+        PostgresStore::delivery_get(self, id)
+    }
+
+    fn deliveries_of_message(&mut self, message_id: i64) -> Result<Vec<DeliveryRow>> {
+        PostgresStore::deliveries_of_message(self, message_id)
+    }
+
+    fn attempts_of_delivery(&mut self, delivery_id: i64) -> Result<Vec<AttemptRow>> {
+        PostgresStore::attempts_of_delivery(self, delivery_id)
+    }
+
+    fn deliveries_list(
+        &mut self,
+        filter: &DeliveryFilter,
+        limit: u64,
+    ) -> Result<Vec<ListedDelivery>> {
+        PostgresStore::deliveries_list(self, filter, limit)
+    }
+
+    fn message_get(&mut self, key: &MessageKey) -> Result<Option<MessageRow>> {
+        PostgresStore::message_get(self, key)
+    }
+
+    fn messages_reroute_unroutable(&mut self, dry_run: bool) -> Result<u64> {
+        PostgresStore::messages_reroute_unroutable(self, dry_run)
+    }
+
+    fn deliveries_requeue(&mut self, p: &RequeueParams) -> Result<u64> {
+        PostgresStore::deliveries_requeue(self, p)
+    }
+
+    fn delivered_purge(&mut self, before: i64, batch: u64) -> Result<PurgeReport> {
+        PostgresStore::delivered_purge(self, before, batch)
+    }
+
+    fn stats(&mut self, now: i64) -> Result<Stats> {
+        PostgresStore::stats(self, now)
+    }
+
+    fn schema_version(&mut self) -> Result<i64> {
+        self.read(migrations::current_version)
+    }
+}

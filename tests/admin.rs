@@ -1,5 +1,6 @@
 //! The admin surface: the README's sqlite3 queries through the real shell,
-//! list/show/requeue/purge, retention, and admins' locks against dispatch.
+//! list/show/requeue/purge (those also on PostgreSQL), retention, and
+//! admins' locks against dispatch.
 
 mod common;
 
@@ -7,6 +8,12 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
+
+on_both_backends!(
+    list_filters_in_tables_and_json,
+    requeue_redelivers_dead_letters_and_dry_run_changes_nothing,
+    dead_letters_requeued_at_a_rate_arrive_at_that_rate_not_in_a_burst,
+);
 
 fn sqlite3(env: &Env, sql: &str) -> String {
     let out = Command::new("sqlite3")
@@ -21,13 +28,14 @@ fn sqlite3(env: &Env, sql: &str) -> String {
 }
 
 /// A database made by real runs: delivered, dead, saturated and budget-held deliveries.
-fn busy_queue(rx: &Receiver) -> Env {
+fn busy_queue(rx: &Receiver, backend: Backend) -> Env {
     rx.set_default("/gone", Reply::Status(404));
     rx.set_default("/sat", Reply::RetryAfter(429, "600"));
     let endpoints = endpoint("ok", &rx.url("/ok"), &["t"], "")
         + &endpoint("gone", &rx.url("/gone"), &["g"], "")
         + &endpoint("sat", &rx.url("/sat"), &["s"], "max_in_flight = 1");
-    let env = Env::new(
+    let env = Env::on(
+        backend,
         "",
         &format!("[account_budget.overrides]\nnoisy = {{ rate = 0.1 }}\n\n{endpoints}"),
     );
@@ -52,7 +60,7 @@ fn busy_queue(rx: &Receiver) -> Env {
 #[test]
 fn every_readme_query_runs_in_the_sqlite3_shell_and_answers() {
     let rx = Receiver::start();
-    let env = busy_queue(&rx);
+    let env = busy_queue(&rx, Backend::Sqlite);
     let queries = readme_queries();
     assert_eq!(queries.len(), 8, "{queries:?}");
     let answers: Vec<String> = queries.iter().map(|q| sqlite3(&env, q)).collect();
@@ -106,10 +114,9 @@ fn every_readme_query_runs_in_the_sqlite3_shell_and_answers() {
     assert!(answers[6].is_empty(), "nothing unrouted: {}", answers[6]);
 }
 
-#[test]
-fn list_filters_in_tables_and_json() {
+fn list_filters_in_tables_and_json(backend: Backend) {
     let rx = Receiver::start();
-    let env = busy_queue(&rx);
+    let env = busy_queue(&rx, backend);
     let json = |args: &[&str]| -> Vec<serde_json::Value> {
         let out = env.ok(&[&["list", "--json"], args].concat());
         serde_json::from_str::<serde_json::Value>(&out)
@@ -163,7 +170,7 @@ fn list_filters_in_tables_and_json() {
 #[test]
 fn show_tells_a_messages_whole_story() {
     let rx = Receiver::start();
-    let env = busy_queue(&rx);
+    let env = busy_queue(&rx, Backend::Sqlite);
     let uid: String = env
         .db()
         .query_row("SELECT uid FROM messages WHERE id = 4", [], |r| r.get(0))
@@ -209,10 +216,9 @@ fn show_tells_a_messages_whole_story() {
     }
 }
 
-#[test]
-fn requeue_redelivers_dead_letters_and_dry_run_changes_nothing() {
+fn requeue_redelivers_dead_letters_and_dry_run_changes_nothing(backend: Backend) {
     let rx = Receiver::start();
-    let env = busy_queue(&rx);
+    let env = busy_queue(&rx, backend);
     let dry: serde_json::Value =
         serde_json::from_str(&env.ok(&["requeue", "--endpoint", "gone", "--dry-run", "--json"]))
             .unwrap();
@@ -223,14 +229,9 @@ fn requeue_redelivers_dead_letters_and_dry_run_changes_nothing() {
     assert_eq!(env.count_state("dead"), 2, "dry run changed nothing");
 
     rx.set_default("/gone", Reply::Status(200));
-    let ids: Vec<i64> = env
-        .db()
-        .prepare("SELECT id FROM deliveries WHERE state = 'dead' ORDER BY id")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let ids = env
+        .query_rows("SELECT id FROM deliveries WHERE state = 'dead' ORDER BY id")
+        .concat();
     // Ids that name nothing, or a delivery neither dead nor delayed: an
     // error naming them, and nothing changes.
     let delivered: i64 = env.query_i64("SELECT min(id) FROM deliveries WHERE state = 'delivered'");
@@ -554,11 +555,11 @@ fn a_backup_taken_during_a_run_is_consistent_and_a_restored_copy_delivers_what_w
     assert_eq!(rx2.received_on("/slow").len() as i64, pending);
 }
 
-#[test]
-fn dead_letters_requeued_at_a_rate_arrive_at_that_rate_not_in_a_burst() {
+fn dead_letters_requeued_at_a_rate_arrive_at_that_rate_not_in_a_burst(backend: Backend) {
     let rx = Receiver::start();
     rx.set_default("/hook", Reply::Status(410));
-    let env = Env::new(
+    let env = Env::on(
+        backend,
         "max_children = 4\nmax_runtime = \"12s\"",
         &endpoint("hook", &rx.url("/hook"), &["t"], ""),
     );

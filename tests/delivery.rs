@@ -1,5 +1,6 @@
-//! End to end: the real binary, a real SQLite file, real forked children and
-//! a real HTTP receiver on 127.0.0.1.
+//! End to end: the real binary, a real SQLite file (and the same tests on a
+//! real PostgreSQL), real forked children and a real HTTP receiver on
+//! 127.0.0.1.
 
 mod common;
 
@@ -8,6 +9,16 @@ use std::time::Duration;
 
 use common::*;
 use cronpost::config::Secret;
+
+on_both_backends!(
+    one_message_is_delivered_once_signed_and_byte_identical_with_a_stable_id_across_retries,
+    fan_out_reaches_every_subscriber_and_a_failing_one_does_not_hold_back_the_other,
+    two_thousand_messages_over_twenty_accounts_arrive_exactly_once_with_eight_children,
+    retries_back_off_then_deliver_on_the_third_attempt,
+    a_permanent_404_goes_dead_at_once_with_its_status,
+    a_closed_port_is_retried_then_dead_after_max_attempts,
+    a_child_bounds_its_own_wait_before_its_deadline_and_records_a_retry,
+);
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -23,10 +34,12 @@ fn verify(r: &Received) -> bool {
     )
 }
 
-#[test]
-fn one_message_is_delivered_once_signed_and_byte_identical_with_a_stable_id_across_retries() {
+fn one_message_is_delivered_once_signed_and_byte_identical_with_a_stable_id_across_retries(
+    backend: Backend,
+) {
     let rx = Receiver::start();
-    let env = Env::new(
+    let env = Env::on(
+        backend,
         "",
         &endpoint(
             "crm",
@@ -60,19 +73,15 @@ fn one_message_is_delivered_once_signed_and_byte_identical_with_a_stable_id_acro
         got[1].header("webhook-id"),
         "webhook-id stable across a retry"
     );
-    let outcomes: Vec<String> = env
-        .db()
-        .prepare("SELECT outcome || ':' || http_status FROM attempts ORDER BY id")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let outcomes = env
+        .query_rows("SELECT outcome || ':' || http_status FROM attempts ORDER BY id")
+        .concat();
     assert_eq!(outcomes, ["retry:500", "delivered:200"]);
 }
 
-#[test]
-fn fan_out_reaches_every_subscriber_and_a_failing_one_does_not_hold_back_the_other() {
+fn fan_out_reaches_every_subscriber_and_a_failing_one_does_not_hold_back_the_other(
+    backend: Backend,
+) {
     let rx = Receiver::start();
     let endpoints = endpoint("crm", &rx.url("/crm"), &["invoice.paid"], "")
         + &endpoint(
@@ -82,7 +91,7 @@ fn fan_out_reaches_every_subscriber_and_a_failing_one_does_not_hold_back_the_oth
             "backoff_base = \"1h\"",
         );
     // Two children: one per delivery, so the retry is not tried in this run.
-    let env = Env::new("max_messages = 2", &endpoints);
+    let env = Env::on(backend, "max_messages = 2", &endpoints);
     rx.set_default("/billing", Reply::Status(500));
     env.enqueue("invoice.paid", "acme", r#"{"invoice":1}"#);
 
@@ -90,31 +99,22 @@ fn fan_out_reaches_every_subscriber_and_a_failing_one_does_not_hold_back_the_oth
 
     assert_eq!(rx.received_on("/crm").len(), 1);
     assert_eq!(rx.received_on("/billing").len(), 1);
-    let states: Vec<(String, String, Option<String>)> = env
-        .db()
-        .prepare("SELECT endpoint, state, reason FROM deliveries ORDER BY endpoint")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let states = env.query_rows("SELECT endpoint, state, reason FROM deliveries ORDER BY endpoint");
     assert_eq!(
         states,
         [
-            (
-                "billing".into(),
-                "delayed".into(),
-                Some("retry_backoff".into())
-            ),
-            ("crm".into(), "delivered".into(), None)
+            ["billing", "delayed", "retry_backoff"],
+            ["crm", "delivered", ""]
         ]
     );
 }
 
-#[test]
-fn two_thousand_messages_over_twenty_accounts_arrive_exactly_once_with_eight_children() {
+fn two_thousand_messages_over_twenty_accounts_arrive_exactly_once_with_eight_children(
+    backend: Backend,
+) {
     let rx = Receiver::start();
-    let env = Env::new(
+    let env = Env::on(
+        backend,
         "max_children = 8",
         &endpoint("bulk", &rx.url("/bulk"), &["t"], ""),
     );
@@ -161,11 +161,11 @@ fn two_thousand_messages_over_twenty_accounts_arrive_exactly_once_with_eight_chi
     );
 }
 
-#[test]
-fn retries_back_off_then_deliver_on_the_third_attempt() {
+fn retries_back_off_then_deliver_on_the_third_attempt(backend: Backend) {
     let rx = Receiver::start();
     // One child per run, so a retry that comes due is not tried in the same run.
-    let env = Env::new(
+    let env = Env::on(
+        backend,
         "max_messages = 1",
         &endpoint(
             "flaky",
@@ -180,18 +180,11 @@ fn retries_back_off_then_deliver_on_the_third_attempt() {
     env.run();
     // After the first failure the delivery waits in the delayed queue, its
     // not_before after the failed attempt and within the backoff ceiling.
-    let (state, reason, wait): (String, String, i64) = env
-        .db()
-        .query_row(
-            "SELECT d.state, d.reason, d.not_before - a.finished_at FROM deliveries d JOIN attempts a ON a.delivery_id = d.id",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .unwrap();
-    assert_eq!(
-        (state.as_str(), reason.as_str()),
-        ("delayed", "retry_backoff")
+    let row = env.query_row(
+        "SELECT d.state, d.reason, d.not_before - a.finished_at FROM deliveries d JOIN attempts a ON a.delivery_id = d.id",
     );
+    assert_eq!(row[..2], ["delayed", "retry_backoff"]);
+    let wait: i64 = row[2].parse().unwrap();
     assert!(
         (1..=300).contains(&wait),
         "backoff {wait} ms within (0, 300]"
@@ -210,37 +203,29 @@ fn retries_back_off_then_deliver_on_the_third_attempt() {
     );
 }
 
-#[test]
-fn a_permanent_404_goes_dead_at_once_with_its_status() {
+fn a_permanent_404_goes_dead_at_once_with_its_status(backend: Backend) {
     let rx = Receiver::start();
-    let env = Env::new("", &endpoint("gone", &rx.url("/gone"), &["t"], ""));
+    let env = Env::on(backend, "", &endpoint("gone", &rx.url("/gone"), &["t"], ""));
     rx.set_default("/gone", Reply::Status(404));
     env.enqueue("t", "acme", "{}");
 
     env.run();
 
     assert_eq!(rx.received_on("/gone").len(), 1);
-    let (state, status, error): (String, i64, String) = env
-        .db()
-        .query_row(
-            "SELECT state, last_status, last_error FROM deliveries",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .unwrap();
-    assert_eq!((state.as_str(), status), ("dead", 404));
-    assert!(error.contains("404"), "{error}");
+    let row = env.query_row("SELECT state, last_status, last_error FROM deliveries");
+    assert_eq!(row[..2], ["dead", "404"]);
+    assert!(row[2].contains("404"), "{}", row[2]);
 }
 
-#[test]
-fn a_closed_port_is_retried_then_dead_after_max_attempts() {
+fn a_closed_port_is_retried_then_dead_after_max_attempts(backend: Backend) {
     // A port that was just free: connections to it are refused.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let env = Env::new(
+    let env = Env::on(
+        backend,
         "",
         &endpoint(
             "down",
@@ -262,22 +247,19 @@ fn a_closed_port_is_retried_then_dead_after_max_attempts() {
         env.query_i64("SELECT count(*) FROM attempts WHERE outcome = 'dead'"),
         1
     );
-    let error: String = env
-        .db()
-        .query_row("SELECT last_error FROM deliveries", [], |r| r.get(0))
-        .unwrap();
+    let error = env.query_row("SELECT last_error FROM deliveries").remove(0);
     assert!(
         error.contains("connect") && error.contains("attempt 3 of 3"),
         "{error}"
     );
 }
 
-#[test]
-fn a_child_bounds_its_own_wait_before_its_deadline_and_records_a_retry() {
+fn a_child_bounds_its_own_wait_before_its_deadline_and_records_a_retry(backend: Backend) {
     let rx = Receiver::start();
     // confirm mode would wait up to 30 s for an answer; the child deadline
     // is 1 s, and the child stops waiting in time to record the outcome.
-    let env = Env::new(
+    let env = Env::on(
+        backend,
         "child_deadline = \"1s\"\nlease_timeout = \"7s\"\nmax_messages = 1",
         &endpoint(
             "slow",
@@ -298,15 +280,10 @@ fn a_child_bounds_its_own_wait_before_its_deadline_and_records_a_retry() {
         "{}",
         stderr(&out)
     );
-    let (state, outcome): (String, String) = env
-        .db()
-        .query_row(
-            "SELECT d.state, a.outcome FROM deliveries d JOIN attempts a ON a.delivery_id = d.id",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
-    assert_eq!((state.as_str(), outcome.as_str()), ("delayed", "retry"));
+    let row = env.query_row(
+        "SELECT d.state, a.outcome FROM deliveries d JOIN attempts a ON a.delivery_id = d.id",
+    );
+    assert_eq!(row, ["delayed", "retry"]);
     run_until(&env, LIMIT, "delivered", || {
         env.count_state("delivered") == 1
     });

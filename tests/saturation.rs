@@ -1,6 +1,7 @@
 //! Saturation end to end: account budgets, saturated endpoints, in-flight
 //! caps and the delayed queue, with the real binary, real children and a
-//! real receiver on 127.0.0.1 that counts, delays and refuses.
+//! real receiver on 127.0.0.1 that counts, delays and refuses; the
+//! `on_both_backends!` ones on SQLite and on PostgreSQL.
 
 mod common;
 
@@ -9,6 +10,13 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
+
+on_both_backends!(
+    retry_after_holds_a_saturated_endpoint_while_others_are_not_slowed,
+    a_down_endpoint_is_probed_once_per_cool_down_and_drains_when_back,
+    eligible_delayed_deliveries_are_not_starved_by_a_ready_backlog,
+    budget_and_saturation_state_survive_between_runs,
+);
 
 fn ndjson(messages: impl IntoIterator<Item = (String, String, i64)>) -> String {
     messages
@@ -20,13 +28,10 @@ fn ndjson(messages: impl IntoIterator<Item = (String, String, i64)>) -> String {
 }
 
 fn delivered_of_account(env: &Env, account: &str) -> i64 {
-    env.db()
-        .query_row(
-            "SELECT count(*) FROM deliveries WHERE state = 'delivered' AND account = ?1",
-            [account],
-            |r| r.get(0),
-        )
-        .unwrap()
+    assert!(account.chars().all(|c| c.is_ascii_alphanumeric()));
+    env.query_i64(&format!(
+        "SELECT count(*) FROM deliveries WHERE state = 'delivered' AND account = '{account}'"
+    ))
 }
 
 fn stats(env: &Env) -> serde_json::Value {
@@ -97,12 +102,11 @@ fn a_noisy_account_is_rate_limited_while_quiet_accounts_flow_in_the_first_run() 
     assert!(seen.values().all(|&n| n == 1));
 }
 
-#[test]
-fn retry_after_holds_a_saturated_endpoint_while_others_are_not_slowed() {
+fn retry_after_holds_a_saturated_endpoint_while_others_are_not_slowed(backend: Backend) {
     let rx = Receiver::start();
     let endpoints = endpoint("slow", &rx.url("/slow"), &["s"], "max_in_flight = 1")
         + &endpoint("fast", &rx.url("/fast"), &["f"], "");
-    let env = Env::new("max_children = 4", &endpoints);
+    let env = Env::on(backend, "max_children = 4", &endpoints);
     rx.queue("/slow", &[Reply::RetryAfter(429, "2")]);
     env.enqueue_ndjson(&ndjson((0..5).map(|_| ("s".into(), "a".into(), 0))));
     env.enqueue_ndjson(&ndjson((0..20).map(|_| ("f".into(), "a".into(), 0))));
@@ -193,11 +197,11 @@ fn max_in_flight_holds_across_two_concurrent_runs() {
     }
 }
 
-#[test]
-fn a_down_endpoint_is_probed_once_per_cool_down_and_drains_when_back() {
+fn a_down_endpoint_is_probed_once_per_cool_down_and_drains_when_back(backend: Backend) {
     let rx = Receiver::start();
     rx.set_default("/down", Reply::Status(503));
-    let env = Env::new(
+    let env = Env::on(
+        backend,
         "max_children = 4",
         &endpoint(
             "down",
@@ -213,13 +217,10 @@ fn a_down_endpoint_is_probed_once_per_cool_down_and_drains_when_back() {
     });
     // Every request the receiver saw is an attempt, finished (503) by now.
     let attempts: Vec<(i64, i64)> = env
-        .db()
-        .prepare("SELECT started_at, finished_at FROM attempts ORDER BY started_at")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+        .query_rows("SELECT started_at, finished_at FROM attempts ORDER BY started_at")
+        .iter()
+        .map(|r| (r[0].parse().unwrap(), r[1].parse().unwrap()))
+        .collect();
     assert_eq!(attempts.len(), rx.received_on("/down").len());
     // The first wave was leased before the first 503 came back (at most one
     // per child); after it, each probe starts a full cool-down after the
@@ -245,11 +246,11 @@ fn a_down_endpoint_is_probed_once_per_cool_down_and_drains_when_back() {
     });
 }
 
-#[test]
-fn eligible_delayed_deliveries_are_not_starved_by_a_ready_backlog() {
+fn eligible_delayed_deliveries_are_not_starved_by_a_ready_backlog(backend: Backend) {
     for (share, expect_all) in [("0.2", true), ("0", false)] {
         let rx = Receiver::start();
-        let env = Env::new(
+        let env = Env::on(
+            backend,
             &format!("max_children = 4\nmax_messages = 100\ndelayed_share = {share}"),
             &endpoint("hook", &rx.url("/hook"), &["t"], ""),
         );
@@ -291,13 +292,13 @@ fn eligible_delayed_deliveries_are_not_starved_by_a_ready_backlog() {
     }
 }
 
-#[test]
-fn budget_and_saturation_state_survive_between_runs() {
+fn budget_and_saturation_state_survive_between_runs(backend: Backend) {
     let rx = Receiver::start();
     rx.queue("/sat", &[Reply::RetryAfter(503, "30")]);
     let endpoints = endpoint("sat", &rx.url("/sat"), &["s"], "max_in_flight = 1")
         + &endpoint("budget", &rx.url("/budget"), &["b"], "");
-    let env = Env::new(
+    let env = Env::on(
+        backend,
         "",
         &format!("[account_budget.overrides]\nslow = {{ rate = 0.2 }}\n\n{endpoints}"),
     );

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod postgres;
 pub mod systemd;
 pub mod tcp;
 
@@ -246,11 +247,48 @@ impl Drop for Receiver {
     }
 }
 
+/// Which store a test's queue is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A SQLite file in the test's directory.
+    Sqlite,
+    /// A fresh database on this test binary's PostgreSQL server, children
+    /// connecting through its PgBouncer.
+    Postgres,
+}
+
+/// `#[test]`s that run `fn NAME(backend: Backend)` once on each backend:
+/// `on_sqlite::NAME` and `on_postgres::NAME`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::common::Backend::Sqlite)
+                }
+            )*
+        }
+        mod on_postgres {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::common::Backend::Postgres)
+                }
+            )*
+        }
+    };
+}
+
 /// A temporary directory with a config and a database, and the real binary.
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    /// The SQLite file (unused on PostgreSQL).
     pub db: PathBuf,
+    /// The PostgreSQL database, when the queue is one.
+    pub pg: Option<postgres::Database>,
 }
 
 impl Env {
@@ -260,11 +298,64 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("cronpost.toml");
         let db = dir.path().join("q.db");
-        let env = Env { dir, config, db };
+        let env = Env {
+            dir,
+            config,
+            db,
+            pg: None,
+        };
         env.write_config(&format!(
             "database = \"q.db\"\n\n[run]\n{run}\n\n{endpoints}"
         ));
         env
+    }
+
+    /// [`Env::new`] on `backend`.
+    pub fn on(backend: Backend, run: &str, endpoints: &str) -> Env {
+        match backend {
+            Backend::Sqlite => Env::new(run, endpoints),
+            Backend::Postgres => Env::on_postgres(run, endpoints, true),
+        }
+    }
+
+    /// [`Env::new`] on a fresh PostgreSQL database of this test binary's
+    /// server, connected directly or through its PgBouncer; the slots in
+    /// `slots/` of the directory.
+    pub fn on_postgres(run: &str, endpoints: &str, through_bouncer: bool) -> Env {
+        let mut env = Env::new(run, endpoints);
+        let pg = postgres::database();
+        let url = if through_bouncer {
+            &pg.bouncer_url
+        } else {
+            &pg.url
+        };
+        let text = std::fs::read_to_string(&env.config).unwrap();
+        env.write_config(&text.replacen(
+            "database = \"q.db\"",
+            &format!(
+                "database = \"{url}\"\nlisten_database = \"{}\"\nslots_dir = \"slots\"",
+                pg.url
+            ),
+            1,
+        ));
+        env.pg = Some(pg);
+        env
+    }
+
+    /// A second config on the same queue, as another host would have: its
+    /// own slot directory (and so its own child limit).
+    pub fn other_host(&self, name: &str) -> PathBuf {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let path = self.dir.path().join(format!("{name}.toml"));
+        let text = text.replacen(
+            "slots_dir = \"slots\"",
+            &format!("slots_dir = \"{name}-slots\""),
+            1,
+        );
+        std::fs::write(&path, text).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
     }
 
     pub fn write_config(&self, text: &str) {
@@ -418,20 +509,63 @@ impl Env {
         conn
     }
 
-    /// The first column of the first row of `sql`.
+    /// The first column of the first row of `sql`, on either backend.
     pub fn query_i64(&self, sql: &str) -> i64 {
-        self.db().query_row(sql, [], |r| r.get(0)).unwrap()
+        match &self.pg {
+            Some(pg) => pg.query_i64(sql),
+            None => self.db().query_row(sql, [], |r| r.get(0)).unwrap(),
+        }
+    }
+
+    /// Every row of `sql`, each value as text (NULL as ""), on either
+    /// backend.
+    pub fn query_rows(&self, sql: &str) -> Vec<Vec<String>> {
+        match &self.pg {
+            Some(pg) => {
+                let out = pg.sql_separated(sql);
+                out.lines()
+                    .map(|l| l.split('\x1f').map(str::to_string).collect())
+                    .collect()
+            }
+            None => {
+                let conn = self.db();
+                let mut stmt = conn.prepare(sql).unwrap();
+                let columns = stmt.column_count();
+                stmt.query_map([], |r| {
+                    (0..columns)
+                        .map(|i| {
+                            Ok(match r.get_ref(i)? {
+                                rusqlite::types::ValueRef::Null => String::new(),
+                                rusqlite::types::ValueRef::Integer(n) => n.to_string(),
+                                rusqlite::types::ValueRef::Real(x) => x.to_string(),
+                                rusqlite::types::ValueRef::Text(t) => {
+                                    String::from_utf8_lossy(t).into_owned()
+                                }
+                                rusqlite::types::ValueRef::Blob(b) => format!("{b:?}"),
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+            }
+        }
+    }
+
+    /// The first row of `sql` (which must have one), values as text.
+    pub fn query_row(&self, sql: &str) -> Vec<String> {
+        let mut rows = self.query_rows(sql);
+        assert!(!rows.is_empty(), "no row from {sql}");
+        rows.swap_remove(0)
     }
 
     /// Count of deliveries in `state`.
     pub fn count_state(&self, state: &str) -> i64 {
-        self.db()
-            .query_row(
-                "SELECT count(*) FROM deliveries WHERE state = ?1",
-                [state],
-                |r| r.get(0),
-            )
-            .unwrap()
+        assert!(state.chars().all(|c| c.is_ascii_lowercase()));
+        self.query_i64(&format!(
+            "SELECT count(*) FROM deliveries WHERE state = '{state}'"
+        ))
     }
 
     pub fn path(&self) -> &Path {

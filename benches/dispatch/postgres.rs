@@ -18,6 +18,7 @@ const CHILDREN: usize = 8;
 
 struct Pg {
     cluster: postgres_server::Cluster,
+    copies: std::cell::Cell<usize>,
 }
 
 impl Pg {
@@ -53,11 +54,24 @@ impl Pg {
         self.cluster.sql(name, "VACUUM ANALYZE");
     }
 
-    /// A fresh copy of database `name` as `copy`.
-    fn copy_of(&self, name: &str) {
-        self.cluster.sql("postgres", "DROP DATABASE IF EXISTS copy");
-        self.cluster
-            .sql("postgres", &format!("CREATE DATABASE copy TEMPLATE {name}"));
+    /// A fresh copy of database `name`; returns its name. Each copy has a
+    /// name of its own (PgBouncer keeps server connections to the last one
+    /// for a while), and the one before is dropped.
+    fn copy_of(&self, name: &str) -> String {
+        let n = self.copies.get();
+        self.copies.set(n + 1);
+        if n > 0 {
+            self.cluster.sql(
+                "postgres",
+                &format!("DROP DATABASE IF EXISTS copy{} WITH (FORCE)", n - 1),
+            );
+        }
+        let copy = format!("copy{n}");
+        self.cluster.sql(
+            "postgres",
+            &format!("CREATE DATABASE {copy} TEMPLATE {name}"),
+        );
+        copy
     }
 
     /// A config `file.toml` on database `db`, children through PgBouncer or
@@ -112,6 +126,7 @@ fn drain_hosts(setup: &mut Setup, configs: &[PathBuf], n: usize) -> f64 {
 pub fn section(setup: &mut Setup, table: &mut Table) {
     let pg = Pg {
         cluster: postgres_server::start(SETTINGS),
+        copies: std::cell::Cell::new(0),
     };
     let n = setup.n;
     // SQLite beside it: the same drain, one host.
@@ -136,11 +151,9 @@ pub fn section(setup: &mut Setup, table: &mut Table) {
         };
         for hosts in [1, 2] {
             let (rate, xs) = repeat(setup.options.repeats, || {
-                pg.copy_of("drain");
+                let copy = pg.copy_of("drain");
                 let configs: Vec<PathBuf> = (0..hosts)
-                    .map(|h| {
-                        pg.config(&setup.bench, &format!("host{h}"), "copy", CHILDREN, bouncer)
-                    })
+                    .map(|h| pg.config(&setup.bench, &format!("host{h}"), &copy, CHILDREN, bouncer))
                     .collect();
                 drain_hosts(setup, &configs, n)
             });
@@ -160,7 +173,7 @@ pub fn section(setup: &mut Setup, table: &mut Table) {
         let name = format!("backlog{backlog}");
         pg.ready_db(&setup.bench, &name, backlog);
         // One copy per backlog: each reading leases the next `ops` of it.
-        pg.copy_of(&name);
+        let copy = pg.copy_of(&name);
         let rows: [(&str, bool, Option<bool>); 5] = [
             ("SQLite, a new connection per delivery", true, None),
             (
@@ -180,7 +193,7 @@ pub fn section(setup: &mut Setup, table: &mut Table) {
             let (rate, xs) = repeat(setup.options.repeats, || {
                 let config = match backend {
                     None => setup.bench.copy_of(&format!("sqlite{backlog}"), backlog, 1),
-                    Some(bouncer) => pg.config(&setup.bench, "scale", "copy", 1, bouncer),
+                    Some(bouncer) => pg.config(&setup.bench, "scale", &copy, 1, bouncer),
                 };
                 lease_record_rate(&config, ops, fresh)
             });

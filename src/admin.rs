@@ -248,8 +248,16 @@ fn stats_text(config: &Config, stats: &Stats) -> String {
             format!("{:.2}s", seconds(f - r.started_at))
         });
         out += &format!(
-            "last run {} (pid {}, {took}): forked {}: {} delivered, {} retried, {} dead, {} failed, {} found nothing to lease\n",
-            r.id, r.pid, r.forked, r.delivered, r.retried, r.dead, r.failed, r.found_nothing
+            "last run {} (host {}, pid {}, {took}): forked {}: {} delivered, {} retried, {} dead, {} failed, {} found nothing to lease\n",
+            r.id,
+            r.host,
+            r.pid,
+            r.forked,
+            r.delivered,
+            r.retried,
+            r.dead,
+            r.failed,
+            r.found_nothing
         );
         let attempts: Vec<String> = stats
             .last_run_attempts

@@ -29,6 +29,9 @@ pub struct Config {
     /// session's state: a direct connection when `database` goes through
     /// PgBouncer in transaction pooling); None: `database`.
     pub listen_database: Option<String>,
+    /// This host's name in run records and lease owners (`host_name`, by
+    /// default the machine's): which host of a shared queue did what.
+    pub host_name: String,
     /// Where the slot files of the global child limit live (local disk: the
     /// limit is per host, also when hosts share a PostgreSQL queue).
     pub slots_dir: PathBuf,
@@ -112,6 +115,26 @@ impl fmt::Display for Database {
                 f.write_str(shown.as_deref().unwrap_or(url))
             }
         }
+    }
+}
+
+/// The machine's host name, up to its first dot, in the characters a
+/// `host_name` may have ("localhost" if it has none).
+fn machine_name() -> String {
+    let name: String = nix::unistd::gethostname()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_".contains(*c))
+        .take(64)
+        .collect();
+    if name.is_empty() {
+        "localhost".into()
+    } else {
+        name
     }
 }
 
@@ -509,6 +532,7 @@ struct RawConfig {
     database_group: Option<Spanned<String>>,
     slots_dir: Option<Spanned<String>>,
     listen_database: Option<Spanned<String>>,
+    host_name: Option<Spanned<String>>,
     busy_timeout: Option<Spanned<String>>,
     max_payload_bytes: Option<Spanned<i64>>,
     #[serde(default)]
@@ -626,6 +650,27 @@ impl RawConfig {
                 ));
             }
         };
+        let host_name = match &self.host_name {
+            Some(name)
+                if name.get_ref().is_empty()
+                    || name.get_ref().len() > 64
+                    || !name
+                        .get_ref()
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
+            {
+                return Err(at.error(
+                    name.span(),
+                    "host_name",
+                    format!(
+                        "= {:?} must be 1 to 64 of A-Z a-z 0-9 - _ .",
+                        name.get_ref()
+                    ),
+                ));
+            }
+            Some(name) => name.get_ref().clone(),
+            None => machine_name(),
+        };
         let slots_dir = match (&self.slots_dir, &database) {
             (Some(dir), _) if dir.get_ref().trim().is_empty() => {
                 return Err(at.error(dir.span(), "slots_dir", "must not be empty"));
@@ -724,6 +769,7 @@ impl RawConfig {
             path: at.path.to_path_buf(),
             database,
             listen_database,
+            host_name,
             slots_dir,
             database_group,
             busy_timeout,

@@ -226,8 +226,9 @@ fn prepare(config: &Config, between: &mut dyn FnMut()) -> Result<RunRecord> {
     }
     let pid = std::process::id();
     Ok(RunRecord {
-        id: store.run_begin(pid, now)?,
+        id: store.run_begin(pid, &config.host_name, now)?,
         pid,
+        host: config.host_name.clone(),
         started_at: now,
         routed: routed.messages as u64,
         reclaimed: reclaimed as u64,
@@ -430,7 +431,11 @@ impl Parent<'_> {
     }
 
     fn fork_child(&mut self, run: &mut RunRecord, slot: File) -> Result<()> {
-        let owner = format!("{:016x}.{}", self.token, run.forked);
+        // The host first: an admin sees which host holds a lease.
+        let owner = format!(
+            "{}.{:016x}.{}",
+            self.config.host_name, self.token, run.forked
+        );
         // Every 1/delayed_share-th child takes eligible delayed deliveries
         // first, so a continuous ready backlog cannot starve them.
         let prefer = if ((run.forked + 1) as f64 * self.config.run.delayed_share).floor()

@@ -18,6 +18,9 @@ pub const DEFAULTS: &str = r#"# Every key of a cronpost config, with its default
 # have none; commented keys are optional and off unless set.
 database = "/var/lib/cronpost/cronpost.db"  # REQUIRED; relative paths are relative to the config file
 # database_group = "cronpost"  # a new database is 0660 with this group (else 0600)
+# listen_database = "postgres://..."  # PostgreSQL: a direct URL for LISTEN (default: database)
+# slots_dir = "/run/cronpost"  # default: DATABASE.slots; /run/cronpost for PostgreSQL
+# host_name = "web1"           # default: the machine's name; in runs and lease owners
 busy_timeout = "5s"
 max_payload_bytes = 262144
 require_object_payload = false

@@ -186,9 +186,13 @@ fn two_hosts_drain_ten_thousand_messages_each_delivered_once() {
     let seen = arrivals(&rx);
     assert_eq!(seen.len(), 10_000);
     assert!(seen.values().all(|&n| n == 1), "a message arrived twice");
-    // Both hosts dispatched.
-    let pids = env.query_i64("SELECT count(DISTINCT pid) FROM runs");
-    assert!(pids >= 2, "{pids} runs");
+    // Both hosts dispatched, and say so.
+    let hosts = env.query_rows("SELECT DISTINCT host FROM runs ORDER BY host");
+    assert_eq!(hosts, [["a"], ["b"]]);
+    assert!(
+        env.ok(&["stats"]).contains("(host "),
+        "stats names the last run's host"
+    );
 }
 
 #[test]
@@ -228,15 +232,30 @@ fn a_host_killed_mid_run_loses_nothing() {
     assert_eq!(seen.len(), 2_000, "every message arrived");
     // A message arrived twice only if the killed host held its lease: the
     // attempt it left open expired and another host delivered it again.
-    let twice = seen.values().filter(|&&n| n > 1).count() as i64;
+    for (uid, _) in seen.iter().filter(|(_, n)| **n > 1) {
+        assert_eq!(
+            env.query_i64(&format!(
+                "SELECT count(*) FROM attempts a JOIN deliveries d ON d.id = a.delivery_id
+                 JOIN messages m ON m.id = d.message_id
+                 WHERE m.uid = '{uid}' AND a.outcome = 'lease_expired' AND a.lease_owner LIKE 'a.%'"
+            )),
+            1,
+            "{uid} arrived twice without a lease of the killed host expiring"
+        );
+    }
+    // The expired leases are all the killed host's, at most one per child.
     let expired = env.query_i64("SELECT count(*) FROM attempts WHERE outcome = 'lease_expired'");
+    let of_a = env.query_i64(
+        "SELECT count(*) FROM attempts WHERE outcome = 'lease_expired' AND lease_owner LIKE 'a.%'",
+    );
+    assert_eq!(expired, of_a, "only the killed host's leases expired");
     assert!(
-        twice <= expired,
-        "{twice} arrived twice, {expired} leases expired"
+        expired <= 4,
+        "{expired} leases expired: more than its 4 children held"
     );
     assert!(
-        expired <= 8,
-        "{expired} leases expired: more than the dead host's children held"
+        env.query_i64("SELECT count(*) FROM runs WHERE host = 'b'") >= 1,
+        "the survivor recorded its runs as host b"
     );
 }
 
@@ -417,4 +436,58 @@ fn a_lock_held_longer_than_busy_timeout_fails_the_write_clearly_and_writes_nothi
     );
     env.enqueue("t", "acme", "{}");
     assert_eq!(env.query_i64("SELECT count(*) FROM messages"), 2);
+}
+
+#[test]
+fn bad_multi_host_settings_are_config_errors_naming_the_key() {
+    let env = Env::new("", &endpoint("hook", "http://127.0.0.1:9/x", &["t"], ""));
+    let good = std::fs::read_to_string(&env.config).unwrap();
+    let pg = "database = \"postgres://postgres@localhost/q\"";
+    for (text, expected) in [
+        (
+            good.replacen("database = \"q.db\"", "database = \"postgres://x:y:z\"", 1),
+            "database",
+        ),
+        (
+            good.replacen(
+                "database = \"q.db\"",
+                "database = \"q.db\"\nlisten_database = \"postgres://h/q\"",
+                1,
+            ),
+            "listen_database is for a PostgreSQL database",
+        ),
+        (
+            good.replacen(
+                "database = \"q.db\"",
+                &format!("{pg}\nlisten_database = \"q.db\""),
+                1,
+            ),
+            "listen_database must be a postgres://",
+        ),
+        (
+            good.replacen(
+                "database = \"q.db\"",
+                "database = \"q.db\"\nhost_name = \"web 1\"",
+                1,
+            ),
+            "host_name = \"web 1\" must be",
+        ),
+        (
+            good.replacen(
+                "database = \"q.db\"",
+                "database = \"q.db\"\nslots_dir = \"\"",
+                1,
+            ),
+            "slots_dir must not be empty",
+        ),
+    ] {
+        env.write_config(&text);
+        let out = env.cronpost(&["check-config"]);
+        assert_eq!(out.status.code(), Some(78), "{expected}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(expected),
+            "{expected}: {}",
+            stderr(&out)
+        );
+    }
 }

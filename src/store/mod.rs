@@ -82,7 +82,7 @@ pub trait Store {
     fn attempt_finish(&mut self, finish: &FinishAttempt) -> Result<bool>;
 
     /// Opens a run record; returns its id.
-    fn run_begin(&mut self, pid: u32, now: i64) -> Result<i64>;
+    fn run_begin(&mut self, pid: u32, host: &str, now: i64) -> Result<i64>;
 
     /// Writes a run's final counters.
     fn run_finish(&mut self, run: &RunRecord) -> Result<()>;

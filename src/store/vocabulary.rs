@@ -404,6 +404,8 @@ pub struct RunRecord {
     pub id: i64,
     /// The parent's pid.
     pub pid: u32,
+    /// The host it ran on (`host_name`).
+    pub host: String,
     /// Start.
     pub started_at: i64,
     /// End, once finished.

@@ -333,7 +333,7 @@ impl Env {
         env.write_config(&text.replacen(
             "database = \"q.db\"",
             &format!(
-                "database = \"{url}\"\nlisten_database = \"{}\"\nslots_dir = \"slots\"",
+                "database = \"{url}\"\nlisten_database = \"{}\"\nslots_dir = \"slots\"\nhost_name = \"a\"",
                 pg.url
             ),
             1,
@@ -343,15 +343,18 @@ impl Env {
     }
 
     /// A second config on the same queue, as another host would have: its
-    /// own slot directory (and so its own child limit).
+    /// own host name and slot directory (and so its own child limit); the
+    /// first host is "a".
     pub fn other_host(&self, name: &str) -> PathBuf {
         let text = std::fs::read_to_string(&self.config).unwrap();
         let path = self.dir.path().join(format!("{name}.toml"));
-        let text = text.replacen(
-            "slots_dir = \"slots\"",
-            &format!("slots_dir = \"{name}-slots\""),
-            1,
-        );
+        let text = text
+            .replacen(
+                "slots_dir = \"slots\"",
+                &format!("slots_dir = \"{name}-slots\""),
+                1,
+            )
+            .replacen("host_name = \"a\"", &format!("host_name = \"{name}\""), 1);
         std::fs::write(&path, text).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();

@@ -8,7 +8,7 @@ pub fn stats_count_states_per_endpoint_and_report_the_last_run(store: &mut dyn S
         .messages_insert(&[message("t", 0), message("t", 0)])
         .unwrap();
     route(store, T0);
-    let run = store.run_begin(99, T0).unwrap();
+    let run = store.run_begin(99, "h", T0).unwrap();
     let policy = Policy::default();
     let mut params = lease_params("x", T0, &policy);
     params.run_id = Some(run);
@@ -19,6 +19,7 @@ pub fn stats_count_states_per_endpoint_and_report_the_last_run(store: &mut dyn S
     let record = RunRecord {
         id: run,
         pid: 99,
+        host: "h".into(),
         started_at: T0,
         finished_at: Some(T0 + 50),
         forked: 1,
@@ -240,8 +241,8 @@ pub fn requeue_at_a_rate_spreads_due_times_oldest_first_up_to_its_limit(store: &
 
 pub fn retention_purges_old_delivered_history_in_batches_and_keeps_the_rest(store: &mut dyn Store) {
     let (dead, delivered) = a_small_history(store);
-    let first = store.run_begin(1, T0).unwrap();
-    let second = store.run_begin(1, T0 + 1).unwrap();
+    let first = store.run_begin(1, "h", T0).unwrap();
+    let second = store.run_begin(1, "h", T0 + 1).unwrap();
     // Nothing is old enough yet.
     assert_eq!(
         store.delivered_purge(T0, 10).unwrap(),
@@ -272,7 +273,7 @@ pub fn retention_purges_old_delivered_history_in_batches_and_keeps_the_rest(stor
 pub fn run_totals_add_up_every_recorded_run(store: &mut dyn Store) {
     assert_eq!(store.run_totals().unwrap(), RunTotals::default());
     for (delivered, failed) in [(3, 1), (4, 0)] {
-        let id = store.run_begin(7, T0).unwrap();
+        let id = store.run_begin(7, "h", T0).unwrap();
         store
             .run_finish(&RunRecord {
                 id,

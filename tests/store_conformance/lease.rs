@@ -207,8 +207,8 @@ pub fn a_runs_attempts_in_flight_are_its_children_holding_a_lease(store: &mut dy
         .messages_insert(&[message("t", 0), message("t", 0), message("t", 0)])
         .unwrap();
     route(store, T0);
-    let run = store.run_begin(1, T0).unwrap();
-    let other = store.run_begin(2, T0).unwrap();
+    let run = store.run_begin(1, "h", T0).unwrap();
+    let other = store.run_begin(2, "h", T0).unwrap();
     let policy = Policy::default();
     let mut leases = Vec::new();
     for (owner, run_id) in [("a", run), ("b", run), ("c", other)] {

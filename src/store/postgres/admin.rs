@@ -312,7 +312,7 @@ impl PostgresStore {
             stats.last_run = c
                 .query_typed_opt(
                     "SELECT id, pid, started_at, finished_at, routed, reclaimed, forked, delivered, retried, dead,
-                            failed, found_nothing
+                            failed, found_nothing, host
                      FROM runs ORDER BY id DESC LIMIT 1",
                     &[],
                 )?

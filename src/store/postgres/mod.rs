@@ -257,6 +257,7 @@ fn run_row(r: &Row) -> Result<RunRecord, ::postgres::Error> {
         dead: count(9)?,
         failed: count(10)?,
         found_nothing: count(11)?,
+        host: r.try_get::<_, Option<String>>(12)?.unwrap_or_default(),
     })
 }
 
@@ -473,12 +474,12 @@ impl Store for PostgresStore {
         PostgresStore::attempt_finish(self, f)
     }
 
-    fn run_begin(&mut self, pid: u32, now: i64) -> Result<i64> {
+    fn run_begin(&mut self, pid: u32, host: &str, now: i64) -> Result<i64> {
         let pid = i64::from(pid);
         self.write(|tx| {
             tx.query_typed_one(
-                "INSERT INTO runs (pid, started_at) VALUES ($1, $2) RETURNING id",
-                typed![pid => INT8, now => INT8],
+                "INSERT INTO runs (pid, host, started_at) VALUES ($1, $2, $3) RETURNING id",
+                typed![pid => INT8, host => TEXT, now => INT8],
             )?
             .try_get(0)
         })

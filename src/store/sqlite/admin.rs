@@ -329,7 +329,7 @@ impl SqliteStore {
             stats.last_run = conn
                 .query_row(
                     "SELECT id, pid, started_at, finished_at, routed, reclaimed, forked, delivered, retried, dead,
-                            failed, found_nothing
+                            failed, found_nothing, host
                      FROM runs ORDER BY id DESC LIMIT 1",
                     [],
                     run_row,

@@ -32,6 +32,10 @@ pub const FILES: &[(&str, &str)] = &[
         "0006_wakeups.sql",
         include_str!("../../../migrations/sqlite/0006_wakeups.sql"),
     ),
+    (
+        "0007_hosts.sql",
+        include_str!("../../../migrations/sqlite/0007_hosts.sql"),
+    ),
 ];
 
 /// Applies the migrations the database lacks.

@@ -253,6 +253,7 @@ fn run_row(r: &Row) -> rusqlite::Result<RunRecord> {
         dead: r.get(9)?,
         failed: r.get(10)?,
         found_nothing: r.get(11)?,
+        host: r.get::<_, Option<String>>(12)?.unwrap_or_default(),
     })
 }
 
@@ -433,11 +434,11 @@ impl Store for SqliteStore {
         SqliteStore::attempt_finish(self, f)
     }
 
-    fn run_begin(&mut self, pid: u32, now: i64) -> Result<i64> {
+    fn run_begin(&mut self, pid: u32, host: &str, now: i64) -> Result<i64> {
         self.write(|tx| {
             tx.execute(
-                "INSERT INTO runs (pid, started_at) VALUES (?1, ?2)",
-                params![pid, now],
+                "INSERT INTO runs (pid, host, started_at) VALUES (?1, ?2, ?3)",
+                params![pid, host, now],
             )?;
             Ok(tx.last_insert_rowid())
         })

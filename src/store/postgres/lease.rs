@@ -536,6 +536,9 @@ impl PostgresStore {
     }
 
     pub(super) fn attempt_finish(&mut self, f: &FinishAttempt) -> Result<bool> {
+        if !matches!(f.signal, EndpointSignal::Saturated { .. }) {
+            return self.attempt_finish_in_one_statement(f);
+        }
         let http_status = f.http_status.map(i64::from);
         self.write(|tx| {
             // A child that lost its lease says nothing about the endpoint any
@@ -551,20 +554,7 @@ impl PostgresStore {
                 .is_some();
             let moved = owner && {
                 let saturated_until = record_signal(tx, f)?;
-                let (state, not_before, reason) = match (f.next, saturated_until) {
-                    (NextState::Delivered, _) => (DeliveryState::Delivered, f.now, None),
-                    (NextState::Retry { not_before }, None) => (
-                        DeliveryState::Delayed,
-                        not_before,
-                        Some(reason::RETRY_BACKOFF),
-                    ),
-                    (NextState::Retry { not_before }, Some(until)) => (
-                        DeliveryState::Delayed,
-                        not_before.max(until),
-                        Some(reason::ENDPOINT_SATURATED),
-                    ),
-                    (NextState::Dead, _) => (DeliveryState::Dead, f.now, None),
-                };
+                let (state, not_before, reason) = next_row(f, saturated_until);
                 tx.execute_typed(
                     "UPDATE deliveries
                      SET state = $3, not_before = $4, reason = $5, lease_owner = NULL, lease_expires_at = NULL,
@@ -602,5 +592,81 @@ impl PostgresStore {
             )?;
             Ok(moved)
         })
+    }
+
+    /// [`PostgresStore::attempt_finish`] of an attempt whose endpoint is
+    /// not saturated (nearly all): the move, the breaker's close or the
+    /// probe's release, and the attempt, in one statement (one round trip,
+    /// its own transaction). Each part happens only if the lease was still
+    /// the owner's, as in the transaction above.
+    fn attempt_finish_in_one_statement(&mut self, f: &FinishAttempt) -> Result<bool> {
+        let http_status = f.http_status.map(i64::from);
+        let (state, not_before, reason) = next_row(f, None);
+        let healthy = matches!(f.signal, EndpointSignal::Healthy);
+        self.read(|c| {
+            c.query_typed_one(
+                "WITH moved AS (
+                   UPDATE deliveries
+                   SET state = $3, not_before = $4, reason = $5, lease_owner = NULL, lease_expires_at = NULL,
+                       lease_boot_id = NULL, lease_boot_expires_at = NULL,
+                       last_status = coalesce($6, last_status), last_error = $7, updated_at = $8
+                   WHERE id = $1 AND state = 'leased' AND lease_owner = $2
+                   RETURNING id),
+                 closed AS (
+                   UPDATE endpoint_health
+                   SET failures = 0, saturated_until = NULL, probe_owner = NULL, probe_expires_at = NULL,
+                       updated_at = $8
+                   WHERE $9 AND endpoint = $10 AND (failures > 0 OR probe_owner IS NOT NULL)
+                     AND EXISTS (SELECT 1 FROM moved)),
+                 released AS (
+                   UPDATE endpoint_health SET probe_owner = NULL
+                   WHERE NOT $9 AND endpoint = $10 AND probe_owner = $2 AND EXISTS (SELECT 1 FROM moved)),
+                 attempt AS (
+                   UPDATE attempts
+                   SET finished_at = $8, http_status = $6, error = $7, duration_ms = $13,
+                       outcome = CASE WHEN EXISTS (SELECT 1 FROM moved) THEN $11 ELSE $12 END
+                   WHERE id = $14)
+                 SELECT EXISTS (SELECT 1 FROM moved)",
+                typed![
+                    f.delivery_id => INT8,
+                    f.owner => TEXT,
+                    state.as_str() => TEXT,
+                    not_before => INT8,
+                    reason => TEXT,
+                    http_status => INT8,
+                    f.error => TEXT,
+                    f.now => INT8,
+                    healthy => BOOL,
+                    f.endpoint => TEXT,
+                    f.outcome.as_str() => TEXT,
+                    outcome::LEASE_LOST => TEXT,
+                    f.duration_ms => INT8,
+                    f.attempt_id => INT8,
+                ],
+            )?
+            .try_get(0)
+        })
+    }
+}
+
+/// The state, `not_before` and reason an attempt moves its delivery to,
+/// given the time its endpoint is saturated until (if it is).
+fn next_row(
+    f: &FinishAttempt,
+    saturated_until: Option<i64>,
+) -> (DeliveryState, i64, Option<&'static str>) {
+    match (f.next, saturated_until) {
+        (NextState::Delivered, _) => (DeliveryState::Delivered, f.now, None),
+        (NextState::Retry { not_before }, None) => (
+            DeliveryState::Delayed,
+            not_before,
+            Some(reason::RETRY_BACKOFF),
+        ),
+        (NextState::Retry { not_before }, Some(until)) => (
+            DeliveryState::Delayed,
+            not_before.max(until),
+            Some(reason::ENDPOINT_SATURATED),
+        ),
+        (NextState::Dead, _) => (DeliveryState::Dead, f.now, None),
     }
 }

@@ -104,16 +104,7 @@ impl fmt::Display for Database {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Database::Sqlite(path) => write!(f, "{}", path.display()),
-            Database::Postgres(url) => {
-                let shown = url::Url::parse(url)
-                    .ok()
-                    .filter(|u| u.password().is_some())
-                    .map(|mut u| {
-                        let _ = u.set_password(Some("***"));
-                        u.to_string()
-                    });
-                f.write_str(shown.as_deref().unwrap_or(url))
-            }
+            Database::Postgres(url) => f.write_str(&redacted_database_url(url)),
         }
     }
 }
@@ -136,6 +127,32 @@ fn machine_name() -> String {
     } else {
         name
     }
+}
+
+/// A PostgreSQL URL as messages show it: a password, in the user part or
+/// as a `password=` parameter, replaced by `***`.
+pub fn redacted_database_url(url: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return url.to_string();
+    };
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
+    }
+    if parsed.query_pairs().any(|(k, _)| k == "password") {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k == "password" {
+                    "***".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 /// Where the slots of a PostgreSQL queue live unless `slots_dir` says.
@@ -1089,6 +1106,23 @@ secret = "whsec_c2VjcmV0"
             err.message.contains("endpoints.a.secret"),
             "{}",
             err.message
+        );
+    }
+
+    #[test]
+    fn a_database_urls_password_is_never_shown() {
+        assert_eq!(
+            redacted_database_url("postgres://u:secret@h:5432/q"),
+            "postgres://u:***@h:5432/q"
+        );
+        let shown = redacted_database_url("postgres://u@h/q?password=secret&sslmode=disable");
+        assert!(
+            !shown.contains("secret") && shown.contains("sslmode=disable"),
+            "{shown}"
+        );
+        assert_eq!(
+            redacted_database_url("postgres://u@h/q"),
+            "postgres://u@h/q"
         );
     }
 }

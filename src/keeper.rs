@@ -219,7 +219,7 @@ const NOTIFICATION_WAIT: Duration = Duration::from_millis(100);
 /// The keeper of a PostgreSQL queue: LISTENs for new messages (a trigger
 /// notifies every host's keeper once per inserting transaction; a
 /// notification comes after the commit, so what it announces is visible),
-/// and looks when one comes. Delayed deliveries coming due and leases
+/// and looks when one comes. A lost connection is made again, with a look. Delayed deliveries coming due and leases
 /// expiring are the parent's own timer, as on SQLite.
 fn keep_postgres(
     config: &Config,
@@ -227,22 +227,25 @@ fn keep_postgres(
     wake: &mut std::fs::File,
     shared: &Shared,
 ) {
-    let listened = PostgresStore::open_existing(config.listen_url(), config.busy_timeout)
-        .and_then(|mut store| store.listen_for_messages().map(|()| store));
-    let mut store = match listened {
-        Ok(store) => store,
-        Err(e) => {
-            log::warn!("database keeper: {e}; new work waits for the next check");
-            return;
-        }
-    };
     let _ = nix::fcntl::fcntl(
         &alive,
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
     );
-    // Messages inserted before the LISTEN took effect: one look to begin.
+    // The listening connection; None: lost, made again at the next turn.
+    let mut store: Option<PostgresStore> = None;
+    // Whether to look at the next turn: at the start (messages inserted
+    // before the LISTEN took effect), after a notification, and after any
+    // failure (what was announced may not have been looked at).
     let mut look = true;
+    // Failures in a row: the next turn comes later and later (up to 1.6 s),
+    // the warning only now and then.
     let mut errors: u32 = 0;
+    fn fail(errors: &mut u32, e: crate::error::Error) {
+        if errors.is_power_of_two() || *errors == 0 {
+            log::warn!("database keeper: {e} (failed {} in a row)", *errors + 1);
+        }
+        *errors += 1;
+    }
     loop {
         let mut buf = [0u8; 1];
         match alive.read(&mut buf) {
@@ -255,30 +258,42 @@ fn keep_postgres(
             }
             _ => {}
         }
+        let wait = NOTIFICATION_WAIT * (1 << errors.min(4));
+        if store.is_none() {
+            match PostgresStore::open_existing(config.listen_url(), config.busy_timeout)
+                .and_then(|mut s| s.listen_for_messages().map(|()| s))
+            {
+                Ok(s) => store = Some(s),
+                Err(e) => {
+                    fail(&mut errors, e);
+                    std::thread::sleep(wait);
+                    continue;
+                }
+            }
+        }
+        let Some(listening) = store.as_mut() else {
+            continue;
+        };
         if look {
-            match look_for_work(&mut store, shared) {
+            match look_for_work(listening, shared) {
                 Ok(found) => {
                     errors = 0;
+                    look = false;
                     if found {
                         let _ = wake.write(&[1]);
                     }
                 }
-                Err(e) => {
-                    if errors.is_power_of_two() || errors == 0 {
-                        log::warn!("database keeper: {e} (failed {} in a row)", errors + 1);
-                    }
-                    errors += 1;
-                }
+                Err(e) => fail(&mut errors, e),
             }
         }
-        let wait = NOTIFICATION_WAIT * (1 << errors.min(4));
-        look = match store.wait_for_notification(wait) {
-            Ok(notified) => notified,
+        match listening.wait_for_notification(wait) {
+            Ok(notified) => look |= notified,
             Err(e) => {
-                log::warn!("database keeper: {e}; new work waits for the next check");
-                return;
+                fail(&mut errors, e);
+                store = None;
+                look = true;
             }
-        };
+        }
     }
 }
 

@@ -64,15 +64,10 @@ fn run(mut command: Command, what: &str) {
     );
 }
 
-/// A port free on loopback now (the servers listen on unix sockets only;
-/// the port names the socket file).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// The server's and the bouncer's ports: they listen on unix sockets only,
+/// in a directory of their own, where the port only names the socket file.
+const PORT: u16 = 5432;
+const BOUNCER_PORT: u16 = 6432;
 
 /// Server settings for tests: no fsync at all (a test's data is thrown away).
 pub const TEST_SETTINGS: &str =
@@ -93,7 +88,30 @@ pub fn start(settings: &str) -> Cluster {
         .keep();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     let data = dir.join("data");
-    let (port, bouncer_port) = (free_port(), free_port());
+    let (port, bouncer_port) = (PORT, BOUNCER_PORT);
+    // The watchdog first, so that whatever fails below leaves nothing
+    // running: at this process's end it stops what was started (by the
+    // PIDs in their pidfiles; SIGKILL after 30 s) and removes the directory.
+    let script = format!(
+        "cat >/dev/null; kill -TERM $(cat {dir}/pgbouncer.pid 2>/dev/null) 2>/dev/null; \
+         kill -QUIT $(head -1 {data}/postmaster.pid 2>/dev/null) 2>/dev/null; \
+         for i in $(seq 300); do \
+           kill -0 $(cat {dir}/pgbouncer.pid 2>/dev/null) 2>/dev/null || \
+           kill -0 $(head -1 {data}/postmaster.pid 2>/dev/null) 2>/dev/null || break; sleep 0.1; done; \
+         kill -KILL $(cat {dir}/pgbouncer.pid 2>/dev/null) $(head -1 {data}/postmaster.pid 2>/dev/null) 2>/dev/null; \
+         rm -rf {dir}",
+        dir = dir.display(),
+        data = data.display()
+    );
+    let mut watchdog = Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdin = watchdog.stdin.take().unwrap();
+    let watchdog = Mutex::new((watchdog, stdin));
 
     let mut initdb = as_server_user(&format!("{BIN}/initdb"));
     initdb.args([
@@ -105,6 +123,12 @@ pub fn start(settings: &str) -> Cluster {
         "-E",
         "UTF8",
         "--no-sync",
+        // An ICU locale whose order is not the bytes' ("a" before "B"), so a
+        // query that forgets the schema's byte order is caught; it needs no
+        // system locale on the machine.
+        "--locale=C.UTF-8",
+        "--locale-provider=icu",
+        "--icu-locale=en-US",
     ]);
     run(initdb, "initdb");
     let mut pg_ctl = as_server_user(&format!("{BIN}/pg_ctl"));
@@ -140,27 +164,11 @@ pub fn start(settings: &str) -> Cluster {
     bouncer.args(["-d", ini.to_str().unwrap()]);
     run(bouncer, "pgbouncer");
 
-    // Stops both when this process is gone: its stdin's EOF.
-    let script = format!(
-        "cat >/dev/null; kill -TERM $(cat {dir}/pgbouncer.pid) 2>/dev/null; \
-         kill -QUIT $(head -1 {data}/postmaster.pid) 2>/dev/null; \
-         while [ -e {data}/postmaster.pid ] || [ -e {dir}/pgbouncer.pid ]; do sleep 0.1; done; rm -rf {dir}",
-        dir = dir.display(),
-        data = data.display()
-    );
-    let mut watchdog = Command::new("sh")
-        .args(["-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdin = watchdog.stdin.take().unwrap();
     let cluster = Cluster {
         dir,
         port,
         bouncer_port,
-        _watchdog: Mutex::new((watchdog, stdin)),
+        _watchdog: watchdog,
     };
     cluster.wait_for_bouncer();
     cluster

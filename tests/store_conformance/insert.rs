@@ -129,3 +129,35 @@ pub fn dedup_keys_are_per_account(store: &mut dyn Store) {
     let ids: Vec<i64> = report.messages.iter().map(|m| m.id).collect();
     assert_eq!(ids, [1, 2], "the ids of what was written, in order");
 }
+
+/// Names compare and sort byte by byte ("B" before "a"), whatever the
+/// database's locale: lists come in the same order from every backend.
+pub fn names_sort_byte_by_byte_whatever_the_locale(store: &mut dyn Store) {
+    subscribe(store, &[("t", "a"), ("t", "B"), ("U", "a")]);
+    let mut unrouted = message("t", 0);
+    unrouted.topic = "v".into();
+    let mut second = message("U", 0);
+    second.account = "Acme".into();
+    store
+        .messages_insert(&[message("t", 0), second, unrouted.clone(), unrouted])
+        .unwrap();
+    let mut nobody = message("Z", 0);
+    nobody.topic = "W".into();
+    store.messages_insert(&[nobody]).unwrap();
+    let report = route(store, T0);
+    assert_eq!(report.unroutable_topics, ["W", "v"]);
+    let endpoints: Vec<String> = store
+        .deliveries_of_message(1)
+        .unwrap()
+        .into_iter()
+        .map(|d| d.endpoint)
+        .collect();
+    assert_eq!(endpoints, ["B", "a"]);
+    let stats = store.stats(T0).unwrap();
+    let names: Vec<&str> = stats
+        .endpoints
+        .iter()
+        .map(|e| e.endpoint.as_str())
+        .collect();
+    assert_eq!(names, ["B", "a"]);
+}

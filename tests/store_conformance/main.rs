@@ -146,6 +146,7 @@ macro_rules! conformance {
                 a_delayed_message_is_routed_to_the_delayed_queue,
                 dedup_keys_skip_repeats_and_a_bad_batch_writes_nothing,
                 dedup_keys_are_per_account,
+                names_sort_byte_by_byte_whatever_the_locale,
             ];
             lease: [
                 leases_go_highest_priority_first_then_oldest_and_never_twice,

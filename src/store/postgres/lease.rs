@@ -40,7 +40,7 @@ UPDATE endpoint_health
 SET failures = 0, saturated_until = NULL, probe_owner = NULL, probe_expires_at = NULL, updated_at = $2
 WHERE endpoint = $1 AND (failures > 0 OR probe_owner IS NOT NULL)";
 
-/// How many deliveries one lease transaction may reroute before it gives up
+/// How many candidates one lease may reroute or skip before it gives up
 /// (the next child goes on where it stopped).
 const MAX_REROUTES: usize = 64;
 
@@ -77,50 +77,64 @@ fn lock_key(tx: &mut Client, kind: RateKind, key: &str) -> Result<(), ::postgres
     .map(drop)
 }
 
-fn lease_next(tx: &mut Client, p: &LeaseParams) -> Result<Option<Lease>, ::postgres::Error> {
-    let mut blocked = endpoints_at_cap(tx, p)?;
+/// What one lease transaction did with the candidate it looked at.
+enum Step {
+    /// Leased it.
+    Leased(Lease),
+    /// Held it (and its group) back in the delayed queue.
+    Rerouted,
+    /// Its endpoint cannot take a child now (a probe went, or the cap
+    /// filled, since the pick): skip the endpoint, look further.
+    Skipped(String),
+    /// Nothing to lease.
+    Empty,
+}
+
+/// One candidate, in one transaction: picked, decided under the advisory
+/// locks of its keys (at most two, always the account's before the
+/// endpoint's, so two leases cannot deadlock on them), then leased or
+/// rerouted. A transaction per candidate holds no key longer than that
+/// candidate needs it.
+fn lease_step(
+    tx: &mut Client,
+    p: &LeaseParams,
+    blocked: &[String],
+) -> Result<Step, ::postgres::Error> {
     let order = match p.prefer {
         Queue::Ready => [Queue::Ready, Queue::Delayed],
         Queue::Delayed => [Queue::Delayed, Queue::Ready],
     };
-    for _ in 0..MAX_REROUTES {
-        let mut candidate = None;
-        for queue in order {
-            candidate = pick(tx, queue, &blocked, p.now)?;
-            if candidate.is_some() {
-                break;
-            }
-        }
-        let Some(mut c) = candidate else {
-            return Ok(None);
-        };
-        if !lock_and_recheck(tx, p, &mut c)? {
-            // A probe went, or the cap filled, since the pick: other
-            // children of this endpoint wait, this one looks further.
-            blocked.push(c.endpoint.clone());
-            continue;
-        }
-        let view = saturation::Candidate {
-            endpoint: &c.endpoint,
-            account: &c.account,
-            held_for: c.reason.as_deref().and_then(held_for),
-            not_before: c.not_before,
-            saturated_until: c.saturated_until,
-            failures: c.failures,
-        };
-        let decision =
-            saturation::decide(p.policy, &view, p.now, |kind| tat(tx, kind, c.key(kind)))?;
-        match decision {
-            Decision::Go { probe, charges } => {
-                for charge in charges {
-                    set_tat(tx, charge.kind, c.key(charge.kind), charge.tat)?;
-                }
-                return lease_candidate(tx, p, &c, probe).map(Some);
-            }
-            Decision::Hold(hold) => reroute(tx, &c, &hold, p.now)?,
+    let mut candidate = None;
+    for queue in order {
+        candidate = pick(tx, queue, blocked, p.now)?;
+        if candidate.is_some() {
+            break;
         }
     }
-    Ok(None)
+    let Some(mut c) = candidate else {
+        return Ok(Step::Empty);
+    };
+    if !lock_and_recheck(tx, p, &mut c)? {
+        return Ok(Step::Skipped(c.endpoint));
+    }
+    let view = saturation::Candidate {
+        endpoint: &c.endpoint,
+        account: &c.account,
+        held_for: c.reason.as_deref().and_then(held_for),
+        not_before: c.not_before,
+        saturated_until: c.saturated_until,
+        failures: c.failures,
+    };
+    let decision = saturation::decide(p.policy, &view, p.now, |kind| tat(tx, kind, c.key(kind)))?;
+    match decision {
+        Decision::Go { probe, charges } => {
+            for charge in charges {
+                set_tat(tx, charge.kind, c.key(charge.kind), charge.tat)?;
+            }
+            lease_candidate(tx, p, &c, probe).map(Step::Leased)
+        }
+        Decision::Hold(hold) => reroute(tx, &c, &hold, p.now).map(|()| Step::Rerouted),
+    }
 }
 
 /// Takes the advisory locks a limited candidate is decided under (its
@@ -145,7 +159,7 @@ fn lock_and_recheck(
     lock_key(tx, RateKind::Endpoint, &c.endpoint)?;
     let health = tx.query_typed_opt(
         "SELECT saturated_until, failures, probe_owner IS NOT NULL AND probe_expires_at > $2
-         FROM endpoint_health WHERE endpoint = $1",
+         FROM endpoint_health WHERE endpoint = $1 FOR UPDATE",
         typed![c.endpoint => TEXT, p.now => INT8],
     )?;
     if let Some(h) = health {
@@ -172,7 +186,8 @@ fn lock_and_recheck(
 }
 
 /// Endpoints at their in-flight cap (leases of every host), where no child
-/// may start now: a first filter, checked again under the endpoint's lock.
+/// may start now: a first filter, read once per lease outside its
+/// transactions, checked again under the endpoint's lock.
 fn endpoints_at_cap(tx: &mut Client, p: &LeaseParams) -> Result<Vec<String>, ::postgres::Error> {
     let caps = p.policy.endpoints_with_in_flight_caps();
     if caps.is_empty() {
@@ -390,7 +405,7 @@ fn record_signal(tx: &mut Client, f: &FinishAttempt) -> Result<Option<i64>, ::po
             lock_key(tx, RateKind::Endpoint, &f.endpoint)?;
             let (until, failures) = tx
                 .query_typed_opt(
-                    "SELECT saturated_until, failures FROM endpoint_health WHERE endpoint = $1",
+                    "SELECT saturated_until, failures FROM endpoint_health WHERE endpoint = $1 FOR UPDATE",
                     typed![f.endpoint => TEXT],
                 )?
                 .map(|r| {
@@ -519,7 +534,20 @@ impl PostgresStore {
     pub(super) fn delivery_lease_next(&mut self, p: &LeaseParams) -> Result<Option<Lease>> {
         // Columns are typed here: no row can be undecodable, as a row
         // written with plain SQL into SQLite can.
-        self.write(|tx| lease_next(tx, p))
+        let mut blocked = if p.policy.endpoints_with_in_flight_caps().is_empty() {
+            Vec::new()
+        } else {
+            self.read(|c| endpoints_at_cap(c, p))?
+        };
+        for _ in 0..MAX_REROUTES {
+            match self.write(|tx| lease_step(tx, p, &blocked))? {
+                Step::Leased(lease) => return Ok(Some(lease)),
+                Step::Empty => return Ok(None),
+                Step::Skipped(endpoint) => blocked.push(endpoint),
+                Step::Rerouted => {}
+            }
+        }
+        Ok(None)
     }
 
     pub(super) fn lease_by_owner(&mut self, owner: &str) -> Result<Option<Lease>> {
@@ -603,7 +631,7 @@ impl PostgresStore {
         let http_status = f.http_status.map(i64::from);
         let (state, not_before, reason) = next_row(f, None);
         let healthy = matches!(f.signal, EndpointSignal::Healthy);
-        self.read(|c| {
+        self.write_one(|c| {
             c.query_typed_one(
                 "WITH moved AS (
                    UPDATE deliveries

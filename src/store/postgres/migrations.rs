@@ -29,29 +29,50 @@ const SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS cronpost_schema (
     applied_at BIGINT NOT NULL
 )";
 
-/// Applies the migrations the database lacks.
-pub fn apply(client: &mut Client) -> Result<(), ::postgres::Error> {
+/// Applies the migrations the database lacks; refuses a database migrated
+/// by a newer build (its schema is not this build's). `name` is the
+/// database as errors name it.
+pub fn apply(client: &mut Client, name: &str) -> crate::error::Result<()> {
+    let pg = |e: ::postgres::Error| super::db_error(name, &e).context("migration failed");
     // A read first: once migrated (every start but the first), no lock and
     // no DDL is needed.
-    if current_version(client)? == latest_version() {
+    let current = current_version(client).map_err(pg)?;
+    if current == latest_version() {
         return Ok(());
     }
-    let mut tx = client.transaction()?;
+    let newer = |version: i64| {
+        crate::error::Error::software(format!(
+            "database {name} is at schema version {version}, newer than this build's {}: upgrade cronpost on this host",
+            latest_version()
+        ))
+    };
+    if current > latest_version() {
+        return Err(newer(current));
+    }
+    let mut tx = client.transaction().map_err(pg)?;
     tx.batch_execute(&format!(
         "SELECT pg_advisory_xact_lock({LOCK_KEY}); {SCHEMA_TABLE}"
-    ))?;
+    ))
+    .map_err(pg)?;
     let applied: i64 = tx
-        .query_typed_one("SELECT coalesce(max(version), 0) FROM cronpost_schema", &[])?
-        .try_get(0)?;
-    for (i, (file, sql)) in FILES.iter().enumerate().skip(applied as usize) {
-        tx.batch_execute(sql)?;
-        let version = i as i64 + 1;
-        tx.execute_typed(
-            "INSERT INTO cronpost_schema (version, file, applied_at) VALUES ($1, $2, cronpost_now_ms())",
-            super::typed![version => INT8, file => TEXT],
-        )?;
+        .query_typed_one("SELECT coalesce(max(version), 0) FROM cronpost_schema", &[])
+        .and_then(|r| r.try_get(0))
+        .map_err(pg)?;
+    if applied > latest_version() {
+        return Err(newer(applied));
     }
-    tx.commit()
+    for (i, (file, sql)) in FILES.iter().enumerate().skip(applied as usize) {
+        let version = i as i64 + 1;
+        tx.batch_execute(sql)
+            .and_then(|()| {
+                tx.execute_typed(
+                    "INSERT INTO cronpost_schema (version, file, applied_at) VALUES ($1, $2, cronpost_now_ms())",
+                    super::typed![version => INT8, file => TEXT],
+                )
+            })
+            .map_err(|e| pg(e).context(file))?;
+    }
+    tx.commit().map_err(pg)
 }
 
 /// The version the database records (0: not migrated).

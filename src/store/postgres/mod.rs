@@ -51,12 +51,7 @@ impl PostgresStore {
     /// another (an advisory lock), and each applies only what is missing.
     pub fn open(url: &str, busy_timeout: Duration) -> Result<PostgresStore> {
         let mut store = PostgresStore::open_existing(url, busy_timeout)?;
-        migrations::apply(&mut store.client).map_err(|e| {
-            Error::new(
-                ExitCode::Software,
-                format!("database {}: migration failed: {e}", store.name),
-            )
-        })?;
+        migrations::apply(&mut store.client, &store.name)?;
         Ok(store)
     }
 
@@ -64,7 +59,7 @@ impl PostgresStore {
     /// connection, made after fork. `busy_timeout` bounds the connect (unless
     /// the URL says otherwise) and every lock wait.
     pub fn open_existing(url: &str, busy_timeout: Duration) -> Result<PostgresStore> {
-        let name = redacted(url);
+        let name = crate::config::redacted_database_url(url);
         let mut config: ::postgres::Config = url.parse().map_err(|e| {
             Error::config(format!(
                 "database {name}: not a PostgreSQL connection URL: {e}"
@@ -153,6 +148,24 @@ impl PostgresStore {
         }
     }
 
+    /// One writing statement in its own transaction (autocommit), tried
+    /// again as [`PostgresStore::write`] is. It sets no lock_timeout (that
+    /// would take a transaction of three round trips): the locks it can
+    /// meet are rows that other short transactions hold.
+    fn write_one<T>(
+        &mut self,
+        mut f: impl FnMut(&mut Client) -> Result<T, ::postgres::Error>,
+    ) -> Result<T> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match f(&mut self.client) {
+                Err(e) if tries < TRIES && is_retryable(&e) => continue,
+                other => return other.map_err(|e| self.err(e)),
+            }
+        }
+    }
+
     /// One statement outside a transaction (autocommit): the reads.
     fn read<T>(
         &mut self,
@@ -162,15 +175,19 @@ impl PostgresStore {
     }
 }
 
-/// `url` without its password, for messages.
-fn redacted(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
+/// Whether `e` came from the connection rather than from the server or the
+/// client's decoding: an I/O error underneath, or the client's own words
+/// for a connect that failed or timed out.
+fn is_connection_error(e: &::postgres::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<std::io::Error>() {
+            return true;
         }
-        _ => url.to_string(),
+        source = s.source();
     }
+    let text = e.to_string();
+    text.starts_with("error connecting") || text.contains("timed out") || text.contains("timeout")
 }
 
 fn is_retryable(e: &::postgres::Error) -> bool {
@@ -190,6 +207,10 @@ fn db_error(name: &str, e: &::postgres::Error) -> Error {
             (ExitCode::TempFail, " (nothing was changed; try again)")
         }
         Some(c) if c.starts_with("28") || c == "42501" => (ExitCode::NoPerm, ""),
+        Some("53100") => (
+            ExitCode::IoErr,
+            " (the server's disk is full; the transaction was rolled back, nothing of it was written)",
+        ),
         Some(c) if c.starts_with("53") => (
             ExitCode::TempFail,
             " (the server is out of a resource, such as connections; try again)",
@@ -198,11 +219,14 @@ fn db_error(name: &str, e: &::postgres::Error) -> Error {
             (ExitCode::Unavailable, "")
         }
         Some(_) => (ExitCode::Software, ""),
-        // No SQLSTATE: the connection could not be made or was lost.
-        None => (
+        // No SQLSTATE: the connection could not be made or was lost (an I/O
+        // error, a closed connection, a timeout), or the client could not
+        // read what came back (a bug).
+        None if e.is_closed() || is_connection_error(e) => (
             ExitCode::Unavailable,
             " (is the server running, and the URL's host, port and database right?)",
         ),
+        None => (ExitCode::Software, ""),
     };
     let detail = match e.as_db_error() {
         Some(db) => db.message().to_string(),
@@ -379,6 +403,10 @@ impl Store for PostgresStore {
         let batch = params.batch_size as i64;
         let now = params.now;
         self.write(|tx| {
+            // The subscriptions cannot change under the batch (a host
+            // replacing them waits, as it would for SQLite's write lock):
+            // each of the statements below sees the same ones.
+            tx.execute_typed("LOCK TABLE subscriptions IN SHARE MODE", &[])?;
             // The batch is locked, and others' batches skipped: hosts
             // routing at once route different messages.
             let ids: Vec<i64> = tx

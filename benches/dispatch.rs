@@ -736,28 +736,58 @@ fn one_at_a_time(
         .to_path_buf();
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    let mut insert = |uid: &str, tag: &str, priority: i64| {
+        conn.execute(
+            "INSERT INTO messages (uid, topic, account, payload, priority) VALUES (?1, 't', ?2, '{}', ?3)",
+            rusqlite::params![uid, tag, priority],
+        )
+        .unwrap();
+    };
+    publish_one_at_a_time(config, rx, how, tag, count, priority, &mut insert)
+}
+
+/// [`one_at_a_time`] on any backend: `insert(uid, account, priority)`
+/// is the producer's plain SQL INSERT on a connection it keeps.
+fn publish_one_at_a_time(
+    config: &Path,
+    rx: &StampReceiver,
+    how: Publish,
+    tag: &str,
+    count: usize,
+    priority: i64,
+    insert: &mut dyn FnMut(&str, &str, i64),
+) -> (Vec<f64>, Vec<f64>) {
     (0..count)
         .map(|k| {
             let called = epoch_us();
             let uid = match how {
                 Publish::Cli => {
                     let out = Command::new(BIN)
-                        .args(["enqueue", "--topic", "t", "--account", tag, "--json", "--data", "{}"])
+                        .args([
+                            "enqueue",
+                            "--topic",
+                            "t",
+                            "--account",
+                            tag,
+                            "--json",
+                            "--data",
+                            "{}",
+                        ])
                         .args(["--priority", &priority.to_string()])
                         .env("CRONPOST_CONFIG", config)
                         .output()
                         .unwrap();
-                    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                    assert!(
+                        out.status.success(),
+                        "{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
                     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
                     json["messages"][0]["uid"].as_str().unwrap().to_string()
                 }
                 Publish::Sql => {
                     let uid = format!("lat-{tag}-{k}");
-                    conn.execute(
-                        "INSERT INTO messages (uid, topic, account, payload, priority) VALUES (?1, 't', ?2, '{}', ?3)",
-                        rusqlite::params![uid, tag, priority],
-                    )
-                    .unwrap();
+                    insert(&uid, tag, priority);
                     uid
                 }
             };
@@ -1329,6 +1359,12 @@ fn orchestrate(args: &[String]) {
     }
     if setup.options.wants("postgres") {
         postgres::section(&mut setup, &mut table);
+    }
+    if setup.options.wants("postgres-scale") {
+        postgres::scale_section(&mut setup, &mut table);
+    }
+    if setup.options.wants("postgres-latency") {
+        postgres::latency_section(&setup.options, &mut table);
     }
 
     println!("| measure | result | readings |\n|---|---|---|");

@@ -3,7 +3,8 @@
 //! each figure the SQLite one from the same run. Fork per delivery with one
 //! and with two host processes (each its own dispatcher with its own slots),
 //! children connecting directly and through PgBouncer; lease + record at
-//! 10,000 and at the big backlog.
+//! 10,000 and at the big backlog (`--only postgres-scale`); the latency of
+//! a daemon woken by NOTIFY (`--only postgres-latency`).
 
 use super::*;
 
@@ -123,6 +124,49 @@ fn drain_hosts(setup: &mut Setup, configs: &[PathBuf], n: usize) -> f64 {
     n as f64 / took.as_secs_f64()
 }
 
+/// Latency on PostgreSQL: a daemon (children through PgBouncer, its keeper
+/// LISTENing directly), messages published one at a time by `cronpost
+/// enqueue` and by a plain INSERT on a connection the producer keeps.
+pub fn latency_section(options: &Options, table: &mut Table) {
+    let pg = Pg {
+        cluster: postgres_server::start(SETTINGS),
+        copies: std::cell::Cell::new(0),
+    };
+    let rx = StampReceiver::start();
+    let bench = Bench::new(&rx.url);
+    let count = if options.quick { 40 } else { 200 };
+    pg.cluster.sql("postgres", "CREATE DATABASE latency");
+    let config = pg.config(&bench, "latency", "latency", 4, true);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("schedule = \"0 0 0 1 1 *\"\n{text}")).unwrap();
+    let daemon = start_cronpost(&config, &["daemon"], "daemon started");
+    let mut producer =
+        ::postgres::Client::connect(&pg.cluster.url("latency", false), ::postgres::NoTls).unwrap();
+    let mut insert = |uid: &str, account: &str, priority: i64| {
+        producer
+            .execute(
+                "INSERT INTO messages (uid, topic, account, payload, priority) VALUES ($1, 't', $2, '{}', $3)",
+                &[&uid, &account, &priority],
+            )
+            .unwrap();
+    };
+    for (how, name) in [
+        (Publish::Cli, "cronpost enqueue"),
+        (Publish::Sql, "plain SQL INSERT"),
+    ] {
+        let tag = format!("pg{}", name.len());
+        let (ms, from_call) = publish_one_at_a_time(&config, &rx, how, &tag, count, 0, &mut insert);
+        let (cell, xs) = percentiles(ms);
+        let (call_cell, _) = percentiles(from_call);
+        table.row(
+            format!("PostgreSQL latency, daemon idle: {count} messages one at a time by {name}, publication (commit) to arrival"),
+            format!("{cell} (from the start of the producer's call: {call_cell})"),
+            &xs,
+        );
+    }
+    stop(daemon);
+}
+
 pub fn section(setup: &mut Setup, table: &mut Table) {
     let pg = Pg {
         cluster: postgres_server::start(SETTINGS),
@@ -167,13 +211,19 @@ pub fn section(setup: &mut Setup, table: &mut Table) {
             );
         }
     }
+}
 
+/// Lease + record at 10,000 and at the big backlog, beside SQLite's
+/// (`--only postgres-scale`). Each reading leases from a fresh copy.
+pub fn scale_section(setup: &mut Setup, table: &mut Table) {
+    let pg = Pg {
+        cluster: postgres_server::start(SETTINGS),
+        copies: std::cell::Cell::new(0),
+    };
     let ops = if setup.options.quick { 1_000 } else { 5_000 };
     for backlog in [10_000, setup.big] {
         let name = format!("backlog{backlog}");
         pg.ready_db(&setup.bench, &name, backlog);
-        // One copy per backlog: each reading leases the next `ops` of it.
-        let copy = pg.copy_of(&name);
         let rows: [(&str, bool, Option<bool>); 5] = [
             ("SQLite, a new connection per delivery", true, None),
             (
@@ -193,7 +243,10 @@ pub fn section(setup: &mut Setup, table: &mut Table) {
             let (rate, xs) = repeat(setup.options.repeats, || {
                 let config = match backend {
                     None => setup.bench.copy_of(&format!("sqlite{backlog}"), backlog, 1),
-                    Some(bouncer) => pg.config(&setup.bench, "scale", &copy, 1, bouncer),
+                    Some(bouncer) => {
+                        let copy = pg.copy_of(&name);
+                        pg.config(&setup.bench, "scale", &copy, 1, bouncer)
+                    }
                 };
                 lease_record_rate(&config, ops, fresh)
             });

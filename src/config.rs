@@ -133,7 +133,20 @@ fn machine_name() -> String {
 /// as a `password=` parameter, replaced by `***`.
 pub fn redacted_database_url(url: &str) -> String {
     let Ok(mut parsed) = url::Url::parse(url) else {
-        return url.to_string();
+        // Not a URL the url crate reads (several hosts: h1:5432,h2:5432):
+        // by hand, the user part and any password= parameter.
+        let mut shown = url.to_string();
+        if let Some(start) = shown.find("://").map(|i| i + 3)
+            && let Some(at) = shown[start..].find('@').map(|i| start + i)
+            && let Some(colon) = shown[start..at].find(':').map(|i| start + i)
+        {
+            shown.replace_range(colon + 1..at, "***");
+        }
+        if let Some(i) = shown.find("password=") {
+            let end = shown[i..].find('&').map_or(shown.len(), |j| i + j);
+            shown.replace_range(i + "password=".len()..end, "***");
+        }
+        return shown;
     };
     if parsed.password().is_some() {
         let _ = parsed.set_password(Some("***"));
@@ -1123,6 +1136,10 @@ secret = "whsec_c2VjcmV0"
         assert_eq!(
             redacted_database_url("postgres://u@h/q"),
             "postgres://u@h/q"
+        );
+        assert_eq!(
+            redacted_database_url("postgres://u:secret@h1:5432,h2:5432/q?password=x&a=b"),
+            "postgres://u:***@h1:5432,h2:5432/q?password=***&a=b"
         );
     }
 }

@@ -216,6 +216,11 @@ fn keep(config: &Config, alive: OwnedFd, wake: OwnedFd, shared: &Shared) {
 /// checks whether its run is still there.
 const NOTIFICATION_WAIT: Duration = Duration::from_millis(100);
 
+/// With no notification for this long, the PostgreSQL keeper looks anyway:
+/// a connection that died silently (a NAT dropping an idle one) then fails
+/// and is made again, instead of waiting for notifications forever.
+const QUIET_LOOK: Duration = Duration::from_secs(30);
+
 /// The keeper of a PostgreSQL queue: LISTENs for new messages (a trigger
 /// notifies every host's keeper once per inserting transaction; a
 /// notification comes after the commit, so what it announces is visible),
@@ -240,6 +245,7 @@ fn keep_postgres(
     // Failures in a row: the next turn comes later and later (up to 1.6 s),
     // the warning only now and then.
     let mut errors: u32 = 0;
+    let mut last_look = Instant::now();
     fn fail(errors: &mut u32, e: crate::error::Error) {
         if errors.is_power_of_two() || *errors == 0 {
             log::warn!("database keeper: {e} (failed {} in a row)", *errors + 1);
@@ -275,6 +281,7 @@ fn keep_postgres(
             continue;
         };
         if look {
+            last_look = Instant::now();
             match look_for_work(listening, shared) {
                 Ok(found) => {
                     errors = 0;
@@ -287,11 +294,13 @@ fn keep_postgres(
             }
         }
         match listening.wait_for_notification(wait) {
+            Ok(false) if last_look.elapsed() >= QUIET_LOOK => look = true,
             Ok(notified) => look |= notified,
             Err(e) => {
                 fail(&mut errors, e);
                 store = None;
                 look = true;
+                std::thread::sleep(wait);
             }
         }
     }

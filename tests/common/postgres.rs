@@ -92,19 +92,20 @@ pub fn start(settings: &str) -> Cluster {
     // The watchdog first, so that whatever fails below leaves nothing
     // running: at this process's end it stops what was started (by the
     // PIDs in their pidfiles; SIGKILL after 30 s) and removes the directory.
-    let script = format!(
-        "cat >/dev/null; kill -TERM $(cat {dir}/pgbouncer.pid 2>/dev/null) 2>/dev/null; \
-         kill -QUIT $(head -1 {data}/postmaster.pid 2>/dev/null) 2>/dev/null; \
+    // $1: the directory, $2: the data directory. The terminal's Ctrl-C is
+    // for the tests: the watchdog ignores it and still cleans up.
+    let script = "trap '' INT HUP TERM; cat >/dev/null; \
+         kill -TERM $(cat \"$1/pgbouncer.pid\" 2>/dev/null) 2>/dev/null; \
+         kill -QUIT $(head -1 \"$2/postmaster.pid\" 2>/dev/null) 2>/dev/null; \
          for i in $(seq 300); do \
-           kill -0 $(cat {dir}/pgbouncer.pid 2>/dev/null) 2>/dev/null || \
-           kill -0 $(head -1 {data}/postmaster.pid 2>/dev/null) 2>/dev/null || break; sleep 0.1; done; \
-         kill -KILL $(cat {dir}/pgbouncer.pid 2>/dev/null) $(head -1 {data}/postmaster.pid 2>/dev/null) 2>/dev/null; \
-         rm -rf {dir}",
-        dir = dir.display(),
-        data = data.display()
-    );
+           kill -0 $(cat \"$1/pgbouncer.pid\" 2>/dev/null) 2>/dev/null || \
+           kill -0 $(head -1 \"$2/postmaster.pid\" 2>/dev/null) 2>/dev/null || break; sleep 0.1; done; \
+         kill -KILL $(cat \"$1/pgbouncer.pid\" 2>/dev/null) $(head -1 \"$2/postmaster.pid\" 2>/dev/null) 2>/dev/null; \
+         rm -rf \"$1\"";
     let mut watchdog = Command::new("sh")
-        .args(["-c", &script])
+        .args(["-c", script, "watchdog"])
+        .arg(&dir)
+        .arg(&data)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

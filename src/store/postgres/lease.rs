@@ -81,8 +81,10 @@ fn lock_key(tx: &mut Client, kind: RateKind, key: &str) -> Result<(), ::postgres
 enum Step {
     /// Leased it.
     Leased(Lease),
-    /// Held it (and its group) back in the delayed queue.
-    Rerouted,
+    /// Held it (and its group) back in the delayed queue; when its endpoint
+    /// was held, the endpoint, whose other deliveries this lease skips
+    /// (they would be held one transaction each).
+    Rerouted(Option<String>),
     /// Its endpoint cannot take a child now (a probe went, or the cap
     /// filled, since the pick): skip the endpoint, look further.
     Skipped(String),
@@ -133,7 +135,12 @@ fn lease_step(
             }
             lease_candidate(tx, p, &c, probe).map(Step::Leased)
         }
-        Decision::Hold(hold) => reroute(tx, &c, &hold, p.now).map(|()| Step::Rerouted),
+        Decision::Hold(hold) => {
+            reroute(tx, &c, &hold, p.now)?;
+            Ok(Step::Rerouted(
+                (hold.group == RateKind::Endpoint).then(|| c.endpoint.clone()),
+            ))
+        }
     }
 }
 
@@ -543,8 +550,8 @@ impl PostgresStore {
             match self.write(|tx| lease_step(tx, p, &blocked))? {
                 Step::Leased(lease) => return Ok(Some(lease)),
                 Step::Empty => return Ok(None),
-                Step::Skipped(endpoint) => blocked.push(endpoint),
-                Step::Rerouted => {}
+                Step::Skipped(endpoint) | Step::Rerouted(Some(endpoint)) => blocked.push(endpoint),
+                Step::Rerouted(None) => {}
             }
         }
         Ok(None)
@@ -626,7 +633,13 @@ impl PostgresStore {
     /// not saturated (nearly all): the move, the breaker's close or the
     /// probe's release, and the attempt, in one statement (one round trip,
     /// its own transaction). Each part happens only if the lease was still
-    /// the owner's, as in the transaction above.
+    /// the owner's, as in the transaction above. Without a transaction it
+    /// has no lock_timeout: only a lock held by hand on its delivery or
+    /// breaker row makes it wait, and the child is killed at its deadline;
+    /// its server backend may then still run it (a backend notices a gone
+    /// client only between statements), so it leaves an attempt the parent
+    /// settled (`child_died`) as it is; a late child's own finish still
+    /// records `lease_lost` over `lease_expired`, as on SQLite.
     fn attempt_finish_in_one_statement(&mut self, f: &FinishAttempt) -> Result<bool> {
         let http_status = f.http_status.map(i64::from);
         let (state, not_before, reason) = next_row(f, None);
@@ -653,7 +666,7 @@ impl PostgresStore {
                    UPDATE attempts
                    SET finished_at = $8, http_status = $6, error = $7, duration_ms = $13,
                        outcome = CASE WHEN EXISTS (SELECT 1 FROM moved) THEN $11 ELSE $12 END
-                   WHERE id = $14)
+                   WHERE id = $14 AND outcome IN ('in_flight', 'lease_expired'))
                  SELECT EXISTS (SELECT 1 FROM moved)",
                 typed![
                     f.delivery_id => INT8,

@@ -49,7 +49,13 @@ pub fn apply(client: &mut Client, name: &str) -> crate::error::Result<()> {
     if current > latest_version() {
         return Err(newer(current));
     }
-    let mut tx = client.transaction().map_err(pg)?;
+    // READ COMMITTED whatever the server's default: the version is read
+    // again after the lock, and must see what a host before committed.
+    let mut tx = client
+        .build_transaction()
+        .isolation_level(::postgres::IsolationLevel::ReadCommitted)
+        .start()
+        .map_err(pg)?;
     tx.batch_execute(&format!(
         "SELECT pg_advisory_xact_lock({LOCK_KEY}); {SCHEMA_TABLE}"
     ))

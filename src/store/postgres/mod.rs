@@ -68,12 +68,17 @@ impl PostgresStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(busy_timeout);
         }
+        if !url.contains("keepalives_idle") {
+            // A connection that died silently (a NAT, a vanished host) is
+            // seen within a minute, not two hours (TCP only).
+            config.keepalives_idle(Duration::from_secs(30));
+        }
         if config.get_application_name().is_none() {
             config.application_name("cronpost");
         }
         let client = config.connect(NoTls).map_err(|e| db_error(&name, &e))?;
         let begin = format!(
-            "BEGIN; SET LOCAL lock_timeout = {}",
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = {}",
             busy_timeout.as_millis().max(1)
         );
         Ok(PostgresStore {
@@ -123,7 +128,10 @@ impl PostgresStore {
     /// when PostgreSQL aborts it for a deadlock or a serialization failure.
     /// A lock is waited for at most `busy_timeout`, as on SQLite (`SET
     /// LOCAL`: PgBouncer in transaction pooling keeps no session setting);
-    /// the BEGIN and the SET go in one round trip.
+    /// the BEGIN and the SET go in one round trip. READ COMMITTED whatever
+    /// the server's default: what a lease reads after taking an advisory
+    /// lock (a rate, a breaker, an in-flight count) must be what the lock's
+    /// last holder committed, not a snapshot from before.
     fn write<T>(
         &mut self,
         mut f: impl FnMut(&mut Client) -> Result<T, ::postgres::Error>,
@@ -203,9 +211,19 @@ fn db_error(name: &str, e: &::postgres::Error) -> Error {
     let (code, hint) = match e.code().map(SqlState::code) {
         // Integrity constraint violations and data exceptions: bad input.
         Some(c) if c.starts_with("23") || c.starts_with("22") => (ExitCode::DataErr, ""),
+        Some("40003") => (
+            ExitCode::TempFail,
+            " (the connection failed during COMMIT: whether it was written is unknown)",
+        ),
         Some(c) if c.starts_with("40") || c == "55P03" || c == "57014" => {
             (ExitCode::TempFail, " (nothing was changed; try again)")
         }
+        // A read-only transaction: a standby, after a failover.
+        Some("25006") => (
+            ExitCode::TempFail,
+            " (the server is read-only, a standby? nothing was changed)",
+        ),
+        Some(c) if c.starts_with("58") => (ExitCode::IoErr, ""),
         Some(c) if c.starts_with("28") || c == "42501" => (ExitCode::NoPerm, ""),
         Some("53100") => (
             ExitCode::IoErr,
@@ -222,6 +240,10 @@ fn db_error(name: &str, e: &::postgres::Error) -> Error {
         // No SQLSTATE: the connection could not be made or was lost (an I/O
         // error, a closed connection, a timeout), or the client could not
         // read what came back (a bug).
+        None if e.to_string().starts_with("invalid configuration") => (ExitCode::Config, ""),
+        None if e.to_string().contains("password") || e.to_string().contains("authentication") => {
+            (ExitCode::NoPerm, "")
+        }
         None if e.is_closed() || is_connection_error(e) => (
             ExitCode::Unavailable,
             " (is the server running, and the URL's host, port and database right?)",
@@ -406,7 +428,7 @@ impl Store for PostgresStore {
             // The subscriptions cannot change under the batch (a host
             // replacing them waits, as it would for SQLite's write lock):
             // each of the statements below sees the same ones.
-            tx.execute_typed("LOCK TABLE subscriptions IN SHARE MODE", &[])?;
+            tx.execute_typed("LOCK TABLE subscriptions IN ROW SHARE MODE", &[])?;
             // The batch is locked, and others' batches skipped: hosts
             // routing at once route different messages.
             let ids: Vec<i64> = tx

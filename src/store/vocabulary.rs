@@ -395,6 +395,29 @@ impl FinishAttempt {
         self.outcome = AttemptOutcome::ChildDied;
         self
     }
+
+    /// The state, `not_before` and reason its delivery moves to, given the
+    /// time its endpoint is saturated until (if it is): a retry waits for
+    /// the cool-down too.
+    pub fn moves_to(
+        &self,
+        saturated_until: Option<i64>,
+    ) -> (DeliveryState, i64, Option<&'static str>) {
+        match (self.next, saturated_until) {
+            (NextState::Delivered, _) => (DeliveryState::Delivered, self.now, None),
+            (NextState::Retry { not_before }, None) => (
+                DeliveryState::Delayed,
+                not_before,
+                Some(reason::RETRY_BACKOFF),
+            ),
+            (NextState::Retry { not_before }, Some(until)) => (
+                DeliveryState::Delayed,
+                not_before.max(until),
+                Some(reason::ENDPOINT_SATURATED),
+            ),
+            (NextState::Dead, _) => (DeliveryState::Dead, self.now, None),
+        }
+    }
 }
 
 /// A dispatcher run's counters (`run_begin` / `run_finish`).

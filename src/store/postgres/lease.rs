@@ -589,7 +589,7 @@ impl PostgresStore {
                 .is_some();
             let moved = owner && {
                 let saturated_until = record_signal(tx, f)?;
-                let (state, not_before, reason) = next_row(f, saturated_until);
+                let (state, not_before, reason) = f.moves_to(saturated_until);
                 tx.execute_typed(
                     "UPDATE deliveries
                      SET state = $3, not_before = $4, reason = $5, lease_owner = NULL, lease_expires_at = NULL,
@@ -642,7 +642,7 @@ impl PostgresStore {
     /// records `lease_lost` over `lease_expired`, as on SQLite.
     fn attempt_finish_in_one_statement(&mut self, f: &FinishAttempt) -> Result<bool> {
         let http_status = f.http_status.map(i64::from);
-        let (state, not_before, reason) = next_row(f, None);
+        let (state, not_before, reason) = f.moves_to(None);
         let healthy = matches!(f.signal, EndpointSignal::Healthy);
         self.write_one(|c| {
             c.query_typed_one(
@@ -687,27 +687,5 @@ impl PostgresStore {
             )?
             .try_get(0)
         })
-    }
-}
-
-/// The state, `not_before` and reason an attempt moves its delivery to,
-/// given the time its endpoint is saturated until (if it is).
-fn next_row(
-    f: &FinishAttempt,
-    saturated_until: Option<i64>,
-) -> (DeliveryState, i64, Option<&'static str>) {
-    match (f.next, saturated_until) {
-        (NextState::Delivered, _) => (DeliveryState::Delivered, f.now, None),
-        (NextState::Retry { not_before }, None) => (
-            DeliveryState::Delayed,
-            not_before,
-            Some(reason::RETRY_BACKOFF),
-        ),
-        (NextState::Retry { not_before }, Some(until)) => (
-            DeliveryState::Delayed,
-            not_before.max(until),
-            Some(reason::ENDPOINT_SATURATED),
-        ),
-        (NextState::Dead, _) => (DeliveryState::Dead, f.now, None),
     }
 }

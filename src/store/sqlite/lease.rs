@@ -528,20 +528,7 @@ impl SqliteStore {
                 .is_some();
             let moved = owner && {
                 let saturated_until = record_signal(tx, f)?;
-                let (state, not_before, reason) = match (f.next, saturated_until) {
-                    (NextState::Delivered, _) => (DeliveryState::Delivered, f.now, None),
-                    (NextState::Retry { not_before }, None) => (
-                        DeliveryState::Delayed,
-                        not_before,
-                        Some(reason::RETRY_BACKOFF),
-                    ),
-                    (NextState::Retry { not_before }, Some(until)) => (
-                        DeliveryState::Delayed,
-                        not_before.max(until),
-                        Some(reason::ENDPOINT_SATURATED),
-                    ),
-                    (NextState::Dead, _) => (DeliveryState::Dead, f.now, None),
-                };
+                let (state, not_before, reason) = f.moves_to(saturated_until);
                 tx.prepare_cached(FINISH_DELIVERY_SQL)?.execute(params![
                     f.delivery_id,
                     f.owner,

@@ -558,7 +558,8 @@ pub fn purge_orphaned(
 pub fn purge(config: &Config, older_than: Duration, as_json: bool) -> Result<()> {
     let mut store = crate::store::open(config)?;
     let before = now_ms() - ms(older_than);
-    let (purged, batches) = crate::retention::purge(store.as_mut(), before, None, &mut || {})?;
+    let (purged, batches) =
+        crate::retention::purge(store.as_mut(), before, None, None, &mut || {})?;
     if as_json {
         return print_json(&json!({
             "deliveries": purged.deliveries, "messages": purged.messages, "runs": purged.runs,

@@ -53,6 +53,8 @@ pub struct Config {
     pub metrics_file: Option<PathBuf>,
     /// How long delivered deliveries (and their attempts) are kept.
     pub retention: Duration,
+    /// How long dead letters (and their attempts) are kept.
+    pub dead_retention: Duration,
     /// The endpoints, sorted by name.
     pub endpoints: Vec<Endpoint>,
     /// Settings that are allowed but probably wrong, one line each.
@@ -574,6 +576,7 @@ struct RawConfig {
     schedule: Option<Spanned<String>>,
     metrics_file: Option<Spanned<String>>,
     retention: Option<Spanned<String>>,
+    dead_retention: Option<Spanned<String>>,
     endpoints: Option<Spanned<BTreeMap<String, Spanned<RawEndpoint>>>>,
 }
 
@@ -813,6 +816,11 @@ impl RawConfig {
                 &self.retention,
                 "retention",
                 Duration::from_secs(7 * 24 * 3600),
+            )?,
+            dead_retention: at.duration_or(
+                &self.dead_retention,
+                "dead_retention",
+                Duration::from_secs(30 * 24 * 3600),
             )?,
             endpoints,
             warnings,

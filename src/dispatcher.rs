@@ -177,12 +177,18 @@ fn peak_rss_kib() -> u64 {
 }
 
 /// Retention, bounded per run: a few small batches of delivered history
-/// older than `retention`, so the file does not grow forever and no run
-/// spends long on it; `between` is called after each batch.
+/// older than `retention` and dead letters older than `dead_retention`, so
+/// the database does not grow forever and no run spends long on it;
+/// `between` is called after each batch.
 fn purge_history(config: &Config, store: &mut dyn Store, between: &mut dyn FnMut()) -> Result<()> {
-    let before = now_ms() - crate::store::ms(config.retention);
-    let (purged, _) =
-        crate::retention::purge(store, before, Some(RETENTION_BATCHES_PER_RUN), between)?;
+    let now = now_ms();
+    let (purged, _) = crate::retention::purge(
+        store,
+        now - crate::store::ms(config.retention),
+        Some(now - crate::store::ms(config.dead_retention)),
+        Some(RETENTION_BATCHES_PER_RUN),
+        between,
+    )?;
     if purged.deliveries > 0 {
         log::info!(
             "retention: purged {} older than {}",
@@ -192,6 +198,13 @@ fn purge_history(config: &Config, store: &mut dyn Store, between: &mut dyn FnMut
                 "delivered deliveries"
             ),
             humantime::format_duration(config.retention)
+        );
+    }
+    if purged.dead > 0 {
+        log::info!(
+            "retention: purged {} older than {} (dead_retention)",
+            crate::words::plural(purged.dead, "dead letter", "dead letters"),
+            humantime::format_duration(config.dead_retention)
         );
     }
     Ok(())

@@ -27,6 +27,7 @@ require_object_payload = false
 # schedule = "*/5 * * * * *"   # REQUIRED for `cronpost daemon` (cron with seconds)
 # metrics_file = "/var/lib/prometheus/node-exporter/cronpost.prom"
 retention = "7d"
+dead_retention = "30d"
 
 [run]
 max_children = 4

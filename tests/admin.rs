@@ -13,6 +13,7 @@ on_both_backends!(
     list_filters_in_tables_and_json,
     requeue_redelivers_dead_letters_and_dry_run_changes_nothing,
     dead_letters_requeued_at_a_rate_arrive_at_that_rate_not_in_a_burst,
+    dead_letters_have_a_retention_of_their_own,
 );
 
 fn sqlite3(env: &Env, sql: &str) -> String {
@@ -361,6 +362,49 @@ fn purge_removes_a_hundred_thousand_delivered_rows_in_batches_while_a_run_delive
         || env.count_state("delivered") == 200,
     );
     assert_eq!(env.query_i64("SELECT count(*) FROM deliveries"), 200);
+}
+
+fn dead_letters_have_a_retention_of_their_own(backend: Backend) {
+    let rx = Receiver::start();
+    rx.set_default("/gone", Reply::Status(410));
+    let env = Env::on(
+        backend,
+        "",
+        &(endpoint("gone", &rx.url("/gone"), &["g"], "")
+            + &endpoint("ok", &rx.url("/ok"), &["t"], "")),
+    );
+    env.prepend_config("dead_retention = \"1s\"");
+    env.enqueue("g", "acme", "{}");
+    env.enqueue("t", "acme", "{}");
+    env.run();
+    assert_eq!(
+        (env.count_state("dead"), env.count_state("delivered")),
+        (1, 1)
+    );
+    let died = env.query_i64("SELECT updated_at FROM deliveries WHERE state = 'dead'");
+    wait_until(
+        Duration::from_secs(10),
+        "the dead letter is over 1 s old",
+        || cronpost::store::now_ms() > died + 1_000,
+    );
+    let out = env.cronpost(&["run"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("purged 1 dead letter older than 1s"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(env.count_state("dead"), 0);
+    // Its message, left with no delivery, is history: kept for `retention`.
+    assert_eq!(
+        env.query_i64("SELECT count(*) FROM messages WHERE topic = 'g'"),
+        1
+    );
+    assert_eq!(
+        env.count_state("delivered"),
+        1,
+        "delivered history keeps its 7 days"
+    );
 }
 
 #[test]

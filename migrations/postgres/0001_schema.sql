@@ -109,8 +109,9 @@ CREATE INDEX deliveries_ready_account ON deliveries (account) WHERE state = 'rea
 CREATE INDEX deliveries_ready_endpoint ON deliveries (endpoint) WHERE state = 'ready';
 -- In-flight caps and lease expiry, across hosts: the leased rows.
 CREATE INDEX deliveries_leased ON deliveries (endpoint) WHERE state = 'leased';
--- Purging old delivered history by time.
+-- Purging old delivered history and old dead letters by time.
 CREATE INDEX deliveries_delivered ON deliveries (updated_at) WHERE state = 'delivered';
+CREATE INDEX deliveries_dead ON deliveries (updated_at) WHERE state = 'dead';
 -- Deliveries parked because their endpoint left the config.
 CREATE INDEX deliveries_parked ON deliveries (endpoint) WHERE reason = 'endpoint_removed';
 

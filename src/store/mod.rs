@@ -127,11 +127,11 @@ pub trait Store {
     /// Closes the connection of a process about to exit.
     fn close_at_exit(self: Box<Self>) {}
 
-    /// One bounded batch of retention: removes up to `batch` delivered
-    /// deliveries last changed before `before` (their attempts go with them),
-    /// then routed messages left with no delivery and run records from before
-    /// `before` (keeping the latest run). Call again until it removes nothing.
-    fn delivered_purge(&mut self, before: i64, batch: u64) -> Result<PurgeReport>;
+    /// One bounded batch of retention: removes delivered deliveries and
+    /// dead letters past their times (their attempts go with them), then
+    /// routed messages left with no delivery and old run records, as
+    /// `params` says. Call again until it removes nothing.
+    fn history_purge(&mut self, params: &PurgeParams) -> Result<PurgeReport>;
 }
 
 /// Opens the configured database and migrates it. A SQLite file is created

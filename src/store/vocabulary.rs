@@ -536,11 +536,26 @@ pub struct PurgeOrphanedParams {
     pub dry_run: bool,
 }
 
-/// What one `delivered_purge` batch removed.
+/// One batch of retention (`history_purge`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PurgeParams {
+    /// Delivered deliveries last changed before this go, and so do routed
+    /// messages created before it that are left with no delivery, and run
+    /// records started before it (the latest run stays).
+    pub delivered_before: i64,
+    /// Dead letters last changed before this go (None: none do).
+    pub dead_before: Option<i64>,
+    /// At most this many rows of each kind.
+    pub batch: u64,
+}
+
+/// What one `history_purge` batch removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PurgeReport {
     /// Delivered deliveries (with their attempts).
     pub deliveries: u64,
+    /// Dead letters (with their attempts).
+    pub dead: u64,
     /// Messages left with no delivery.
     pub messages: u64,
     /// Run records.

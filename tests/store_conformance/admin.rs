@@ -239,16 +239,18 @@ pub fn requeue_at_a_rate_spreads_due_times_oldest_first_up_to_its_limit(store: &
     assert_eq!(lease(store, "y", T0 + 120).unwrap().delivery_id, dead[1]);
 }
 
-pub fn retention_purges_old_delivered_history_in_batches_and_keeps_the_rest(store: &mut dyn Store) {
+pub fn retention_purges_old_delivered_history_and_dead_letters_in_batches_and_keeps_the_rest(
+    store: &mut dyn Store,
+) {
     let (dead, delivered) = a_small_history(store);
     let first = store.run_begin(1, "h", T0).unwrap();
     let second = store.run_begin(1, "h", T0 + 1).unwrap();
     // Nothing is old enough yet.
     assert_eq!(
-        store.delivered_purge(T0, 10).unwrap(),
+        store.history_purge(&purge_params(T0, None)).unwrap(),
         PurgeReport::default()
     );
-    let report = store.delivered_purge(T0 + 10, 10).unwrap();
+    let report = store.history_purge(&purge_params(T0 + 10, None)).unwrap();
     assert_eq!(report.deliveries, 1, "the delivered one");
     assert_eq!(report.runs, 1, "the older run; the latest stays");
     assert!(store.delivery_get(delivered.delivery_id).unwrap().is_none());
@@ -268,6 +270,45 @@ pub fn retention_purges_old_delivered_history_in_batches_and_keeps_the_rest(stor
     // The message of the delivered one keeps its other (dead) delivery: it stays.
     assert_eq!(state(store, dead.delivery_id).message_id, 1);
     assert!(store.message_get(&MessageKey::Id(1)).unwrap().is_some());
+
+    // Dead letters have a retention of their own: not yet, then gone, and
+    // their message with them.
+    let report = store
+        .history_purge(&purge_params(T0 + 10, Some(T0)))
+        .unwrap();
+    assert_eq!(report.dead, 0);
+    assert!(store.delivery_get(dead.delivery_id).unwrap().is_some());
+    let report = store
+        .history_purge(&purge_params(T0 + 10, Some(T0 + 1)))
+        .unwrap();
+    assert_eq!((report.dead, report.messages), (1, 1));
+    assert!(store.delivery_get(dead.delivery_id).unwrap().is_none());
+    assert!(
+        store
+            .attempts_of_delivery(dead.delivery_id)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.message_get(&MessageKey::Id(1)).unwrap().is_none());
+    // Ready and other deliveries are never purged.
+    assert_eq!(
+        store
+            .stats(T0)
+            .unwrap()
+            .endpoints
+            .iter()
+            .map(|e| e.by_state[0])
+            .sum::<u64>(),
+        4
+    );
+}
+
+fn purge_params(delivered_before: i64, dead_before: Option<i64>) -> PurgeParams {
+    PurgeParams {
+        delivered_before,
+        dead_before,
+        batch: 10,
+    }
 }
 
 pub fn run_totals_add_up_every_recorded_run(store: &mut dyn Store) {

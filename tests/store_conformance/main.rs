@@ -176,7 +176,7 @@ macro_rules! conformance {
                 deliveries_are_listed_by_filter_oldest_first_with_their_message,
                 requeue_moves_only_dead_and_delayed_deliveries_and_restarts_their_attempts,
                 requeue_at_a_rate_spreads_due_times_oldest_first_up_to_its_limit,
-                retention_purges_old_delivered_history_in_batches_and_keeps_the_rest,
+                retention_purges_old_delivered_history_and_dead_letters_in_batches_and_keeps_the_rest,
                 run_totals_add_up_every_recorded_run,
             ];
             );

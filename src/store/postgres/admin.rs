@@ -237,9 +237,19 @@ impl PostgresStore {
         })
     }
 
-    pub(super) fn delivered_purge(&mut self, before: i64, batch: u64) -> Result<PurgeReport> {
-        let batch = i64::try_from(batch).unwrap_or(i64::MAX);
+    pub(super) fn history_purge(&mut self, p: &PurgeParams) -> Result<PurgeReport> {
+        let batch = i64::try_from(p.batch).unwrap_or(i64::MAX);
+        let before = p.delivered_before;
         self.write(|tx| {
+            let dead = match p.dead_before {
+                None => 0,
+                Some(dead_before) => tx.execute_typed(
+                    "DELETE FROM deliveries WHERE id IN
+                       (SELECT id FROM deliveries
+                        WHERE state = 'dead' AND updated_at < $1 ORDER BY updated_at LIMIT $2)",
+                    typed![dead_before => INT8, batch => INT8],
+                )?,
+            };
             // Attempts go with their deliveries (ON DELETE CASCADE).
             let deliveries = tx.execute_typed(
                 "DELETE FROM deliveries WHERE id IN
@@ -262,6 +272,7 @@ impl PostgresStore {
             )?;
             Ok(PurgeReport {
                 deliveries,
+                dead,
                 messages,
                 runs,
             })

@@ -597,8 +597,8 @@ impl Store for PostgresStore {
         PostgresStore::deliveries_requeue(self, p)
     }
 
-    fn delivered_purge(&mut self, before: i64, batch: u64) -> Result<PurgeReport> {
-        PostgresStore::delivered_purge(self, before, batch)
+    fn history_purge(&mut self, p: &PurgeParams) -> Result<PurgeReport> {
+        PostgresStore::history_purge(self, p)
     }
 
     fn stats(&mut self, now: i64) -> Result<Stats> {

@@ -255,9 +255,19 @@ impl SqliteStore {
         })
     }
 
-    pub(super) fn delivered_purge(&mut self, before: i64, batch: u64) -> Result<PurgeReport> {
+    pub(super) fn history_purge(&mut self, p: &PurgeParams) -> Result<PurgeReport> {
+        let before = p.delivered_before;
         self.write(|tx| {
-            let batch = i64::try_from(batch).unwrap_or(i64::MAX);
+            let batch = i64::try_from(p.batch).unwrap_or(i64::MAX);
+            let dead = match p.dead_before {
+                None => 0,
+                Some(dead_before) => tx.execute(
+                    "DELETE FROM deliveries WHERE id IN
+                       (SELECT id FROM deliveries INDEXED BY deliveries_dead
+                        WHERE state = 'dead' AND updated_at < ?1 ORDER BY updated_at LIMIT ?2)",
+                    params![dead_before, batch],
+                )?,
+            };
             // Attempts go with their deliveries (ON DELETE CASCADE).
             let deliveries = tx.execute(
                 "DELETE FROM deliveries WHERE id IN
@@ -280,6 +290,7 @@ impl SqliteStore {
             )?;
             Ok(PurgeReport {
                 deliveries: deliveries as u64,
+                dead: dead as u64,
                 messages: messages as u64,
                 runs: runs as u64,
             })

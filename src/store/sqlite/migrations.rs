@@ -36,6 +36,10 @@ pub const FILES: &[(&str, &str)] = &[
         "0007_hosts.sql",
         include_str!("../../../migrations/sqlite/0007_hosts.sql"),
     ),
+    (
+        "0008_dead_retention.sql",
+        include_str!("../../../migrations/sqlite/0008_dead_retention.sql"),
+    ),
 ];
 
 /// Applies the migrations the database lacks.

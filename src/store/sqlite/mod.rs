@@ -503,8 +503,8 @@ impl Store for SqliteStore {
         SqliteStore::deliveries_requeue(self, p)
     }
 
-    fn delivered_purge(&mut self, before: i64, batch: u64) -> Result<PurgeReport> {
-        SqliteStore::delivered_purge(self, before, batch)
+    fn history_purge(&mut self, p: &PurgeParams) -> Result<PurgeReport> {
+        SqliteStore::history_purge(self, p)
     }
 
     fn stats(&mut self, now: i64) -> Result<Stats> {

@@ -7,6 +7,7 @@
 //!
 //! Times are Unix epoch milliseconds (`i64`), the unit the schema stores.
 
+mod candidate;
 pub mod postgres;
 pub mod sqlite;
 mod vocabulary;
@@ -194,4 +195,26 @@ pub fn now_ms() -> i64 {
 /// A duration in milliseconds, saturating.
 pub fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A backend's migration files: every `.sql` file in `migrations/<dir>` is
+/// in `files`, in order, numbered from 0001.
+#[cfg(test)]
+fn assert_migrations_listed_in_order(dir: &str, files: &[(&str, &str)]) {
+    let path = format!("{}/migrations/{dir}", env!("CARGO_MANIFEST_DIR"));
+    let mut on_disk: Vec<String> = std::fs::read_dir(path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".sql"))
+        .collect();
+    on_disk.sort();
+    let listed: Vec<&str> = files.iter().map(|(name, _)| *name).collect();
+    assert_eq!(on_disk, listed);
+    for (i, name) in listed.iter().enumerate() {
+        assert!(
+            name.starts_with(&format!("{:04}_", i + 1)),
+            "{name} is number {}",
+            i + 1
+        );
+    }
 }

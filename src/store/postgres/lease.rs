@@ -13,6 +13,7 @@
 
 use super::*;
 use crate::saturation::{self, Decision, Hold, RateKind};
+use crate::store::candidate::Candidate;
 
 /// The next ready delivery, highest priority first, then oldest, skipping
 /// the endpoints in $1 and those with a probe in flight at $2, and rows
@@ -35,6 +36,20 @@ WHERE d.state = 'delayed' AND d.not_before <= $2 AND d.endpoint <> ALL($1)
 ORDER BY d.priority DESC, d.not_before LIMIT 1
 FOR UPDATE OF d SKIP LOCKED";
 
+/// A leased delivery's move out of `leased` ($1 delivery, $2 owner, $3
+/// state, $4 not_before, $5 reason, $6 HTTP status, $7 error, $8 now), only
+/// while the lease is still the owner's: a finish's, in a transaction or in
+/// one statement.
+macro_rules! finish_delivery_sql {
+    () => {
+        "UPDATE deliveries
+         SET state = $3, not_before = $4, reason = $5, lease_owner = NULL, lease_expires_at = NULL,
+             lease_boot_id = NULL, lease_boot_expires_at = NULL,
+             last_status = coalesce($6, last_status), last_error = $7, updated_at = $8
+         WHERE id = $1 AND state = 'leased' AND lease_owner = $2"
+    };
+}
+
 const ENDPOINT_HEALTHY_SQL: &str = "\
 UPDATE endpoint_health
 SET failures = 0, saturated_until = NULL, probe_owner = NULL, probe_expires_at = NULL, updated_at = $2
@@ -43,29 +58,6 @@ WHERE endpoint = $1 AND (failures > 0 OR probe_owner IS NOT NULL)";
 /// How many candidates one lease may reroute or skip before it gives up
 /// (the next child goes on where it stopped).
 const MAX_REROUTES: usize = 64;
-
-/// A delivery a lease transaction is looking at.
-struct Candidate {
-    id: i64,
-    endpoint: String,
-    account: String,
-    reason: Option<String>,
-    not_before: i64,
-    /// Its endpoint's breaker: saturated until, signals in a row.
-    saturated_until: Option<i64>,
-    failures: u32,
-    from: Queue,
-}
-
-impl Candidate {
-    /// Its key of `kind`: its account or its endpoint.
-    fn key(&self, kind: RateKind) -> &str {
-        match kind {
-            RateKind::Account => &self.account,
-            RateKind::Endpoint => &self.endpoint,
-        }
-    }
-}
 
 /// Waits for the transaction-scoped advisory lock on a limited key.
 fn lock_key(tx: &mut Client, kind: RateKind, key: &str) -> Result<(), ::postgres::Error> {
@@ -119,15 +111,9 @@ fn lease_step(
     if !lock_and_recheck(tx, p, &mut c)? {
         return Ok(Step::Skipped(c.endpoint));
     }
-    let view = saturation::Candidate {
-        endpoint: &c.endpoint,
-        account: &c.account,
-        held_for: c.reason.as_deref().and_then(held_for),
-        not_before: c.not_before,
-        saturated_until: c.saturated_until,
-        failures: c.failures,
-    };
-    let decision = saturation::decide(p.policy, &view, p.now, |kind| tat(tx, kind, c.key(kind)))?;
+    let decision = saturation::decide(p.policy, &c.view(), p.now, |kind| {
+        tat(tx, kind, c.key(kind))
+    })?;
     match decision {
         Decision::Go { probe, charges } => {
             for charge in charges {
@@ -591,11 +577,7 @@ impl PostgresStore {
                 let saturated_until = record_signal(tx, f)?;
                 let (state, not_before, reason) = f.moves_to(saturated_until);
                 tx.execute_typed(
-                    "UPDATE deliveries
-                     SET state = $3, not_before = $4, reason = $5, lease_owner = NULL, lease_expires_at = NULL,
-                         lease_boot_id = NULL, lease_boot_expires_at = NULL,
-                         last_status = coalesce($6, last_status), last_error = $7, updated_at = $8
-                     WHERE id = $1 AND state = 'leased' AND lease_owner = $2",
+                    finish_delivery_sql!(),
                     typed![
                         f.delivery_id => INT8,
                         f.owner => TEXT,
@@ -646,13 +628,10 @@ impl PostgresStore {
         let healthy = matches!(f.signal, EndpointSignal::Healthy);
         self.write_one(|c| {
             c.query_typed_one(
-                "WITH moved AS (
-                   UPDATE deliveries
-                   SET state = $3, not_before = $4, reason = $5, lease_owner = NULL, lease_expires_at = NULL,
-                       lease_boot_id = NULL, lease_boot_expires_at = NULL,
-                       last_status = coalesce($6, last_status), last_error = $7, updated_at = $8
-                   WHERE id = $1 AND state = 'leased' AND lease_owner = $2
-                   RETURNING id),
+                concat!(
+                    "WITH moved AS (",
+                    finish_delivery_sql!(),
+                    " RETURNING id),
                  closed AS (
                    UPDATE endpoint_health
                    SET failures = 0, saturated_until = NULL, probe_owner = NULL, probe_expires_at = NULL,
@@ -667,7 +646,8 @@ impl PostgresStore {
                    SET finished_at = $8, http_status = $6, error = $7, duration_ms = $13,
                        outcome = CASE WHEN EXISTS (SELECT 1 FROM moved) THEN $11 ELSE $12 END
                    WHERE id = $14 AND outcome IN ('in_flight', 'lease_expired'))
-                 SELECT EXISTS (SELECT 1 FROM moved)",
+                 SELECT EXISTS (SELECT 1 FROM moved)"
+                ),
                 typed![
                     f.delivery_id => INT8,
                     f.owner => TEXT,

@@ -120,10 +120,6 @@ impl PostgresStore {
         migrations::latest_version()
     }
 
-    fn err(&self, e: ::postgres::Error) -> Error {
-        db_error(&self.name, &e)
-    }
-
     /// Runs `f` in one transaction, committed if `f` succeeds, tried again
     /// when PostgreSQL aborts it for a deadlock or a serialization failure.
     /// A lock is waited for at most `busy_timeout`, as on SQLite (`SET
@@ -136,11 +132,9 @@ impl PostgresStore {
         &mut self,
         mut f: impl FnMut(&mut Client) -> Result<T, ::postgres::Error>,
     ) -> Result<T> {
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let client = &mut self.client;
-            let outcome = client.batch_execute(&self.begin).and_then(|()| {
+        let begin = &self.begin;
+        retried(&mut self.client, &self.name, |client| {
+            let outcome = client.batch_execute(begin).and_then(|()| {
                 let value = f(client)?;
                 client.batch_execute("COMMIT").map(|()| value)
             });
@@ -149,29 +143,19 @@ impl PostgresStore {
                 // it is kept.
                 let _ = client.batch_execute("ROLLBACK");
             }
-            match outcome {
-                Err(e) if tries < TRIES && is_retryable(&e) => continue,
-                other => return other.map_err(|e| self.err(e)),
-            }
-        }
+            outcome
+        })
     }
 
     /// One writing statement in its own transaction (autocommit), tried
     /// again as [`PostgresStore::write`] is. It sets no lock_timeout (that
-    /// would take a transaction of three round trips): the locks it can
-    /// meet are rows that other short transactions hold.
+    /// would take a transaction of three round trips): what it waits for is
+    /// a row another transaction holds, for long only when held by hand.
     fn write_one<T>(
         &mut self,
-        mut f: impl FnMut(&mut Client) -> Result<T, ::postgres::Error>,
+        f: impl FnMut(&mut Client) -> Result<T, ::postgres::Error>,
     ) -> Result<T> {
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            match f(&mut self.client) {
-                Err(e) if tries < TRIES && is_retryable(&e) => continue,
-                other => return other.map_err(|e| self.err(e)),
-            }
-        }
+        retried(&mut self.client, &self.name, f)
     }
 
     /// One statement outside a transaction (autocommit): the reads.
@@ -196,6 +180,23 @@ fn is_connection_error(e: &::postgres::Error) -> bool {
     }
     let text = e.to_string();
     text.starts_with("error connecting") || text.contains("timed out") || text.contains("timeout")
+}
+
+/// Runs `once` until it succeeds, fails for good, or has been tried
+/// [`TRIES`] times; PostgreSQL's error as `name`'s.
+fn retried<T>(
+    client: &mut Client,
+    name: &str,
+    mut once: impl FnMut(&mut Client) -> Result<T, ::postgres::Error>,
+) -> Result<T> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match once(client) {
+            Err(e) if tries < TRIES && is_retryable(&e) => continue,
+            other => return other.map_err(|e| db_error(name, &e)),
+        }
+    }
 }
 
 fn is_retryable(e: &::postgres::Error) -> bool {

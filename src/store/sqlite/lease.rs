@@ -10,6 +10,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::*;
 use crate::saturation::{self, Decision, Hold, RateKind};
+use crate::store::candidate::Candidate;
 
 /// Picks the next ready delivery: a seek on `deliveries_queue`
 /// (state, priority DESC, id), highest priority first, then oldest,
@@ -117,29 +118,6 @@ fn complete_lease(
         })
 }
 
-/// A delivery a lease transaction is looking at.
-struct Candidate {
-    id: i64,
-    endpoint: String,
-    account: String,
-    reason: Option<String>,
-    not_before: i64,
-    /// Its endpoint's breaker: saturated until, signals in a row.
-    saturated_until: Option<i64>,
-    failures: u32,
-    from: Queue,
-}
-
-impl Candidate {
-    /// Its key of `kind`: its account or its endpoint.
-    fn key(&self, kind: RateKind) -> &str {
-        match kind {
-            RateKind::Account => &self.account,
-            RateKind::Endpoint => &self.endpoint,
-        }
-    }
-}
-
 fn lease_next(
     tx: &Connection,
     p: &LeaseParams,
@@ -161,15 +139,9 @@ fn lease_next(
         let Some(c) = candidate else {
             return Ok(None);
         };
-        let view = saturation::Candidate {
-            endpoint: &c.endpoint,
-            account: &c.account,
-            held_for: c.reason.as_deref().and_then(held_for),
-            not_before: c.not_before,
-            saturated_until: c.saturated_until,
-            failures: c.failures,
-        };
-        match saturation::decide(p.policy, &view, p.now, |kind| tat(tx, kind, c.key(kind)))? {
+        match saturation::decide(p.policy, &c.view(), p.now, |kind| {
+            tat(tx, kind, c.key(kind))
+        })? {
             Decision::Go { probe, charges } => {
                 for charge in charges {
                     set_tat(tx, charge.kind, c.key(charge.kind), charge.tat)?;

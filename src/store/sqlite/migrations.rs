@@ -73,21 +73,6 @@ pub fn latest_version() -> i64 {
 mod tests {
     #[test]
     fn every_file_in_migrations_is_listed_in_order() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite");
-        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|name| name.ends_with(".sql"))
-            .collect();
-        on_disk.sort();
-        let listed: Vec<&str> = super::FILES.iter().map(|(name, _)| *name).collect();
-        assert_eq!(on_disk, listed);
-        for (i, name) in listed.iter().enumerate() {
-            assert!(
-                name.starts_with(&format!("{:04}_", i + 1)),
-                "{name} is number {}",
-                i + 1
-            );
-        }
+        crate::store::assert_migrations_listed_in_order("sqlite", super::FILES);
     }
 }

@@ -288,6 +288,9 @@ pub struct Endpoint {
     pub cooldown_cap: Duration,
     /// Longest Retry-After honoured.
     pub max_retry_after: Duration,
+    /// Fire-and-forget answers missing in a row that open the breaker
+    /// (None: off).
+    pub slow_after: Option<u32>,
 }
 
 /// An endpoint's URL. Its Debug form is redacted: a URL may hold a password
@@ -360,6 +363,7 @@ impl Endpoint {
             cooldown_base: self.cooldown_base,
             cooldown_cap: self.cooldown_cap,
             max_retry_after: self.max_retry_after,
+            slow_after: self.slow_after,
         }
     }
 
@@ -635,6 +639,7 @@ struct RawEndpoint {
     cooldown_base: Option<Spanned<String>>,
     cooldown_cap: Option<Spanned<String>>,
     max_retry_after: Option<Spanned<String>>,
+    slow_after: Option<Spanned<i64>>,
 }
 
 impl RawConfig {
@@ -1015,8 +1020,21 @@ impl RawEndpoint {
                 &key("max_retry_after"),
                 Duration::from_secs(3600),
             )?,
+            slow_after: match &self.slow_after {
+                None => None,
+                Some(_) => {
+                    Some(at.positive(&self.slow_after, &key("slow_after"), 1, 1_000)? as u32)
+                }
+            },
             name,
         };
+        if let (Some(slow_after), DeliveryMode::Confirm) = (&self.slow_after, endpoint.mode) {
+            return Err(at.error(
+                slow_after.span(),
+                &key("slow_after"),
+                "applies to mode = \"fire_and_forget\" only: in confirm mode an answer that does not come within timeout is already a saturation signal",
+            ));
+        }
         if endpoint.connect_timeout + endpoint.answer_wait() >= run.child_deadline {
             // Allowed (the deadline is the hard bound), but every slow answer
             // then costs a killed child instead of a clean timeout.

@@ -38,9 +38,16 @@ pub fn decide(
                 .with_signal(healthy);
         }
         PostResult::NoAnswer if endpoint.mode == DeliveryMode::FireAndForget => {
+            // Handed over; with slow_after, silence in a row is saturation too.
+            let signal = match endpoint.slow_after {
+                Some(_) => EndpointSignal::Silent {
+                    limits: endpoint.limits(),
+                },
+                None => healthy,
+            };
             return FinishAttempt::delivered(lease, now, AttemptOutcome::HandedOver)
                 .with_answer(None, duration_ms)
-                .with_signal(healthy);
+                .with_signal(signal);
         }
         PostResult::Answered {
             status,

@@ -61,6 +61,7 @@ backoff_cap = "1h"
 cooldown_base = "1s"
 cooldown_cap = "5m"
 max_retry_after = "1h"
+# slow_after = 3               # fire_and_forget: silent answers in a row that hold it (default: off)
 "#;
 
 /// One thing a run would trip on: the key, what is wrong, its exit code.

@@ -87,6 +87,45 @@ pub fn cooldown(limits: &EndpointLimits, failures: u32, retry_after: Option<Dura
     }
 }
 
+/// Where an endpoint's breaker goes on a saturation signal at `now`, from
+/// `until` (saturated until) and `failures` (signals in a row): returns the
+/// new (until, failures). Children already in flight when the breaker
+/// opened do not count as repeats: the cool-down grows once per probe, not
+/// per child.
+pub fn open_breaker(
+    limits: &EndpointLimits,
+    retry_after: Option<Duration>,
+    now: i64,
+    until: Option<i64>,
+    failures: u32,
+) -> (i64, u32) {
+    let already_open = until.is_some_and(|u| u > now);
+    let failures = if already_open {
+        failures.max(1)
+    } else {
+        failures + 1
+    };
+    let wait = cooldown(limits, failures, retry_after);
+    let wait_ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+    (
+        until.unwrap_or(0).max(now.saturating_add(wait_ms)),
+        failures,
+    )
+}
+
+/// Whether one more answer that did not come within a fire-and-forget
+/// window opens the breaker, after `silent` such answers in a row: at the
+/// `slow_after`-th, or at once when the breaker is already open or probing
+/// (`failures` > 0: the probe itself went unanswered).
+pub fn silence_opens(slow_after: u32, failures: u32, silent: u32) -> bool {
+    failures > 0 || silent.saturating_add(1) >= slow_after
+}
+
+/// The breaker's `last_error` when silence opened it.
+pub fn silence_error(slow_after: u32) -> String {
+    format!("no answer within the answer window {slow_after} times in a row (slow_after)")
+}
+
 /// An endpoint's limits, as the lease and finish transactions apply them.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EndpointLimits {
@@ -100,6 +139,9 @@ pub struct EndpointLimits {
     pub cooldown_cap: Duration,
     /// Longest Retry-After honoured.
     pub max_retry_after: Duration,
+    /// Fire-and-forget answers missing in a row that open the breaker, as
+    /// a 429 would (None: off).
+    pub slow_after: Option<u32>,
 }
 
 /// The limits a lease must respect, looked up as the lease goes.
@@ -325,6 +367,7 @@ mod tests {
                 cooldown_base: Duration::from_secs(1),
                 cooldown_cap: Duration::from_secs(5),
                 max_retry_after: Duration::from_secs(60),
+                slow_after: None,
             })
         }
         fn endpoints_with_in_flight_caps(&self) -> Vec<(String, u32)> {
@@ -459,6 +502,7 @@ mod tests {
             cooldown_base: Duration::from_secs(1),
             cooldown_cap: Duration::from_secs(5),
             max_retry_after: Duration::from_secs(60),
+            slow_after: None,
         };
         let waits: Vec<u64> = (1..=5)
             .map(|n| cooldown(&limits, n, None).as_secs())
@@ -471,6 +515,38 @@ mod tests {
         assert_eq!(
             cooldown(&limits, 1, Some(Duration::from_secs(600))),
             Duration::from_secs(60)
+        );
+    }
+
+    #[test]
+    fn silence_opens_at_the_kth_answer_missing_or_at_a_silent_probe() {
+        assert!(!silence_opens(3, 0, 0));
+        assert!(!silence_opens(3, 0, 1));
+        assert!(silence_opens(3, 0, 2));
+        assert!(silence_opens(1, 0, 0));
+        assert!(silence_opens(3, 1, 0), "the probe went unanswered");
+    }
+
+    #[test]
+    fn a_breaker_opened_while_open_does_not_count_a_repeat() {
+        let limits = EndpointLimits {
+            max_in_flight: None,
+            rate: None,
+            cooldown_base: Duration::from_secs(1),
+            cooldown_cap: Duration::from_secs(5),
+            max_retry_after: Duration::from_secs(60),
+            slow_after: None,
+        };
+        assert_eq!(open_breaker(&limits, None, 1_000, None, 0), (2_000, 1));
+        // Open until 2,000: a child in flight since reports; no repeat.
+        assert_eq!(
+            open_breaker(&limits, None, 1_500, Some(2_000), 1),
+            (2_500, 1)
+        );
+        // The probe after the cool-down: a repeat, twice as long.
+        assert_eq!(
+            open_breaker(&limits, None, 3_000, Some(2_000), 1),
+            (5_000, 2)
         );
     }
 }

@@ -16,6 +16,7 @@ on_both_backends!(
     a_down_endpoint_is_probed_once_per_cool_down_and_drains_when_back,
     eligible_delayed_deliveries_are_not_starved_by_a_ready_backlog,
     budget_and_saturation_state_survive_between_runs,
+    an_endpoint_that_accepts_and_never_answers_is_held_after_slow_after_silences,
 );
 
 fn ndjson(messages: impl IntoIterator<Item = (String, String, i64)>) -> String {
@@ -153,6 +154,57 @@ fn retry_after_holds_a_saturated_endpoint_while_others_are_not_slowed(backend: B
             .unwrap()
             .is_empty(),
         "the breaker closed on success"
+    );
+}
+
+fn an_endpoint_that_accepts_and_never_answers_is_held_after_slow_after_silences(backend: Backend) {
+    let rx = Receiver::start();
+    rx.set_default("/quiet", Reply::Hang);
+    let endpoints = endpoint(
+        "quiet",
+        &rx.url("/quiet"),
+        &["q"],
+        "answer_window = \"100ms\"\nslow_after = 3\ncooldown_base = \"1h\"\ncooldown_cap = \"1h\"",
+    ) + &endpoint("fast", &rx.url("/fast"), &["f"], "");
+    let env = Env::on(backend, "max_children = 2", &endpoints);
+    env.enqueue_ndjson(&ndjson((0..10).map(|_| ("q".into(), "a".into(), 0))));
+    env.enqueue_ndjson(&ndjson((0..20).map(|_| ("f".into(), "a".into(), 0))));
+
+    env.run();
+
+    // Three silences in a row open the breaker; a second child may have
+    // leased one more before the third was recorded.
+    let quiet = rx.received_on("/quiet");
+    assert!((3..=4).contains(&quiet.len()), "{} requests", quiet.len());
+    assert_eq!(
+        rx.received_on("/fast").len(),
+        20,
+        "the other endpoint flowed"
+    );
+    let held = env.query_i64(
+        "SELECT count(*) FROM deliveries WHERE endpoint = 'quiet' AND state = 'delayed' AND reason = 'endpoint_saturated'",
+    );
+    assert_eq!(
+        held as usize,
+        10 - quiet.len(),
+        "the rest are held, untried"
+    );
+    assert_eq!(
+        env.query_i64(
+            "SELECT count(*) FROM deliveries WHERE endpoint = 'quiet' AND state = 'delivered'"
+        ) as usize,
+        quiet.len(),
+        "fire-and-forget: handed over"
+    );
+    let json = stats(&env);
+    let health = &json["saturated_endpoints"][0];
+    assert_eq!(health["endpoint"], "quiet", "{json}");
+    assert!(
+        health["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("3 times in a row (slow_after)"),
+        "{json}"
     );
 }
 
@@ -360,6 +412,14 @@ fn bad_saturation_settings_are_config_errors() {
         (
             good.replace("secret", "rate = -1\nsecret"),
             "endpoints.e.rate = -1",
+        ),
+        (
+            good.replace("secret", "slow_after = 0\nsecret"),
+            "endpoints.e.slow_after = 0",
+        ),
+        (
+            good.replace("secret", "mode = \"confirm\"\nslow_after = 3\nsecret"),
+            "endpoints.e.slow_after applies to mode = \"fire_and_forget\" only",
         ),
     ] {
         env.write_config(&text);

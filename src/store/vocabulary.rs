@@ -112,6 +112,13 @@ pub enum EndpointSignal {
         /// Its limits (cool-down settings).
         limits: EndpointLimits,
     },
+    /// Fire-and-forget, no answer within the window, and the endpoint has a
+    /// `slow_after` (in its limits): one more silent answer in a row, which
+    /// at the `slow_after`-th opens the breaker as a 429 would.
+    Silent {
+        /// Its limits (`slow_after`, cool-down settings).
+        limits: EndpointLimits,
+    },
 }
 
 /// What an attempt came to; stored in `attempts.outcome`.

@@ -122,6 +122,7 @@ pub fn endpoint_limits() -> EndpointLimits {
         cooldown_base: Duration::from_secs(1),
         cooldown_cap: Duration::from_secs(8),
         max_retry_after: Duration::from_secs(60),
+        slow_after: None,
     }
 }
 
@@ -168,6 +169,7 @@ macro_rules! conformance {
                 an_account_over_budget_is_rerouted_with_one_reserved_slot_per_delivery,
                 a_saturated_endpoint_is_held_for_its_cool_down_then_probed_once,
                 an_endpoint_at_its_in_flight_cap_is_skipped_until_a_lease_ends,
+                silent_answers_in_a_row_open_the_breaker_and_an_answer_resets_them,
                 an_endpoint_over_its_rate_reroutes_with_reserved_slots,
                 deliveries_of_a_removed_endpoint_are_parked_restored_or_purged,
             ];

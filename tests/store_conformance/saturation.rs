@@ -167,6 +167,67 @@ pub fn a_saturated_endpoint_is_held_for_its_cool_down_then_probed_once(store: &m
     );
 }
 
+pub fn silent_answers_in_a_row_open_the_breaker_and_an_answer_resets_them(store: &mut dyn Store) {
+    subscribe(store, &[("t", "quiet")]);
+    messages_of(store, &[("t", "a"); 6]);
+    let silent = EndpointSignal::Silent {
+        limits: EndpointLimits {
+            slow_after: Some(2),
+            ..endpoint_limits()
+        },
+    };
+    let handed_over = |store: &mut dyn Store, owner: &str, now: i64, signal: EndpointSignal| {
+        let lease = lease(store, owner, now).unwrap();
+        let finish =
+            FinishAttempt::delivered(&lease, now, AttemptOutcome::HandedOver).with_signal(signal);
+        assert!(store.attempt_finish(&finish).unwrap());
+        assert_eq!(
+            state(store, lease.delivery_id).state,
+            DeliveryState::Delivered
+        );
+    };
+    // One silence, then an answer: the count starts again.
+    handed_over(store, "a", T0, silent);
+    handed_over(store, "b", T0 + 1, EndpointSignal::Healthy);
+    handed_over(store, "c", T0 + 2, silent);
+    assert!(store.stats(T0 + 2).unwrap().saturated_endpoints.is_empty());
+    // The second silence in a row opens the breaker, as a 429 would.
+    handed_over(store, "d", T0 + 3, silent);
+    let health = store.stats(T0 + 3).unwrap().saturated_endpoints;
+    assert_eq!(
+        (health[0].saturated_until, health[0].failures),
+        (Some(T0 + 1_003), 1)
+    );
+    assert!(
+        health[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("slow_after")
+    );
+    assert!(
+        lease(store, "e", T0 + 4).is_none(),
+        "held while it cools down"
+    );
+    // The probe (its slot a millisecond after the cool-down) goes
+    // unanswered too: open again at once, twice as long.
+    handed_over(store, "f", T0 + 1_004, silent);
+    let health = store.stats(T0 + 1_004).unwrap().saturated_endpoints;
+    assert_eq!(
+        (health[0].saturated_until, health[0].failures),
+        (Some(T0 + 3_004), 2)
+    );
+    // An answer closes it.
+    handed_over(store, "g", T0 + 3_005, EndpointSignal::Healthy);
+    assert!(
+        store
+            .stats(T0 + 3_005)
+            .unwrap()
+            .saturated_endpoints
+            .is_empty()
+    );
+}
+
 pub fn an_endpoint_at_its_in_flight_cap_is_skipped_until_a_lease_ends(store: &mut dyn Store) {
     subscribe(store, &[("t", "capped"), ("u", "free")]);
     messages_of(store, &[("t", "a"), ("t", "a"), ("u", "a")]);

@@ -52,8 +52,9 @@ macro_rules! finish_delivery_sql {
 
 const ENDPOINT_HEALTHY_SQL: &str = "\
 UPDATE endpoint_health
-SET failures = 0, saturated_until = NULL, probe_owner = NULL, probe_expires_at = NULL, updated_at = $2
-WHERE endpoint = $1 AND (failures > 0 OR probe_owner IS NOT NULL)";
+SET failures = 0, saturated_until = NULL, probe_owner = NULL, probe_expires_at = NULL, silent = 0,
+    updated_at = $2
+WHERE endpoint = $1 AND (failures > 0 OR probe_owner IS NOT NULL OR silent > 0)";
 
 /// How many candidates one lease may reroute or skip before it gives up
 /// (the next child goes on where it stopped).
@@ -393,50 +394,80 @@ fn record_signal(tx: &mut Client, f: &FinishAttempt) -> Result<Option<i64>, ::po
             retry_after,
             limits,
         } => {
-            // Children of every host finishing at once count their
-            // signals one after another.
-            lock_key(tx, RateKind::Endpoint, &f.endpoint)?;
-            let (until, failures) = tx
-                .query_typed_opt(
-                    "SELECT saturated_until, failures FROM endpoint_health WHERE endpoint = $1 FOR UPDATE",
-                    typed![f.endpoint => TEXT],
-                )?
-                .map(|r| {
-                    Ok::<_, ::postgres::Error>((
-                        r.try_get::<_, Option<i64>>(0)?,
-                        r.try_get::<_, i64>(1)? as u32,
-                    ))
-                })
-                .transpose()?
-                .unwrap_or((None, 0));
-            // Children already in flight when the breaker opened do not count
-            // as repeats: the cool-down grows once per probe, not per child.
-            let already_open = until.is_some_and(|u| u > f.now);
-            let failures = if already_open {
-                failures.max(1)
-            } else {
-                failures + 1
-            };
-            let wait = saturation::cooldown(&limits, failures, retry_after);
-            let until = until.unwrap_or(0).max(f.now + ms(wait));
+            let (until, failures, _) = locked_endpoint_health(tx, &f.endpoint)?;
+            let error = f.error.as_deref();
+            open_breaker(tx, f, &limits, retry_after, (until, failures), error).map(Some)
+        }
+        EndpointSignal::Silent { limits } => {
+            let (until, failures, silent) = locked_endpoint_health(tx, &f.endpoint)?;
+            let slow_after = limits.slow_after.unwrap_or(1);
+            if saturation::silence_opens(slow_after, failures, silent) {
+                let error = saturation::silence_error(slow_after);
+                return open_breaker(tx, f, &limits, None, (until, failures), Some(&error))
+                    .map(Some);
+            }
             tx.execute_typed(
-                "INSERT INTO endpoint_health (endpoint, saturated_until, failures, last_error, updated_at)
-                 VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (endpoint) DO UPDATE SET
-                     saturated_until = excluded.saturated_until, failures = excluded.failures,
-                     last_error = excluded.last_error, probe_owner = NULL, probe_expires_at = NULL,
-                     updated_at = excluded.updated_at",
-                typed![
-                    f.endpoint => TEXT,
-                    until => INT8,
-                    i64::from(failures) => INT8,
-                    f.error => TEXT,
-                    f.now => INT8,
-                ],
+                "INSERT INTO endpoint_health (endpoint, silent, updated_at) VALUES ($1, 1, $2)
+                 ON CONFLICT (endpoint) DO UPDATE
+                 SET silent = endpoint_health.silent + 1, updated_at = excluded.updated_at",
+                typed![f.endpoint => TEXT, f.now => INT8],
             )?;
-            Ok(Some(until))
+            Ok(None)
         }
     }
+}
+
+/// An endpoint's breaker (saturated until, signals in a row, silent answers
+/// in a row), locked: children of every host finishing at once count their
+/// signals one after another.
+fn locked_endpoint_health(
+    tx: &mut Client,
+    endpoint: &str,
+) -> Result<(Option<i64>, u32, u32), ::postgres::Error> {
+    lock_key(tx, RateKind::Endpoint, endpoint)?;
+    tx.query_typed_opt(
+        "SELECT saturated_until, failures, silent FROM endpoint_health WHERE endpoint = $1 FOR UPDATE",
+        typed![endpoint => TEXT],
+    )?
+    .map(|r| {
+        Ok::<_, ::postgres::Error>((
+            r.try_get::<_, Option<i64>>(0)?,
+            r.try_get::<_, i64>(1)? as u32,
+            r.try_get::<_, i64>(2)? as u32,
+        ))
+    })
+    .transpose()
+    .map(|found| found.unwrap_or((None, 0, 0)))
+}
+
+/// Opens (or keeps open) an endpoint's breaker on a saturation signal, from
+/// its state `(until, failures)`, recording `error`; returns the time it is
+/// saturated until.
+fn open_breaker(
+    tx: &mut Client,
+    f: &FinishAttempt,
+    limits: &EndpointLimits,
+    retry_after: Option<Duration>,
+    (until, failures): (Option<i64>, u32),
+    error: Option<&str>,
+) -> Result<i64, ::postgres::Error> {
+    let (until, failures) = saturation::open_breaker(limits, retry_after, f.now, until, failures);
+    tx.execute_typed(
+        "INSERT INTO endpoint_health (endpoint, saturated_until, failures, last_error, updated_at)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (endpoint) DO UPDATE SET
+             saturated_until = excluded.saturated_until, failures = excluded.failures,
+             last_error = excluded.last_error, probe_owner = NULL, probe_expires_at = NULL,
+             silent = 0, updated_at = excluded.updated_at",
+        typed![
+            f.endpoint => TEXT,
+            until => INT8,
+            i64::from(failures) => INT8,
+            error => TEXT,
+            f.now => INT8,
+        ],
+    )?;
+    Ok(until)
 }
 
 impl PostgresStore {
@@ -557,7 +588,7 @@ impl PostgresStore {
     }
 
     pub(super) fn attempt_finish(&mut self, f: &FinishAttempt) -> Result<bool> {
-        if !matches!(f.signal, EndpointSignal::Saturated { .. }) {
+        if matches!(f.signal, EndpointSignal::Healthy | EndpointSignal::Unknown) {
             return self.attempt_finish_in_one_statement(f);
         }
         let http_status = f.http_status.map(i64::from);
@@ -635,8 +666,8 @@ impl PostgresStore {
                  closed AS (
                    UPDATE endpoint_health
                    SET failures = 0, saturated_until = NULL, probe_owner = NULL, probe_expires_at = NULL,
-                       updated_at = $8
-                   WHERE $9 AND endpoint = $10 AND (failures > 0 OR probe_owner IS NOT NULL)
+                       silent = 0, updated_at = $8
+                   WHERE $9 AND endpoint = $10 AND (failures > 0 OR probe_owner IS NOT NULL OR silent > 0)
                      AND EXISTS (SELECT 1 FROM moved)),
                  released AS (
                    UPDATE endpoint_health SET probe_owner = NULL

@@ -17,6 +17,10 @@ pub const FILES: &[(&str, &str)] = &[
         "0002_admin_views.sql",
         include_str!("../../../migrations/postgres/0002_admin_views.sql"),
     ),
+    (
+        "0003_delivery_semantics.sql",
+        include_str!("../../../migrations/postgres/0003_delivery_semantics.sql"),
+    ),
 ];
 
 /// The advisory lock key migrations hold (any constant no other

@@ -36,7 +36,7 @@ WHERE d.state = 'delayed' AND d.not_before <= ?2 AND d.endpoint NOT IN (SELECT v
 ORDER BY d.priority DESC, d.not_before LIMIT 1";
 
 const ENDPOINT_HEALTH_SQL: &str =
-    "SELECT saturated_until, failures FROM endpoint_health WHERE endpoint = ?1";
+    "SELECT saturated_until, failures, silent FROM endpoint_health WHERE endpoint = ?1";
 
 const LEASE_DELIVERY_SQL: &str = "\
 UPDATE deliveries
@@ -54,8 +54,9 @@ const MESSAGE_OF_LEASE_SQL: &str =
 
 const ENDPOINT_HEALTHY_SQL: &str = "\
 UPDATE endpoint_health
-SET failures = 0, saturated_until = NULL, probe_owner = NULL, probe_expires_at = NULL, updated_at = ?2
-WHERE endpoint = ?1 AND (failures > 0 OR probe_owner IS NOT NULL)";
+SET failures = 0, saturated_until = NULL, probe_owner = NULL, probe_expires_at = NULL, silent = 0,
+    updated_at = ?2
+WHERE endpoint = ?1 AND (failures > 0 OR probe_owner IS NOT NULL OR silent > 0)";
 
 const FINISH_DELIVERY_SQL: &str = "\
 UPDATE deliveries
@@ -222,13 +223,13 @@ fn set_tat(tx: &Connection, kind: RateKind, key: &str, tat: f64) -> rusqlite::Re
     .map(drop)
 }
 
-/// An endpoint's breaker: saturated until, and signals in a row (a healthy
-/// endpoint has no row).
-fn endpoint_health(tx: &Connection, endpoint: &str) -> rusqlite::Result<(Option<i64>, u32)> {
+/// An endpoint's breaker: saturated until, signals in a row, and silent
+/// answers in a row (a healthy endpoint has no row).
+fn endpoint_health(tx: &Connection, endpoint: &str) -> rusqlite::Result<(Option<i64>, u32, u32)> {
     tx.prepare_cached(ENDPOINT_HEALTH_SQL)?
-        .query_row([endpoint], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row([endpoint], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()
-        .map(|found| found.unwrap_or((None, 0)))
+        .map(|found| found.unwrap_or((None, 0, 0)))
 }
 
 /// Reroutes every ready delivery whose `$column` is ?1 to the delayed queue
@@ -330,29 +331,50 @@ fn record_signal(tx: &Connection, f: &FinishAttempt) -> rusqlite::Result<Option<
             retry_after,
             limits,
         } => {
-            let (until, failures) = endpoint_health(tx, &f.endpoint)?;
-            // Children already in flight when the breaker opened do not count
-            // as repeats: the cool-down grows once per probe, not per child.
-            let already_open = until.is_some_and(|u| u > f.now);
-            let failures = if already_open {
-                failures.max(1)
-            } else {
-                failures + 1
-            };
-            let wait = saturation::cooldown(&limits, failures, retry_after);
-            let until = until.unwrap_or(0).max(f.now + ms(wait));
+            let (until, failures, _) = endpoint_health(tx, &f.endpoint)?;
+            let error = f.error.as_deref();
+            open_breaker(tx, f, &limits, retry_after, (until, failures), error).map(Some)
+        }
+        EndpointSignal::Silent { limits } => {
+            let (until, failures, silent) = endpoint_health(tx, &f.endpoint)?;
+            let slow_after = limits.slow_after.unwrap_or(1);
+            if saturation::silence_opens(slow_after, failures, silent) {
+                let error = saturation::silence_error(slow_after);
+                return open_breaker(tx, f, &limits, None, (until, failures), Some(&error))
+                    .map(Some);
+            }
             tx.prepare_cached(
-                "INSERT INTO endpoint_health (endpoint, saturated_until, failures, last_error, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (endpoint) DO UPDATE SET
-                     saturated_until = excluded.saturated_until, failures = excluded.failures,
-                     last_error = excluded.last_error, probe_owner = NULL, probe_expires_at = NULL,
-                     updated_at = excluded.updated_at",
+                "INSERT INTO endpoint_health (endpoint, silent, updated_at) VALUES (?1, 1, ?2)
+                 ON CONFLICT (endpoint) DO UPDATE SET silent = silent + 1, updated_at = excluded.updated_at",
             )?
-            .execute(params![f.endpoint, until, failures, f.error, f.now])?;
-            Ok(Some(until))
+            .execute(params![f.endpoint, f.now])?;
+            Ok(None)
         }
     }
+}
+
+/// Opens (or keeps open) an endpoint's breaker on a saturation signal, from
+/// its state `(until, failures)`, recording `error`; returns the time it is
+/// saturated until.
+fn open_breaker(
+    tx: &Connection,
+    f: &FinishAttempt,
+    limits: &EndpointLimits,
+    retry_after: Option<Duration>,
+    (until, failures): (Option<i64>, u32),
+    error: Option<&str>,
+) -> rusqlite::Result<i64> {
+    let (until, failures) = saturation::open_breaker(limits, retry_after, f.now, until, failures);
+    tx.prepare_cached(
+        "INSERT INTO endpoint_health (endpoint, saturated_until, failures, last_error, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (endpoint) DO UPDATE SET
+             saturated_until = excluded.saturated_until, failures = excluded.failures,
+             last_error = excluded.last_error, probe_owner = NULL, probe_expires_at = NULL,
+             silent = 0, updated_at = excluded.updated_at",
+    )?
+    .execute(params![f.endpoint, until, failures, error, f.now])?;
+    Ok(until)
 }
 
 /// Whether `e` says a column's value could not be read as its Rust type.

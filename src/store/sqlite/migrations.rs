@@ -40,6 +40,10 @@ pub const FILES: &[(&str, &str)] = &[
         "0008_dead_retention.sql",
         include_str!("../../../migrations/sqlite/0008_dead_retention.sql"),
     ),
+    (
+        "0009_delivery_semantics.sql",
+        include_str!("../../../migrations/sqlite/0009_delivery_semantics.sql"),
+    ),
 ];
 
 /// Applies the migrations the database lacks.

@@ -89,6 +89,7 @@ fn waiting(d: &DeliveryRow, now: i64) -> String {
             seconds((d.not_before - now).max(0))
         ),
         DeliveryState::Leased => d.lease_owner.clone().unwrap_or_default(),
+        DeliveryState::Dead => d.reason.clone().unwrap_or_default(),
         _ => String::new(),
     }
 }

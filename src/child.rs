@@ -145,6 +145,6 @@ pub fn deliver_one(
     Ok(match finish.next {
         crate::store::NextState::Delivered => ChildExit::Delivered,
         crate::store::NextState::Retry { .. } => ChildExit::Retry,
-        crate::store::NextState::Dead => ChildExit::Dead,
+        crate::store::NextState::Dead { .. } => ChildExit::Dead,
     })
 }

@@ -13,7 +13,7 @@ use crate::config::{self, Config, Secret};
 use crate::error::{Error, ExitCode, Result};
 use crate::ids::{DeliveryId, MessageRef};
 use crate::signals::Signals;
-use crate::store::{DeliveryFilter, DeliveryState, now_ms};
+use crate::store::{DeliveryFilter, DeliveryState, ms, now_ms};
 use crate::{admin, daemon, demo, dispatcher, enqueue, metrics, preflight, receiver};
 
 /// cronpost: a SQLite-backed webhook dispatcher.
@@ -120,7 +120,7 @@ enum Command {
         filter: RequeueFilter,
         /// The messages marked unroutable (no endpoint subscribed to their
         /// topic): routed again by the next run.
-        #[arg(long, conflicts_with_all = ["ids", "state", "endpoint", "account", "topic"])]
+        #[arg(long, conflicts_with_all = ["ids", "state", "endpoint", "account", "topic", "reason", "since"])]
         unroutable: bool,
         /// Spread them out: this many a second (50/s; also /m, /h), the
         /// first now, so a recovered endpoint is not hit by all at once.
@@ -241,6 +241,13 @@ struct CommonFilter {
     /// Only deliveries of this topic.
     #[arg(long)]
     topic: Option<String>,
+    /// Only deliveries delayed, or dead, for this reason.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::store::reason::ALL))]
+    reason: Option<String>,
+    /// Only deliveries that changed (dead letters: died) in the last AGE,
+    /// e.g. 2h.
+    #[arg(long, value_parser = parse_age, value_name = "AGE")]
+    since: Option<std::time::Duration>,
 }
 
 impl CommonFilter {
@@ -251,6 +258,8 @@ impl CommonFilter {
             endpoint: self.endpoint,
             account: self.account,
             topic: self.topic,
+            reason: self.reason,
+            since: self.since.map(|age| now_ms().saturating_sub(ms(age))),
         }
     }
 }

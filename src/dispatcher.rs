@@ -625,7 +625,9 @@ impl Parent<'_> {
             {
                 let finish =
                     lease::after_child_death(endpoint, &lease, now_ms(), &dead.how, dead.timed_out);
-                if store.attempt_finish(&finish)? && finish.next == crate::store::NextState::Dead {
+                if store.attempt_finish(&finish)?
+                    && matches!(finish.next, crate::store::NextState::Dead { .. })
+                {
                     run.dead += 1;
                 }
             }

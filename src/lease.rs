@@ -14,7 +14,7 @@ use rand::RngExt;
 
 use crate::config::{DeliveryMode, Endpoint};
 use crate::delivery::PostResult;
-use crate::store::{AttemptOutcome, EndpointSignal, FinishAttempt, Lease, ms};
+use crate::store::{AttemptOutcome, EndpointSignal, FinishAttempt, Lease, ms, reason};
 
 /// The transition for the result of one POST, with what it says about the
 /// endpoint: 429/503, a confirm-mode timeout and a failed connection mean
@@ -65,7 +65,8 @@ pub fn decide(
             },
         ),
         PostResult::Answered { status, .. } => {
-            return FinishAttempt::dead(lease, now, format!("HTTP {status}: permanent failure"))
+            let error = format!("HTTP {status}: permanent failure");
+            return FinishAttempt::dead(lease, now, reason::REJECTED, error)
                 .with_answer(Some(*status), duration_ms)
                 .with_signal(healthy);
         }
@@ -149,6 +150,7 @@ fn retry_or_dead(
         return FinishAttempt::dead(
             lease,
             now,
+            reason::ATTEMPTS_EXHAUSTED,
             format!(
                 "{error} (attempt {} of {})",
                 lease.attempt, endpoint.max_attempts
@@ -228,7 +230,9 @@ mod tests {
         ));
         assert_eq!(
             decide(&ff, &lease(1), &answer(404), 0, 0).next,
-            NextState::Dead
+            NextState::Dead {
+                reason: reason::REJECTED
+            }
         );
         for status in [408, 429, 500, 503] {
             assert!(matches!(
@@ -238,7 +242,9 @@ mod tests {
         }
         assert_eq!(
             decide(&ff, &lease(3), &answer(500), 0, 0).next,
-            NextState::Dead
+            NextState::Dead {
+                reason: reason::ATTEMPTS_EXHAUSTED
+            }
         );
         let refused = PostResult::ConnectFailed("refused".into());
         assert!(matches!(

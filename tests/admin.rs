@@ -14,6 +14,7 @@ on_both_backends!(
     requeue_redelivers_dead_letters_and_dry_run_changes_nothing,
     dead_letters_requeued_at_a_rate_arrive_at_that_rate_not_in_a_burst,
     dead_letters_have_a_retention_of_their_own,
+    dead_letters_are_requeued_by_reason_and_by_when_they_died,
 );
 
 fn sqlite3(env: &Env, sql: &str) -> String {
@@ -299,6 +300,73 @@ fn requeue_redelivers_dead_letters_and_dry_run_changes_nothing(backend: Backend)
         let out = env.cronpost(args);
         assert_eq!(out.status.code(), Some(code), "{args:?}: {}", stderr(&out));
         assert!(stderr(&out).contains(text), "{}", stderr(&out));
+    }
+}
+
+fn dead_letters_are_requeued_by_reason_and_by_when_they_died(backend: Backend) {
+    let rx = Receiver::start();
+    rx.set_default("/gone", Reply::Status(410));
+    rx.set_default("/down", Reply::Status(500));
+    let endpoints = endpoint("gone", &rx.url("/gone"), &["g"], "")
+        + &endpoint("down", &rx.url("/down"), &["d"], "max_attempts = 1");
+    let env = Env::on(backend, "", &endpoints);
+    env.enqueue_ndjson(&"{\"topic\":\"g\",\"account\":\"a\",\"payload\":{}}\n".repeat(2));
+    env.enqueue_ndjson(&"{\"topic\":\"d\",\"account\":\"a\",\"payload\":{}}\n".repeat(3));
+    env.run();
+    assert_eq!(
+        env.query_rows("SELECT reason, count(*) FROM dead_letters GROUP BY reason ORDER BY reason"),
+        [["attempts_exhausted", "3"], ["rejected", "2"]]
+    );
+    let listed: serde_json::Value = serde_json::from_str(
+        &env.ok(&["list", "--state", "dead", "--reason", "rejected", "--json"]),
+    )
+    .unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(
+        listed.iter().all(|d| d["reason"] == "rejected"),
+        "{listed:?}"
+    );
+    let requeued = |args: &[&str]| -> i64 {
+        let mut all = vec!["requeue", "--dry-run", "--json"];
+        all.extend_from_slice(args);
+        let out: serde_json::Value = serde_json::from_str(&env.ok(&all)).unwrap();
+        out["requeued"].as_i64().unwrap()
+    };
+    assert_eq!(requeued(&["--reason", "attempts_exhausted"]), 3);
+    assert_eq!(
+        requeued(&["--reason", "attempts_exhausted", "--since", "1h"]),
+        3
+    );
+    // Died more than a second ago, once they are.
+    wait_until(Duration::from_secs(10), "a second to pass", || {
+        requeued(&["--since", "1s"]) == 0
+    });
+    assert_eq!(requeued(&["--reason", "rejected", "--since", "1h"]), 2);
+
+    rx.set_default("/down", Reply::Status(200));
+    assert!(
+        env.ok(&["requeue", "--reason", "attempts_exhausted"])
+            .contains("requeued 3 deliveries")
+    );
+    env.run();
+    assert_eq!(env.count_state("delivered"), 3);
+    assert_eq!(env.count_state("dead"), 2, "the rejected ones stay dead");
+
+    for (args, text) in [
+        (
+            &["requeue", "--reason", "bogus"][..],
+            "[possible values: scheduled,",
+        ),
+        (&["requeue", "--since", "5"][..], "5 needs a unit"),
+        (
+            &["requeue", "--unroutable", "--reason", "rejected"][..],
+            "cannot be used with",
+        ),
+    ] {
+        let out = env.cronpost(args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(text), "{args:?}: {}", stderr(&out));
     }
 }
 

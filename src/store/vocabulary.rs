@@ -49,7 +49,7 @@ impl DeliveryState {
     }
 }
 
-/// Why a delivery sits in the delayed queue.
+/// Why a delivery sits in the delayed queue, or why it died (its `reason`).
 pub mod reason {
     /// The message was published with a delay.
     pub const SCHEDULED: &str = "scheduled";
@@ -65,6 +65,25 @@ pub mod reason {
     /// until the endpoint returns (`deliveries_restore_endpoints`) or an
     /// admin purges it (`cronpost purge --orphaned`).
     pub const ENDPOINT_REMOVED: &str = "endpoint_removed";
+    /// Dead: the endpoint answered a status that will never succeed (4xx, 3xx).
+    pub const REJECTED: &str = "rejected";
+    /// Dead: its last attempt (`max_attempts`) failed.
+    pub const ATTEMPTS_EXHAUSTED: &str = "attempts_exhausted";
+    /// Dead: its row, or its message's, cannot be decoded (written with plain SQL).
+    pub const UNDECODABLE: &str = "undecodable";
+
+    /// Every reason, as `--reason` takes them.
+    pub const ALL: &[&str] = &[
+        SCHEDULED,
+        RETRY_BACKOFF,
+        ACCOUNT_BUDGET,
+        ENDPOINT_SATURATED,
+        ENDPOINT_RATE,
+        ENDPOINT_REMOVED,
+        REJECTED,
+        ATTEMPTS_EXHAUSTED,
+        UNDECODABLE,
+    ];
 }
 
 /// The reason a delivery held back for `hold` is stored with.
@@ -308,8 +327,11 @@ pub enum NextState {
         /// When the delivery may be tried again.
         not_before: i64,
     },
-    /// `dead`.
-    Dead,
+    /// `dead`, for `reason` (see [`reason`]).
+    Dead {
+        /// Why it died.
+        reason: &'static str,
+    },
 }
 
 /// Params of `attempt_finish`: records an attempt and moves its delivery out
@@ -376,11 +398,11 @@ impl FinishAttempt {
         }
     }
 
-    /// leased → dead.
-    pub fn dead(lease: &Lease, now: i64, error: String) -> FinishAttempt {
+    /// leased → dead, for `reason` (see [`reason`]).
+    pub fn dead(lease: &Lease, now: i64, reason: &'static str, error: String) -> FinishAttempt {
         FinishAttempt {
             error: Some(error),
-            ..FinishAttempt::new(lease, now, AttemptOutcome::Dead, NextState::Dead)
+            ..FinishAttempt::new(lease, now, AttemptOutcome::Dead, NextState::Dead { reason })
         }
     }
 
@@ -422,7 +444,7 @@ impl FinishAttempt {
                 not_before.max(until),
                 Some(reason::ENDPOINT_SATURATED),
             ),
-            (NextState::Dead, _) => (DeliveryState::Dead, self.now, None),
+            (NextState::Dead { reason }, _) => (DeliveryState::Dead, self.now, Some(reason)),
         }
     }
 }
@@ -472,6 +494,10 @@ pub struct DeliveryFilter {
     pub account: Option<String>,
     /// Only of this topic.
     pub topic: Option<String>,
+    /// Only with this reason (why delayed, or why dead; see [`reason`]).
+    pub reason: Option<String>,
+    /// Only those that last changed (died, for dead letters) at or after this.
+    pub since: Option<i64>,
 }
 
 /// A delivery with its message's topic and uid, for listings.
@@ -595,7 +621,7 @@ pub struct DeliveryRow {
     pub priority: i64,
     /// Delayed: when it is eligible; else when it last changed queue.
     pub not_before: i64,
-    /// Why it is delayed.
+    /// Why it is delayed, or why it died.
     pub reason: Option<String>,
     /// The lease token, while leased.
     pub lease_owner: Option<String>,

@@ -14,7 +14,12 @@ pub fn stats_count_states_per_endpoint_and_report_the_last_run(store: &mut dyn S
     params.run_id = Some(run);
     let l = store.delivery_lease_next(&params).unwrap().unwrap();
     store
-        .attempt_finish(&FinishAttempt::dead(&l, T0, "gone".into()))
+        .attempt_finish(&FinishAttempt::dead(
+            &l,
+            T0,
+            reason::ATTEMPTS_EXHAUSTED,
+            "gone".into(),
+        ))
         .unwrap();
     let record = RunRecord {
         id: run,
@@ -60,6 +65,7 @@ fn a_small_history(store: &mut dyn Store) -> (Lease, Lease) {
         .attempt_finish(&FinishAttempt::dead(
             &dead,
             T0,
+            reason::REJECTED,
             "HTTP 410: permanent failure".into(),
         ))
         .unwrap();
@@ -182,6 +188,62 @@ pub fn requeue_moves_only_dead_and_delayed_deliveries_and_restarts_their_attempt
     assert_eq!(lease(store, "z", T0 + 2).unwrap().attempt, 1);
 }
 
+pub fn requeue_picks_dead_letters_by_reason_and_by_when_they_died(store: &mut dyn Store) {
+    subscribe(store, &[("t", "a")]);
+    store
+        .messages_insert(&(0..3).map(|_| message("t", 0)).collect::<Vec<_>>())
+        .unwrap();
+    route(store, T0);
+    // One rejected early, one exhausted early, one exhausted late.
+    let died = [
+        (T0, reason::REJECTED),
+        (T0 + 1, reason::ATTEMPTS_EXHAUSTED),
+        (T0 + 5_000, reason::ATTEMPTS_EXHAUSTED),
+    ];
+    let mut ids = Vec::new();
+    for (at, why) in died {
+        let l = lease(store, "x", at).unwrap();
+        let finish = FinishAttempt::dead(&l, at, why, "failed".into());
+        assert!(store.attempt_finish(&finish).unwrap());
+        ids.push(l.delivery_id);
+    }
+    let count = |store: &mut dyn Store, reason: Option<&str>, since: Option<i64>| {
+        let params = RequeueParams {
+            filter: DeliveryFilter {
+                state: Some(DeliveryState::Dead),
+                reason: reason.map(String::from),
+                since,
+                ..DeliveryFilter::default()
+            },
+            now: T0 + 6_000,
+            limit: None,
+            spacing_ms: 0,
+            dry_run: true,
+        };
+        store.deliveries_requeue(&params).unwrap()
+    };
+    assert_eq!(count(store, None, None), 3);
+    assert_eq!(count(store, Some("rejected"), None), 1);
+    assert_eq!(count(store, Some("attempts_exhausted"), None), 2);
+    assert_eq!(
+        count(store, Some("attempts_exhausted"), Some(T0 + 1_000)),
+        1
+    );
+    assert_eq!(count(store, None, Some(T0 + 1)), 2, "since is inclusive");
+    let listed = store
+        .deliveries_list(
+            &DeliveryFilter {
+                reason: Some("rejected".into()),
+                ..DeliveryFilter::default()
+            },
+            10,
+        )
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].delivery.id, ids[0]);
+    assert_eq!(listed[0].delivery.reason.as_deref(), Some("rejected"));
+}
+
 pub fn requeue_at_a_rate_spreads_due_times_oldest_first_up_to_its_limit(store: &mut dyn Store) {
     subscribe(store, &[("t", "a")]);
     store
@@ -191,7 +253,12 @@ pub fn requeue_at_a_rate_spreads_due_times_oldest_first_up_to_its_limit(store: &
     let mut dead = Vec::new();
     while let Some(l) = lease(store, "x", T0) {
         store
-            .attempt_finish(&FinishAttempt::dead(&l, T0, "HTTP 410".into()))
+            .attempt_finish(&FinishAttempt::dead(
+                &l,
+                T0,
+                reason::REJECTED,
+                "HTTP 410".into(),
+            ))
             .unwrap();
         dead.push(l.delivery_id);
     }

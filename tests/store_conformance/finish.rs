@@ -55,21 +55,26 @@ pub fn retry_waits_in_the_delayed_queue_until_its_time(store: &mut dyn Store) {
     );
 }
 
-pub fn dead_keeps_its_error(store: &mut dyn Store) {
+pub fn dead_keeps_its_error_and_its_reason(store: &mut dyn Store) {
     let l = one_leased(store);
     assert!(
         store
             .attempt_finish(&FinishAttempt::dead(
                 &l,
                 T0,
+                reason::REJECTED,
                 "HTTP 404: permanent failure".into()
             ))
             .unwrap()
     );
     let d = state(store, l.delivery_id);
     assert_eq!(
-        (d.state, d.last_error.as_deref()),
-        (DeliveryState::Dead, Some("HTTP 404: permanent failure"))
+        (d.state, d.reason.as_deref(), d.last_error.as_deref()),
+        (
+            DeliveryState::Dead,
+            Some("rejected"),
+            Some("HTTP 404: permanent failure")
+        )
     );
 }
 

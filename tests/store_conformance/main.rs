@@ -161,7 +161,7 @@ macro_rules! conformance {
             finish: [
                 delivered_is_final_and_records_the_attempt,
                 retry_waits_in_the_delayed_queue_until_its_time,
-                dead_keeps_its_error,
+                dead_keeps_its_error_and_its_reason,
                 a_dead_childs_lease_is_settled_by_its_owner_token,
                 a_child_that_lost_its_lease_says_nothing_about_the_endpoint,
             ];
@@ -178,6 +178,7 @@ macro_rules! conformance {
                 deliveries_are_listed_by_filter_oldest_first_with_their_message,
                 requeue_moves_only_dead_and_delayed_deliveries_and_restarts_their_attempts,
                 requeue_at_a_rate_spreads_due_times_oldest_first_up_to_its_limit,
+                requeue_picks_dead_letters_by_reason_and_by_when_they_died,
                 retention_purges_old_delivered_history_and_dead_letters_in_batches_and_keeps_the_rest,
                 run_totals_add_up_every_recorded_run,
             ];

@@ -134,7 +134,7 @@ impl PostgresStore {
             values.len() + 1
         );
         self.read(|c| {
-            let mut params = typed_values(&values, !filter.ids.is_empty());
+            let mut params = typed_values(&values);
             params.push((&limit, Type::INT8));
             c.query_typed(&sql, &params)?
                 .iter()
@@ -212,10 +212,9 @@ impl PostgresStore {
                WHERE d.state IN ('dead', 'delayed') AND {clause} ORDER BY d.id LIMIT $1
                FOR UPDATE OF d) AS rows"
         );
-        let ids = !p.filter.ids.is_empty();
         self.write(|tx| {
             let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![(&limit, Type::INT8)];
-            params.extend(typed_values(&values, ids));
+            params.extend(typed_values(&values));
             if p.dry_run {
                 let n: i64 = tx
                     .query_typed_one(&format!("SELECT count(*) FROM ({picked}) AS p"), &params)?

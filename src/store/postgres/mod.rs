@@ -310,40 +310,40 @@ fn run_row(r: &Row) -> Result<RunRecord, ::postgres::Error> {
 
 /// The WHERE clause of a `DeliveryFilter` over `deliveries d JOIN messages
 /// m`, its parameters numbered from `$first`, with their values in order.
-fn filter_clause(f: &DeliveryFilter, first: usize) -> (String, Vec<Box<dyn ToSql + Sync>>) {
+fn filter_clause(f: &DeliveryFilter, first: usize) -> (String, Vec<TypedValue>) {
     let mut terms = vec!["true".to_string()];
-    let mut values: Vec<Box<dyn ToSql + Sync>> = Vec::new();
+    let mut values: Vec<TypedValue> = Vec::new();
     if !f.ids.is_empty() {
         terms.push(format!("d.id = ANY(${})", first));
-        values.push(Box::new(f.ids.clone()));
+        values.push((Box::new(f.ids.clone()), Type::INT8_ARRAY));
     }
     for (column, value) in [
         ("d.state", f.state.map(|s| s.as_str().to_string())),
         ("d.endpoint", f.endpoint.clone()),
         ("d.account", f.account.clone()),
         ("m.topic", f.topic.clone()),
+        ("d.reason", f.reason.clone()),
     ] {
         if let Some(value) = value {
             terms.push(format!("{column} = ${}", first + values.len()));
-            values.push(Box::new(value));
+            values.push((Box::new(value), Type::TEXT));
         }
+    }
+    if let Some(since) = f.since {
+        terms.push(format!("d.updated_at >= ${}", first + values.len()));
+        values.push((Box::new(since), Type::INT8));
     }
     (terms.join(" AND "), values)
 }
 
-/// The parameters of `filter_clause`, typed for `query_typed`.
-fn typed_values(values: &[Box<dyn ToSql + Sync>], ids: bool) -> Vec<(&(dyn ToSql + Sync), Type)> {
+/// A parameter value with its type, for `query_typed`.
+type TypedValue = (Box<dyn ToSql + Sync>, Type);
+
+/// The parameters of `filter_clause`, as `query_typed` takes them.
+fn typed_values(values: &[TypedValue]) -> Vec<(&(dyn ToSql + Sync), Type)> {
     values
         .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let ty = if ids && i == 0 {
-                Type::INT8_ARRAY
-            } else {
-                Type::TEXT
-            };
-            (v.as_ref(), ty)
-        })
+        .map(|(v, ty)| (v.as_ref(), ty.clone()))
         .collect()
 }
 

@@ -394,12 +394,12 @@ impl SqliteStore {
         self.write(|tx| {
             tx.execute(
                 "UPDATE deliveries
-                 SET state = 'dead', reason = NULL, lease_owner = NULL, lease_expires_at = NULL,
+                 SET state = 'dead', reason = ?4, lease_owner = NULL, lease_expires_at = NULL,
                      lease_boot_id = NULL, lease_boot_expires_at = NULL,
                      last_error = 'cannot be decoded (a column written with plain SQL holds the wrong type): ' || ?2,
                      updated_at = ?3
                  WHERE id = ?1 AND state IN ('ready', 'delayed')",
-                params![id, error, now],
+                params![id, error, now, reason::UNDECODABLE],
             )
             .map(drop)
         })

@@ -182,11 +182,16 @@ fn filter_clause(f: &DeliveryFilter) -> (String, Vec<Value>) {
         ("d.endpoint", f.endpoint.clone()),
         ("d.account", f.account.clone()),
         ("m.topic", f.topic.clone()),
+        ("d.reason", f.reason.clone()),
     ] {
         if let Some(value) = value {
             terms.push(format!("{column} = ?"));
             values.push(Value::Text(value));
         }
+    }
+    if let Some(since) = f.since {
+        terms.push("d.updated_at >= ?".to_string());
+        values.push(Value::Integer(since));
     }
     (terms.join(" AND "), values)
 }

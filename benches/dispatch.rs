@@ -508,6 +508,7 @@ fn insert_messages(store: &mut dyn Store, n: usize) {
                 created_at: now,
                 available_at: None,
                 dedup_key: None,
+                expires_at: None,
             })
             .collect();
         i += batch.len();

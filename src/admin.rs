@@ -47,6 +47,7 @@ pub fn run_json(r: &RunRecord) -> String {
         "id": r.id, "pid": r.pid, "started_at_ms": r.started_at, "finished_at_ms": r.finished_at,
         "routed": r.routed, "reclaimed": r.reclaimed, "forked": r.forked, "delivered": r.delivered,
         "retried": r.retried, "dead": r.dead, "failed": r.failed, "found_nothing": r.found_nothing,
+        "expired": r.expired, "discarded": r.discarded,
     })
     .to_string()
 }
@@ -74,6 +75,7 @@ fn message_json(m: &MessageRow) -> Value {
         "payload": serde_json::from_str::<Value>(&m.payload).unwrap_or(Value::Null),
         "priority": m.priority, "created_at_ms": m.created_at, "available_at_ms": m.available_at,
         "dedup_key": m.dedup_key, "routed_at_ms": m.routed_at, "route_error": m.route_error,
+        "expires_at_ms": m.expires_at,
     })
 }
 
@@ -386,7 +388,7 @@ pub fn show(config: &Config, key: &MessageRef, as_json: bool) -> Result<()> {
     }
     let now = now_ms();
     let mut out = format!(
-        "message {} ({}), found by {found_by}\n  topic {}, account {}, priority {}\n  created {}{}\n  payload {}\n",
+        "message {} ({}), found by {found_by}\n  topic {}, account {}, priority {}\n  created {}{}{}\n  payload {}\n",
         message.id,
         message.uid,
         message.topic,
@@ -396,6 +398,9 @@ pub fn show(config: &Config, key: &MessageRef, as_json: bool) -> Result<()> {
         message
             .available_at
             .map_or(String::new(), |t| format!(", not before {}", time(t))),
+        message
+            .expires_at
+            .map_or(String::new(), |t| format!(", expires {}", time(t))),
         message.payload
     );
     if let Some(why) = &message.route_error {

@@ -307,12 +307,20 @@ struct EnqueueArgs {
     /// A second message of the account with this key is skipped.
     #[arg(long)]
     dedup_key: Option<String>,
+    /// Never delivered after this long (e.g. 10m): it expires instead
+    /// (default: its topic's max_age, else never).
+    #[arg(long, conflicts_with = "expires_at")]
+    ttl: Option<String>,
+    /// Never delivered after this time (RFC 3339, e.g. 2026-12-24T18:00:00Z).
+    #[arg(long)]
+    expires_at: Option<String>,
     /// The JSON payload (else read from stdin).
     #[arg(long)]
     data: Option<String>,
     /// Read many messages from stdin, one JSON object per line:
-    /// {"topic":..,"account":..,"payload":..,"priority":..,"delay":"30s","dedup_key":..}.
-    #[arg(long, conflicts_with_all = ["topic", "account", "priority", "delay", "dedup_key", "data"])]
+    /// {"topic":..,"account":..,"payload":..,"priority":..,"delay":"30s","dedup_key":..,
+    /// "ttl":"10m" or "expires_at":"2026-12-24T18:00:00Z"}.
+    #[arg(long, conflicts_with_all = ["topic", "account", "priority", "delay", "dedup_key", "data", "ttl", "expires_at"])]
     ndjson: bool,
 }
 
@@ -508,6 +516,7 @@ fn enqueue(config: &Config, args: EnqueueArgs, as_json: bool) -> Result<()> {
                 .map(enqueue::parse_delay)
                 .transpose()?,
             dedup_key: args.dedup_key,
+            expiry: enqueue::Expiry::from_parts(args.ttl.as_deref(), args.expires_at.as_deref())?,
         };
         vec![draft.validate(config, now)?]
     };

@@ -57,8 +57,22 @@ pub struct Config {
     pub dead_retention: Duration,
     /// The endpoints, sorted by name.
     pub endpoints: Vec<Endpoint>,
+    /// Settings of topics (`[topics.NAME]`), by name; a topic not listed
+    /// has the defaults.
+    pub topics: BTreeMap<String, TopicSettings>,
     /// Settings that are allowed but probably wrong, one line each.
     pub warnings: Vec<String>,
+}
+
+/// A topic's settings (`[topics.NAME]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TopicSettings {
+    /// A message of the topic published without a time to live of its own
+    /// expires this long after it was published (None: never).
+    pub max_age: Option<Duration>,
+    /// An expired delivery of the topic is dropped (counted) instead of
+    /// kept as a dead letter.
+    pub discard_expired: bool,
 }
 
 /// Where the queue lives (`database`).
@@ -582,6 +596,16 @@ struct RawConfig {
     retention: Option<Spanned<String>>,
     dead_retention: Option<Spanned<String>>,
     endpoints: Option<Spanned<BTreeMap<String, Spanned<RawEndpoint>>>>,
+    #[serde(default)]
+    topics: BTreeMap<String, Spanned<RawTopic>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopic {
+    max_age: Option<Spanned<String>>,
+    #[serde(default)]
+    discard_expired: bool,
 }
 
 #[derive(Default, Deserialize)]
@@ -803,6 +827,38 @@ impl RawConfig {
             .into_iter()
             .map(|(name, raw)| raw.into_inner().validate(at, name, &run, &mut warnings))
             .collect::<Result<Vec<_>>>()?;
+        let mut topics = BTreeMap::new();
+        for (name, raw) in self.topics {
+            let key = format!("topics.{name}");
+            if !endpoints.iter().any(|e| e.topics.contains(&name)) {
+                return Err(at.error(
+                    raw.span(),
+                    &key,
+                    "names a topic no endpoint subscribes to (a typo?)",
+                ));
+            }
+            let raw = raw.into_inner();
+            let max_age = match &raw.max_age {
+                None => None,
+                Some(text) => match at.duration(text, &format!("{key}.max_age"))? {
+                    age if age.is_zero() => {
+                        return Err(at.error(
+                            text.span(),
+                            &format!("{key}.max_age"),
+                            "must be longer than 0s",
+                        ));
+                    }
+                    age => Some(age),
+                },
+            };
+            topics.insert(
+                name,
+                TopicSettings {
+                    max_age,
+                    discard_expired: raw.discard_expired,
+                },
+            );
+        }
         Ok(Config {
             path: at.path.to_path_buf(),
             database,
@@ -828,6 +884,7 @@ impl RawConfig {
                 Duration::from_secs(30 * 24 * 3600),
             )?,
             endpoints,
+            topics,
             warnings,
         })
     }

@@ -26,7 +26,7 @@ use crate::lease;
 use crate::routing;
 use crate::signals::Signals;
 use crate::slots::Slots;
-use crate::store::{Queue, ReclaimParams, RunRecord, Store, now_ms};
+use crate::store::{ExpireParams, Queue, ReclaimParams, RunRecord, Store, now_ms};
 
 /// Retention batches (of `retention::PURGE_BATCH`) at the end of each run.
 const RETENTION_BATCHES_PER_RUN: usize = 5;
@@ -142,8 +142,17 @@ pub fn run_once(
 /// The one-line summary of a run, with the peak memory of this process and
 /// of its largest child so far.
 pub fn summary(run: &RunRecord, took: Duration) -> String {
+    let expired = if run.expired + run.discarded > 0 {
+        format!(
+            ", {} expired ({} discarded)",
+            run.expired + run.discarded,
+            run.discarded
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "run {}: routed {} messages, reclaimed {} leases, forked {} children: {} delivered, {} retried, {} dead, {} failed, {} found nothing to lease in {:.2}s; peak RSS {:.1} MiB parent, {:.1} MiB child",
+        "run {}: routed {} messages, reclaimed {} leases, forked {} children: {} delivered, {} retried, {} dead, {} failed, {} found nothing to lease{expired} in {:.2}s; peak RSS {:.1} MiB parent, {:.1} MiB child",
         run.id,
         run.routed,
         run.reclaimed,
@@ -238,7 +247,7 @@ fn prepare(config: &Config, between: &mut dyn FnMut()) -> Result<RunRecord> {
         );
     }
     let pid = std::process::id();
-    Ok(RunRecord {
+    let mut run = RunRecord {
         id: store.run_begin(pid, &config.host_name, now)?,
         pid,
         host: config.host_name.clone(),
@@ -246,7 +255,37 @@ fn prepare(config: &Config, between: &mut dyn FnMut()) -> Result<RunRecord> {
         routed: routed.messages as u64,
         reclaimed: reclaimed as u64,
         ..RunRecord::default()
-    })
+    };
+    expire(store.as_mut(), now, &mut run, between)?;
+    Ok(run)
+}
+
+/// Deliveries expired per transaction.
+const EXPIRE_BATCH: u64 = 2_000;
+
+/// Makes the deliveries whose time to live ran out dead letters (or
+/// removes them: `discard_expired`), counting them into `run`; `between`
+/// is called between batches.
+fn expire(
+    store: &mut dyn Store,
+    now: i64,
+    run: &mut RunRecord,
+    between: &mut dyn FnMut(),
+) -> Result<()> {
+    let params = ExpireParams {
+        now,
+        batch: EXPIRE_BATCH,
+    };
+    loop {
+        let batch = store.deliveries_expire(&params)?;
+        run.expired += batch.expired;
+        run.discarded += batch.discarded;
+        if batch.expired + batch.discarded < EXPIRE_BATCH {
+            break;
+        }
+        between();
+    }
+    Ok(())
 }
 
 /// What `leases_reclaim_expired` needs now: the wall clock, and the boot
@@ -421,6 +460,7 @@ impl Parent<'_> {
         run.routed +=
             routing::route_all(store.as_mut(), now, &mut *self.heartbeat)?.messages as u64;
         run.reclaimed += store.leases_reclaim_expired(&reclaim_params(now))? as u64;
+        expire(store.as_mut(), now, run, &mut *self.heartbeat)?;
         self.count_ready(store.as_mut(), run)?;
         Ok(self.budget > 0)
     }

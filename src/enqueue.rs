@@ -33,6 +33,42 @@ pub struct Draft {
     pub delay: Option<Duration>,
     /// Dedup key.
     pub dedup_key: Option<String>,
+    /// When it expires, if it does (else its topic's `max_age` decides).
+    pub expiry: Option<Expiry>,
+}
+
+/// When a message stops being worth delivering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// This long after it is published (`--ttl`, NDJSON `ttl`).
+    Ttl(Duration),
+    /// At this time, Unix epoch ms (`--expires-at`, NDJSON `expires_at`).
+    At(i64),
+}
+
+impl Expiry {
+    /// From a time to live and an absolute expiry, at most one given.
+    pub fn from_parts(ttl: Option<&str>, at: Option<&str>) -> Result<Option<Expiry>> {
+        match (ttl, at) {
+            (Some(_), Some(_)) => Err(Error::data("give a ttl or an expires_at, not both")),
+            (Some(ttl), None) => {
+                let ttl = humantime::parse_duration(ttl).map_err(|e| {
+                    Error::data(format!("ttl {ttl:?} is not a duration like \"30s\" ({e})"))
+                })?;
+                Ok(Some(Expiry::Ttl(ttl)))
+            }
+            (None, Some(at)) => {
+                let time = humantime::parse_rfc3339_weak(at).map_err(|e| {
+                    Error::data(format!(
+                        "expires_at {at:?} is not a time like \"2026-12-24T18:00:00Z\" ({e})"
+                    ))
+                })?;
+                let ms = time.duration_since(std::time::UNIX_EPOCH).map_or(0, ms);
+                Ok(Some(Expiry::At(ms)))
+            }
+            (None, None) => Ok(None),
+        }
+    }
 }
 
 impl Draft {
@@ -90,14 +126,36 @@ impl Draft {
         if self.dedup_key.as_deref().is_some_and(|k| k.is_empty()) {
             return Err(Error::data("dedup key must not be empty"));
         }
+        let available_at = self.delay.map(|d| now + ms(d));
+        let expires_at = match self.expiry {
+            None => None,
+            Some(Expiry::Ttl(ttl)) if ttl.is_zero() => {
+                return Err(Error::data("ttl must be longer than 0s"));
+            }
+            Some(Expiry::Ttl(ttl)) => Some(now.saturating_add(ms(ttl))),
+            Some(Expiry::At(at)) if at <= now => {
+                return Err(Error::data(
+                    "expires_at is not in the future: it would never be sent",
+                ));
+            }
+            Some(Expiry::At(at)) => Some(at),
+        };
+        if let (Some(expires), Some(available)) = (expires_at, available_at)
+            && expires <= available
+        {
+            return Err(Error::data(
+                "it expires before its delay ends: it would never be sent",
+            ));
+        }
         Ok(NewMessage {
             topic: self.topic,
             account: self.account,
             payload: self.payload,
             priority: self.priority,
             created_at: now,
-            available_at: self.delay.map(|d| now + ms(d)),
+            available_at,
             dedup_key: self.dedup_key,
+            expires_at,
         })
     }
 }
@@ -195,6 +253,8 @@ struct Line<'a> {
     priority: i64,
     delay: Option<String>,
     dedup_key: Option<String>,
+    ttl: Option<String>,
+    expires_at: Option<String>,
 }
 
 /// How much longer than `max_payload_bytes` an NDJSON line may be (its
@@ -243,6 +303,8 @@ pub fn read_ndjson(config: &Config, mut input: impl BufRead, now: i64) -> Result
                 .transpose()
                 .map_err(at)?,
             dedup_key: parsed.dedup_key,
+            expiry: Expiry::from_parts(parsed.ttl.as_deref(), parsed.expires_at.as_deref())
+                .map_err(at)?,
         };
         messages.push(draft.validate(config, now).map_err(at)?);
     }

@@ -115,6 +115,8 @@ pub fn render(stats: &Stats, run: &RunRecord, took: Duration, totals: &RunTotals
             ("dead", r.dead),
             ("failed", r.failed),
             ("found_nothing", r.found_nothing),
+            ("expired", r.expired),
+            ("discarded", r.discarded),
         ]
         .iter()
         .map(|(kind, n)| (format!("{{outcome=\"{kind}\"}}"), *n as f64))

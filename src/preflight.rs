@@ -62,6 +62,10 @@ cooldown_base = "1s"
 cooldown_cap = "5m"
 max_retry_after = "1h"
 # slow_after = 3               # fire_and_forget: silent answers in a row that hold it (default: off)
+
+# [topics."otp.issued"]        # settings of one topic (default: none)
+# max_age = "5m"               # its messages expire this long after publication
+# discard_expired = false      # true: drop expired deliveries instead of keeping dead letters
 "#;
 
 /// One thing a run would trip on: the key, what is wrong, its exit code.

@@ -5,20 +5,25 @@
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::store::{RouteParams, RouteReport, Store, Subscription};
+use crate::store::{RouteParams, RouteReport, Store, Subscription, ms};
 
 /// Messages routed per transaction.
 pub const ROUTE_BATCH: usize = 5_000;
 
-/// Every (topic, endpoint) pair the config subscribes.
+/// Every (topic, endpoint) pair the config subscribes, with the topic's
+/// settings.
 pub fn subscriptions(config: &Config) -> Vec<Subscription> {
     config
         .endpoints
         .iter()
         .flat_map(|e| {
-            e.topics.iter().map(|t| Subscription {
-                topic: t.clone(),
-                endpoint: e.name.clone(),
+            e.topics.iter().map(|t| {
+                let settings = config.topics.get(t).cloned().unwrap_or_default();
+                Subscription {
+                    max_age_ms: settings.max_age.map(ms),
+                    discard_expired: settings.discard_expired,
+                    ..Subscription::new(t, &e.name)
+                }
             })
         })
         .collect()

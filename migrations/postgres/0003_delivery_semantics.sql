@@ -26,3 +26,28 @@ SELECT d.id AS delivery_id,
 FROM deliveries d JOIN messages m ON m.id = d.message_id
 WHERE d.state = 'dead'
 ORDER BY d.updated_at DESC;
+
+-- Expiry: a message may carry expires_at (Unix ms; NULL: its topic's
+-- max_age, if any, from created_at). Routing gives each delivery its
+-- expiry; an expired delivery is never leased, and runs make it dead
+-- (reason expired) or remove it (the topic's discard_expired).
+ALTER TABLE messages ADD COLUMN expires_at BIGINT;
+ALTER TABLE deliveries ADD COLUMN expires_at BIGINT;
+ALTER TABLE subscriptions ADD COLUMN max_age_ms BIGINT;
+ALTER TABLE subscriptions ADD COLUMN discard_expired BOOLEAN NOT NULL DEFAULT false;
+ALTER TABLE runs ADD COLUMN expired BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN discarded BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX deliveries_expiring ON deliveries (expires_at)
+WHERE expires_at IS NOT NULL AND state IN ('ready', 'delayed');
+
+CREATE OR REPLACE FUNCTION messages_immutable() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF (NEW.id, NEW.uid, NEW.topic, NEW.account, NEW.payload, NEW.priority, NEW.created_at,
+        NEW.available_at, NEW.dedup_key, NEW.expires_at)
+       IS DISTINCT FROM
+       (OLD.id, OLD.uid, OLD.topic, OLD.account, OLD.payload, OLD.priority, OLD.created_at,
+        OLD.available_at, OLD.dedup_key, OLD.expires_at) THEN
+        RAISE EXCEPTION 'messages are immutable';
+    END IF;
+    RETURN NEW;
+END $$;

@@ -26,3 +26,30 @@ SELECT d.id AS delivery_id,
 FROM deliveries d JOIN messages m ON m.id = d.message_id
 WHERE d.state = 'dead'
 ORDER BY d.updated_at DESC;
+
+-- Expiry: a message may carry expires_at (Unix ms; NULL: its topic's
+-- max_age, if any, from created_at). Routing gives each delivery its
+-- expiry; an expired delivery is never leased, and runs make it dead
+-- (reason expired) or remove it (the topic's discard_expired).
+ALTER TABLE messages ADD COLUMN expires_at INTEGER;
+ALTER TABLE deliveries ADD COLUMN expires_at INTEGER;
+ALTER TABLE subscriptions ADD COLUMN max_age_ms INTEGER;
+ALTER TABLE subscriptions ADD COLUMN discard_expired INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN expired INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN discarded INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX deliveries_expiring ON deliveries (expires_at)
+WHERE expires_at IS NOT NULL AND state IN ('ready', 'delayed');
+
+CREATE TRIGGER messages_expiry_column BEFORE INSERT ON messages
+WHEN typeof(NEW.expires_at) NOT IN ('integer', 'null')
+BEGIN
+    SELECT RAISE(ABORT, 'messages: expires_at must be INTEGER (Unix epoch milliseconds) or NULL');
+END;
+
+DROP TRIGGER messages_immutable;
+CREATE TRIGGER messages_immutable
+BEFORE UPDATE OF id, uid, topic, account, payload, priority, created_at, available_at, dedup_key,
+                 expires_at ON messages
+BEGIN
+    SELECT RAISE(ABORT, 'messages are immutable');
+END;

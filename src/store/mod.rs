@@ -53,6 +53,12 @@ pub trait Store {
     /// returns how many (would) go.
     fn deliveries_purge_orphaned(&mut self, params: &PurgeOrphanedParams) -> Result<u64>;
 
+    /// ready or delayed → dead (reason `expired`), for at most
+    /// `params.batch` deliveries whose time to live has run out; those whose
+    /// subscription says `discard_expired` are removed instead. A lease
+    /// never takes an expired delivery, whether or not this ran.
+    fn deliveries_expire(&mut self, params: &ExpireParams) -> Result<ExpireReport>;
+
     /// How many deliveries could be leased now (ready, and delayed whose
     /// time has come), counting no further than `limit`.
     fn leasable_count(&mut self, now: i64, limit: u64) -> Result<u64>;

@@ -71,6 +71,8 @@ pub mod reason {
     pub const ATTEMPTS_EXHAUSTED: &str = "attempts_exhausted";
     /// Dead: its row, or its message's, cannot be decoded (written with plain SQL).
     pub const UNDECODABLE: &str = "undecodable";
+    /// Dead: its time to live ran out before it could be delivered.
+    pub const EXPIRED: &str = "expired";
 
     /// Every reason, as `--reason` takes them.
     pub const ALL: &[&str] = &[
@@ -83,6 +85,7 @@ pub mod reason {
         REJECTED,
         ATTEMPTS_EXHAUSTED,
         UNDECODABLE,
+        EXPIRED,
     ];
 }
 
@@ -195,6 +198,9 @@ pub struct NewMessage {
     pub available_at: Option<i64>,
     /// A second message with the same key is not inserted.
     pub dedup_key: Option<String>,
+    /// Not delivered after this time: expired instead (None: its topic's
+    /// `max_age` decides).
+    pub expires_at: Option<i64>,
 }
 
 /// What `messages_insert` did.
@@ -226,13 +232,30 @@ pub enum MessageKey {
     Uid(String),
 }
 
-/// One endpoint subscribing to one topic.
+/// One endpoint subscribing to one topic, with the topic's settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subscription {
     /// The topic.
     pub topic: String,
     /// The endpoint's name.
     pub endpoint: String,
+    /// A message without an expiry of its own expires this long after it
+    /// was created (None: never).
+    pub max_age_ms: Option<i64>,
+    /// An expired delivery is removed instead of kept as a dead letter.
+    pub discard_expired: bool,
+}
+
+impl Subscription {
+    /// `endpoint` subscribing to `topic`, with the default settings.
+    pub fn new(topic: &str, endpoint: &str) -> Subscription {
+        Subscription {
+            topic: topic.to_string(),
+            endpoint: endpoint.to_string(),
+            max_age_ms: None,
+            discard_expired: false,
+        }
+    }
 }
 
 /// Params of `messages_route`.
@@ -479,6 +502,10 @@ pub struct RunRecord {
     /// Children that found nothing they could lease (another run took it,
     /// or it was held back by then).
     pub found_nothing: u64,
+    /// Deliveries whose time to live ran out, made dead letters.
+    pub expired: u64,
+    /// Deliveries whose time to live ran out, removed (`discard_expired`).
+    pub discarded: u64,
 }
 
 /// Which deliveries an admin command is about; empty fields match all.
@@ -534,6 +561,8 @@ pub struct MessageRow {
     pub available_at: Option<i64>,
     /// Dedup key.
     pub dedup_key: Option<String>,
+    /// Expires at (its own; a topic's `max_age` applies at routing).
+    pub expires_at: Option<i64>,
     /// When it was routed.
     pub routed_at: Option<i64>,
     /// Why no endpoint took it (unroutable), when none did.
@@ -556,6 +585,24 @@ pub struct RequeueParams {
     pub spacing_ms: i64,
     /// Count, change nothing.
     pub dry_run: bool,
+}
+
+/// Params of `deliveries_expire`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpireParams {
+    /// Now: deliveries that expire at or before it are expired.
+    pub now: i64,
+    /// At most this many in one call (one transaction).
+    pub batch: u64,
+}
+
+/// What one `deliveries_expire` batch did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExpireReport {
+    /// Deliveries made dead letters (reason `expired`).
+    pub expired: u64,
+    /// Deliveries removed (their topic says `discard_expired`).
+    pub discarded: u64,
 }
 
 /// Params of `deliveries_purge_orphaned`.

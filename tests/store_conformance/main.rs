@@ -1,6 +1,6 @@
 //! The store conformance suite: the behaviour every backend of
 //! `cronpost::store::Store` must have, written once against the trait, by
-//! area (insert, lease, finish, saturation, admin) as riverdrivertest is.
+//! area (insert, lease, finish, saturation, semantics, admin) as riverdrivertest is.
 //! A backend joins by adding one `conformance!` line at the bottom; every
 //! verb of the trait is called by some test here. PostgreSQL runs it twice:
 //! connected directly, and through PgBouncer in transaction pooling (each
@@ -13,6 +13,7 @@ mod lease;
 #[path = "../common/postgres.rs"]
 mod postgres_server;
 mod saturation;
+mod semantics;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -72,16 +73,14 @@ pub fn message(topic: &str, priority: i64) -> NewMessage {
         created_at: T0,
         available_at: None,
         dedup_key: None,
+        expires_at: None,
     }
 }
 
 pub fn subscribe(store: &mut dyn Store, pairs: &[(&str, &str)]) {
     let subs: Vec<Subscription> = pairs
         .iter()
-        .map(|(topic, endpoint)| Subscription {
-            topic: topic.to_string(),
-            endpoint: endpoint.to_string(),
-        })
+        .map(|(topic, endpoint)| Subscription::new(topic, endpoint))
         .collect();
     store.subscriptions_replace(&subs).unwrap();
 }
@@ -172,6 +171,10 @@ macro_rules! conformance {
                 silent_answers_in_a_row_open_the_breaker_and_an_answer_resets_them,
                 an_endpoint_over_its_rate_reroutes_with_reserved_slots,
                 deliveries_of_a_removed_endpoint_are_parked_restored_or_purged,
+            ];
+            semantics: [
+                an_expired_delivery_is_never_leased_and_expires_dead_or_discarded,
+                expiry_goes_in_batches_earliest_first,
             ];
             admin: [
                 stats_count_states_per_endpoint_and_report_the_last_run,

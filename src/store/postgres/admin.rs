@@ -45,7 +45,8 @@ impl PostgresStore {
                 "SELECT count(*), coalesce(sum(routed), 0)::BIGINT, coalesce(sum(reclaimed), 0)::BIGINT,
                         coalesce(sum(forked), 0)::BIGINT, coalesce(sum(delivered), 0)::BIGINT,
                         coalesce(sum(retried), 0)::BIGINT, coalesce(sum(dead), 0)::BIGINT,
-                        coalesce(sum(failed), 0)::BIGINT, coalesce(sum(found_nothing), 0)::BIGINT
+                        coalesce(sum(failed), 0)::BIGINT, coalesce(sum(found_nothing), 0)::BIGINT,
+                        coalesce(sum(expired), 0)::BIGINT, coalesce(sum(discarded), 0)::BIGINT
                  FROM runs",
                 &[],
             )?;
@@ -61,6 +62,8 @@ impl PostgresStore {
                     dead: n(6)?,
                     failed: n(7)?,
                     found_nothing: n(8)?,
+                    expired: n(9)?,
+                    discarded: n(10)?,
                     ..RunRecord::default()
                 },
             })
@@ -158,7 +161,7 @@ impl PostgresStore {
         self.read(|c| {
             c.query_typed_opt(
                 "SELECT id, uid, topic, account, payload, priority, created_at, available_at, dedup_key, routed_at,
-                        route_error
+                        route_error, expires_at
                  FROM messages WHERE id = $1 OR uid = $2",
                 typed![id => INT8, uid => TEXT],
             )?
@@ -175,6 +178,7 @@ impl PostgresStore {
                     dedup_key: r.try_get(8)?,
                     routed_at: r.try_get(9)?,
                     route_error: r.try_get(10)?,
+                    expires_at: r.try_get(11)?,
                 })
             })
             .transpose()
@@ -322,7 +326,7 @@ impl PostgresStore {
             stats.last_run = c
                 .query_typed_opt(
                     "SELECT id, pid, started_at, finished_at, routed, reclaimed, forked, delivered, retried, dead,
-                            failed, found_nothing, host
+                            failed, found_nothing, host, expired, discarded
                      FROM runs ORDER BY id DESC LIMIT 1",
                     &[],
                 )?

@@ -16,13 +16,14 @@ use crate::saturation::{self, Decision, Hold, RateKind};
 use crate::store::candidate::Candidate;
 
 /// The next ready delivery, highest priority first, then oldest, skipping
-/// the endpoints in $1 and those with a probe in flight at $2, and rows
-/// another transaction holds.
+/// the endpoints in $1 and those with a probe in flight at $2, expired
+/// deliveries, and rows another transaction holds.
 const PICK_READY_SQL: &str = "\
 SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, coalesce(h.failures, 0)
 FROM deliveries d LEFT JOIN endpoint_health h ON h.endpoint = d.endpoint
 WHERE d.state = 'ready' AND d.endpoint <> ALL($1)
   AND NOT coalesce(h.probe_owner IS NOT NULL AND h.probe_expires_at > $2, false)
+  AND (d.expires_at IS NULL OR d.expires_at > $2)
 ORDER BY d.priority DESC, d.id LIMIT 1
 FOR UPDATE OF d SKIP LOCKED";
 
@@ -33,6 +34,7 @@ SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, c
 FROM deliveries d LEFT JOIN endpoint_health h ON h.endpoint = d.endpoint
 WHERE d.state = 'delayed' AND d.not_before <= $2 AND d.endpoint <> ALL($1)
   AND NOT coalesce(h.probe_owner IS NOT NULL AND h.probe_expires_at > $2, false)
+  AND (d.expires_at IS NULL OR d.expires_at > $2)
 ORDER BY d.priority DESC, d.not_before LIMIT 1
 FOR UPDATE OF d SKIP LOCKED";
 
@@ -514,6 +516,36 @@ impl PostgresStore {
                 typed![now => INT8, ids => INT8_ARRAY],
             )
             .map(|n| n as usize)
+        })
+    }
+
+    pub(super) fn deliveries_expire(&mut self, p: &ExpireParams) -> Result<ExpireReport> {
+        let batch = i64::try_from(p.batch).unwrap_or(i64::MAX);
+        self.write(|tx| {
+            // The batch: the earliest expired, by the partial index, locked
+            // (a child leasing one of them meanwhile is skipped, and skips it).
+            let r = tx.query_typed_one(
+                "WITH batch AS (
+                   SELECT d.id, coalesce(s.discard_expired, false) AS discard
+                   FROM deliveries d JOIN messages m ON m.id = d.message_id
+                   LEFT JOIN subscriptions s ON s.topic = m.topic AND s.endpoint = d.endpoint
+                   WHERE d.expires_at IS NOT NULL AND d.state IN ('ready', 'delayed') AND d.expires_at <= $1
+                   ORDER BY d.expires_at LIMIT $2
+                   FOR UPDATE OF d SKIP LOCKED),
+                 discarded AS (
+                   DELETE FROM deliveries WHERE id IN (SELECT id FROM batch WHERE discard) RETURNING 1),
+                 expired AS (
+                   UPDATE deliveries
+                   SET state = 'dead', reason = $3, not_before = $1, updated_at = $1,
+                       last_error = 'its time to live ran out before it was delivered'
+                   WHERE id IN (SELECT id FROM batch WHERE NOT discard) RETURNING 1)
+                 SELECT (SELECT count(*) FROM expired), (SELECT count(*) FROM discarded)",
+                typed![p.now => INT8, batch => INT8, reason::EXPIRED => TEXT],
+            )?;
+            Ok(ExpireReport {
+                expired: r.try_get::<_, i64>(0)? as u64,
+                discarded: r.try_get::<_, i64>(1)? as u64,
+            })
         })
     }
 

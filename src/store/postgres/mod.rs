@@ -305,6 +305,8 @@ fn run_row(r: &Row) -> Result<RunRecord, ::postgres::Error> {
         failed: count(10)?,
         found_nothing: count(11)?,
         host: r.try_get::<_, Option<String>>(12)?.unwrap_or_default(),
+        expired: count(13)?,
+        discarded: count(14)?,
     })
 }
 
@@ -351,31 +353,44 @@ fn typed_values(values: &[TypedValue]) -> Vec<(&(dyn ToSql + Sync), Type)> {
 /// `admin` as inherent methods of the same names.
 impl Store for PostgresStore {
     fn subscriptions_replace(&mut self, subscriptions: &[Subscription]) -> Result<()> {
-        let mut wanted: Vec<(String, String)> = subscriptions
+        let mut wanted: Vec<(String, String, Option<i64>, bool)> = subscriptions
             .iter()
-            .map(|s| (s.topic.clone(), s.endpoint.clone()))
+            .map(|s| {
+                let settings = (s.max_age_ms, s.discard_expired);
+                (s.topic.clone(), s.endpoint.clone(), settings.0, settings.1)
+            })
             .collect();
         wanted.sort();
-        wanted.dedup();
-        let (topics, endpoints): (Vec<String>, Vec<String>) = wanted.iter().cloned().unzip();
+        wanted.dedup_by(|a, b| (&a.0, &a.1) == (&b.0, &b.1));
+        let topics: Vec<&str> = wanted.iter().map(|w| w.0.as_str()).collect();
+        let endpoints: Vec<&str> = wanted.iter().map(|w| w.1.as_str()).collect();
+        let max_ages: Vec<Option<i64>> = wanted.iter().map(|w| w.2).collect();
+        let discards: Vec<bool> = wanted.iter().map(|w| w.3).collect();
         self.write(|tx| {
             // Hosts starting at once rewrite the table one after another.
             tx.execute_typed("LOCK TABLE subscriptions IN EXCLUSIVE MODE", &[])?;
-            let current: Vec<(String, String)> = tx
+            let current: Vec<(String, String, Option<i64>, bool)> = tx
                 .query_typed(
-                    "SELECT topic, endpoint FROM subscriptions ORDER BY topic, endpoint",
+                    "SELECT topic, endpoint, max_age_ms, discard_expired FROM subscriptions
+                     ORDER BY topic, endpoint",
                     &[],
                 )?
                 .iter()
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
                 .collect::<Result<_, ::postgres::Error>>()?;
             if current == wanted {
                 return Ok(());
             }
             tx.execute_typed("DELETE FROM subscriptions", &[])?;
             tx.execute_typed(
-                "INSERT INTO subscriptions (topic, endpoint) SELECT * FROM unnest($1::TEXT[], $2::TEXT[])",
-                typed![topics => TEXT_ARRAY, endpoints => TEXT_ARRAY],
+                "INSERT INTO subscriptions (topic, endpoint, max_age_ms, discard_expired)
+                 SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BOOLEAN[])",
+                typed![
+                    topics => TEXT_ARRAY,
+                    endpoints => TEXT_ARRAY,
+                    max_ages => INT8_ARRAY,
+                    discards => BOOL_ARRAY,
+                ],
             )?;
             // A topic that has a subscriber now: its unroutable messages
             // are routed by this run after all.
@@ -393,8 +408,9 @@ impl Store for PostgresStore {
             let mut report = InsertReport::default();
             for m in messages {
                 let inserted = tx.query_typed_opt(
-                    "INSERT INTO messages (topic, account, payload, priority, created_at, available_at, dedup_key)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                    "INSERT INTO messages (topic, account, payload, priority, created_at, available_at, dedup_key,
+                                           expires_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                      ON CONFLICT (account, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
                      RETURNING id, uid",
                     typed![
@@ -405,6 +421,7 @@ impl Store for PostgresStore {
                         m.created_at => INT8,
                         m.available_at => INT8,
                         m.dedup_key => TEXT,
+                        m.expires_at => INT8,
                     ],
                 )?;
                 match inserted {
@@ -456,13 +473,14 @@ impl Store for PostgresStore {
                 .collect::<Result<_, _>>()?;
             let deliveries = tx.execute_typed(
                 "INSERT INTO deliveries
-                   (message_id, endpoint, account, state, priority, not_before, reason, created_at, updated_at)
+                   (message_id, endpoint, account, state, priority, not_before, reason, created_at, updated_at,
+                    expires_at)
                  SELECT m.id, s.endpoint, m.account,
                         CASE WHEN m.available_at > $2 THEN 'delayed' ELSE 'ready' END,
                         m.priority,
                         CASE WHEN m.available_at > $2 THEN m.available_at ELSE $2 END,
                         CASE WHEN m.available_at > $2 THEN 'scheduled' END,
-                        $2, $2
+                        $2, $2, coalesce(m.expires_at, m.created_at + s.max_age_ms)
                  FROM messages m JOIN subscriptions s ON s.topic = m.topic
                  WHERE m.id = ANY($1)
                  ORDER BY m.id, s.endpoint
@@ -495,6 +513,10 @@ impl Store for PostgresStore {
 
     fn deliveries_restore_endpoints(&mut self, endpoints: &[String], now: i64) -> Result<u64> {
         PostgresStore::deliveries_restore_endpoints(self, endpoints, now)
+    }
+
+    fn deliveries_expire(&mut self, p: &ExpireParams) -> Result<ExpireReport> {
+        PostgresStore::deliveries_expire(self, p)
     }
 
     fn deliveries_purge_orphaned(&mut self, p: &PurgeOrphanedParams) -> Result<u64> {
@@ -546,6 +568,8 @@ impl Store for PostgresStore {
             run.dead,
             run.failed,
             run.found_nothing,
+            run.expired,
+            run.discarded,
         ]
         .iter()
         .map(|&n| i64::try_from(n).unwrap_or(i64::MAX))
@@ -554,7 +578,7 @@ impl Store for PostgresStore {
             tx.execute_typed(
                 "UPDATE runs SET finished_at = $2, routed = $3[1], reclaimed = $3[2], forked = $3[3],
                         delivered = $3[4], retried = $3[5], dead = $3[6], failed = $3[7],
-                        found_nothing = $3[8]
+                        found_nothing = $3[8], expired = $3[9], discarded = $3[10]
                  WHERE id = $1",
                 typed![run.id => INT8, run.finished_at => INT8, counts => INT8_ARRAY],
             )

@@ -70,7 +70,8 @@ impl SqliteStore {
             .query_row(
                 "SELECT count(*), coalesce(sum(routed), 0), coalesce(sum(reclaimed), 0), coalesce(sum(forked), 0),
                         coalesce(sum(delivered), 0), coalesce(sum(retried), 0), coalesce(sum(dead), 0),
-                        coalesce(sum(failed), 0), coalesce(sum(found_nothing), 0)
+                        coalesce(sum(failed), 0), coalesce(sum(found_nothing), 0),
+                        coalesce(sum(expired), 0), coalesce(sum(discarded), 0)
                  FROM runs",
                 [],
                 |r| {
@@ -85,6 +86,8 @@ impl SqliteStore {
                             dead: r.get(6)?,
                             failed: r.get(7)?,
                             found_nothing: r.get(8)?,
+                            expired: r.get(9)?,
+                            discarded: r.get(10)?,
                             ..RunRecord::default()
                         },
                     })
@@ -181,7 +184,7 @@ impl SqliteStore {
         self.conn
             .query_row(
                 "SELECT id, uid, topic, account, payload, priority, created_at, available_at, dedup_key, routed_at,
-                        route_error
+                        route_error, expires_at
                  FROM messages WHERE id = ?1 OR uid = ?2",
                 params![id, uid],
                 |r| {
@@ -197,6 +200,7 @@ impl SqliteStore {
                         dedup_key: r.get(8)?,
                         routed_at: r.get(9)?,
                         route_error: r.get(10)?,
+                        expires_at: r.get(11)?,
                     })
                 },
             )
@@ -340,7 +344,7 @@ impl SqliteStore {
             stats.last_run = conn
                 .query_row(
                     "SELECT id, pid, started_at, finished_at, routed, reclaimed, forked, delivered, retried, dead,
-                            failed, found_nothing, host
+                            failed, found_nothing, host, expired, discarded
                      FROM runs ORDER BY id DESC LIMIT 1",
                     [],
                     run_row,

@@ -14,14 +14,15 @@ use crate::store::candidate::Candidate;
 
 /// Picks the next ready delivery: a seek on `deliveries_queue`
 /// (state, priority DESC, id), highest priority first, then oldest,
-/// skipping the endpoints listed in ?1 (a JSON array) and those with a probe
-/// in flight at ?2, with its endpoint's breaker (one statement where there
+/// skipping the endpoints listed in ?1 (a JSON array), those with a probe
+/// in flight at ?2 and expired deliveries, with its endpoint's breaker (one statement where there
 /// were three: each child compiles every statement it runs).
 const PICK_READY_SQL: &str = "\
 SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, coalesce(h.failures, 0)
 FROM deliveries d LEFT JOIN endpoint_health h ON h.endpoint = d.endpoint
 WHERE d.state = 'ready' AND d.endpoint NOT IN (SELECT value FROM json_each(?1))
   AND NOT coalesce(h.probe_owner IS NOT NULL AND h.probe_expires_at > ?2, 0)
+  AND (d.expires_at IS NULL OR d.expires_at > ?2)
 ORDER BY d.priority DESC, d.id LIMIT 1";
 
 /// Picks the next delayed delivery whose time (?2) has come, by priority,
@@ -33,6 +34,7 @@ SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, c
 FROM deliveries d INDEXED BY deliveries_delayed LEFT JOIN endpoint_health h ON h.endpoint = d.endpoint
 WHERE d.state = 'delayed' AND d.not_before <= ?2 AND d.endpoint NOT IN (SELECT value FROM json_each(?1))
   AND NOT coalesce(h.probe_owner IS NOT NULL AND h.probe_expires_at > ?2, 0)
+  AND (d.expires_at IS NULL OR d.expires_at > ?2)
 ORDER BY d.priority DESC, d.not_before LIMIT 1";
 
 const ENDPOINT_HEALTH_SQL: &str =
@@ -432,6 +434,38 @@ impl SqliteStore {
                 ),
                 params![p.now, boot_id, boot_now],
             )
+        })
+    }
+
+    pub(super) fn deliveries_expire(&mut self, p: &ExpireParams) -> Result<ExpireReport> {
+        // The batch: the earliest expired, by the partial index.
+        const EXPIRED: &str = "id IN (SELECT id FROM deliveries
+             WHERE expires_at IS NOT NULL AND state IN ('ready', 'delayed') AND expires_at <= ?1
+             ORDER BY expires_at LIMIT ?2)";
+        let batch = i64::try_from(p.batch).unwrap_or(i64::MAX);
+        self.write(|tx| {
+            let discarded = tx.execute(
+                &format!(
+                    "DELETE FROM deliveries WHERE {EXPIRED} AND EXISTS (
+                       SELECT 1 FROM messages m JOIN subscriptions s ON s.topic = m.topic
+                       WHERE m.id = deliveries.message_id AND s.endpoint = deliveries.endpoint
+                         AND s.discard_expired)"
+                ),
+                params![p.now, batch],
+            )?;
+            let expired = tx.execute(
+                &format!(
+                    "UPDATE deliveries
+                     SET state = 'dead', reason = ?3, not_before = ?1, updated_at = ?1,
+                         last_error = 'its time to live ran out before it was delivered'
+                     WHERE {EXPIRED}"
+                ),
+                params![p.now, batch - discarded as i64, reason::EXPIRED],
+            )?;
+            Ok(ExpireReport {
+                expired: expired as u64,
+                discarded: discarded as u64,
+            })
         })
     }
 

@@ -259,6 +259,8 @@ fn run_row(r: &Row) -> rusqlite::Result<RunRecord> {
         failed: r.get(10)?,
         found_nothing: r.get(11)?,
         host: r.get::<_, Option<String>>(12)?.unwrap_or_default(),
+        expired: r.get(13)?,
+        discarded: r.get(14)?,
     })
 }
 
@@ -268,24 +270,32 @@ fn run_row(r: &Row) -> rusqlite::Result<RunRecord> {
 impl Store for SqliteStore {
     fn subscriptions_replace(&mut self, subscriptions: &[Subscription]) -> Result<()> {
         self.write(|tx| {
-            let current: Vec<(String, String)> = tx
-                .prepare("SELECT topic, endpoint FROM subscriptions ORDER BY topic, endpoint")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            let current: Vec<(String, String, Option<i64>, bool)> = tx
+                .prepare(
+                    "SELECT topic, endpoint, max_age_ms, discard_expired FROM subscriptions
+                     ORDER BY topic, endpoint",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
                 .collect::<rusqlite::Result<_>>()?;
-            let mut wanted: Vec<(String, String)> = subscriptions
+            let mut wanted: Vec<(String, String, Option<i64>, bool)> = subscriptions
                 .iter()
-                .map(|s| (s.topic.clone(), s.endpoint.clone()))
+                .map(|s| {
+                    let settings = (s.max_age_ms, s.discard_expired);
+                    (s.topic.clone(), s.endpoint.clone(), settings.0, settings.1)
+                })
                 .collect();
             wanted.sort();
-            wanted.dedup();
+            wanted.dedup_by(|a, b| (&a.0, &a.1) == (&b.0, &b.1));
             if current == wanted {
                 return Ok(());
             }
             tx.execute("DELETE FROM subscriptions", [])?;
-            let mut insert =
-                tx.prepare("INSERT INTO subscriptions (topic, endpoint) VALUES (?1, ?2)")?;
-            for (topic, endpoint) in &wanted {
-                insert.execute([topic, endpoint])?;
+            let mut insert = tx.prepare(
+                "INSERT INTO subscriptions (topic, endpoint, max_age_ms, discard_expired)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (topic, endpoint, max_age_ms, discard_expired) in &wanted {
+                insert.execute(params![topic, endpoint, max_age_ms, discard_expired])?;
             }
             // A topic that has a subscriber now: its unroutable messages
             // are routed by this run after all.
@@ -301,8 +311,9 @@ impl Store for SqliteStore {
     fn messages_insert(&mut self, messages: &[NewMessage]) -> Result<InsertReport> {
         self.write(|tx| {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO messages (topic, account, payload, priority, created_at, available_at, dedup_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                "INSERT INTO messages (topic, account, payload, priority, created_at, available_at, dedup_key,
+                                       expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (account, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
                  RETURNING id, uid",
             )?;
@@ -317,7 +328,8 @@ impl Store for SqliteStore {
                             m.priority,
                             m.created_at,
                             m.available_at,
-                            m.dedup_key
+                            m.dedup_key,
+                            m.expires_at
                         ],
                         |r| {
                             Ok(InsertedMessage {
@@ -371,13 +383,14 @@ impl Store for SqliteStore {
                 .collect::<rusqlite::Result<_>>()?;
             let deliveries = tx.execute(
                 "INSERT OR IGNORE INTO deliveries
-                   (message_id, endpoint, account, state, priority, not_before, reason, created_at, updated_at)
+                   (message_id, endpoint, account, state, priority, not_before, reason, created_at, updated_at,
+                    expires_at)
                  SELECT m.id, s.endpoint, m.account,
                         CASE WHEN m.available_at > ?2 THEN 'delayed' ELSE 'ready' END,
                         m.priority,
                         CASE WHEN m.available_at > ?2 THEN m.available_at ELSE ?2 END,
                         CASE WHEN m.available_at > ?2 THEN 'scheduled' END,
-                        ?2, ?2
+                        ?2, ?2, coalesce(m.expires_at, m.created_at + s.max_age_ms)
                  FROM messages m JOIN subscriptions s ON s.topic = m.topic
                  WHERE m.routed_at IS NULL AND m.id <= ?1
                  ORDER BY m.id, s.endpoint",
@@ -413,6 +426,10 @@ impl Store for SqliteStore {
 
     fn deliveries_purge_orphaned(&mut self, p: &PurgeOrphanedParams) -> Result<u64> {
         SqliteStore::deliveries_purge_orphaned(self, p)
+    }
+
+    fn deliveries_expire(&mut self, p: &ExpireParams) -> Result<ExpireReport> {
+        SqliteStore::deliveries_expire(self, p)
     }
 
     fn leasable_count(&mut self, now: i64, limit: u64) -> Result<u64> {
@@ -453,7 +470,8 @@ impl Store for SqliteStore {
         self.write(|tx| {
             tx.execute(
                 "UPDATE runs SET finished_at = ?2, routed = ?3, reclaimed = ?4, forked = ?5, delivered = ?6,
-                        retried = ?7, dead = ?8, failed = ?9, found_nothing = ?10
+                        retried = ?7, dead = ?8, failed = ?9, found_nothing = ?10, expired = ?11,
+                        discarded = ?12
                  WHERE id = ?1",
                 params![
                     run.id,
@@ -465,7 +483,9 @@ impl Store for SqliteStore {
                     run.retried,
                     run.dead,
                     run.failed,
-                    run.found_nothing
+                    run.found_nothing,
+                    run.expired,
+                    run.discarded
                 ],
             )
             .map(drop)

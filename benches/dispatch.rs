@@ -509,6 +509,7 @@ fn insert_messages(store: &mut dyn Store, n: usize) {
                 available_at: None,
                 dedup_key: None,
                 expires_at: None,
+                ordering_key: None,
             })
             .collect();
         i += batch.len();

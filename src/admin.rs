@@ -75,13 +75,16 @@ fn message_json(m: &MessageRow) -> Value {
         "payload": serde_json::from_str::<Value>(&m.payload).unwrap_or(Value::Null),
         "priority": m.priority, "created_at_ms": m.created_at, "available_at_ms": m.available_at,
         "dedup_key": m.dedup_key, "routed_at_ms": m.routed_at, "route_error": m.route_error,
-        "expires_at_ms": m.expires_at,
+        "expires_at_ms": m.expires_at, "ordering_key": m.ordering_key,
     })
 }
 
 /// What a delivery waits for, in a few words.
 fn waiting(d: &DeliveryRow, now: i64) -> String {
     match d.state {
+        DeliveryState::Delayed if d.reason.as_deref() == Some(crate::store::reason::ORDERING) => {
+            "ordering: behind an earlier message of its key".into()
+        }
         DeliveryState::Delayed if d.not_before == crate::store::PARKED_UNTIL => {
             "endpoint not in the config".into()
         }
@@ -388,7 +391,7 @@ pub fn show(config: &Config, key: &MessageRef, as_json: bool) -> Result<()> {
     }
     let now = now_ms();
     let mut out = format!(
-        "message {} ({}), found by {found_by}\n  topic {}, account {}, priority {}\n  created {}{}{}\n  payload {}\n",
+        "message {} ({}), found by {found_by}\n  topic {}, account {}, priority {}\n  created {}{}{}{}\n  payload {}\n",
         message.id,
         message.uid,
         message.topic,
@@ -401,6 +404,10 @@ pub fn show(config: &Config, key: &MessageRef, as_json: bool) -> Result<()> {
         message
             .expires_at
             .map_or(String::new(), |t| format!(", expires {}", time(t))),
+        message
+            .ordering_key
+            .as_ref()
+            .map_or(String::new(), |k| format!(", ordering key {k:?}")),
         message.payload
     );
     if let Some(why) = &message.route_error {

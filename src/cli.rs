@@ -314,13 +314,17 @@ struct EnqueueArgs {
     /// Never delivered after this time (RFC 3339, e.g. 2026-12-24T18:00:00Z).
     #[arg(long)]
     expires_at: Option<String>,
+    /// Messages with one ordering key reach each endpoint one at a time, in
+    /// publication order (e.g. the id of the customer they are about).
+    #[arg(long)]
+    ordering_key: Option<String>,
     /// The JSON payload (else read from stdin).
     #[arg(long)]
     data: Option<String>,
     /// Read many messages from stdin, one JSON object per line:
     /// {"topic":..,"account":..,"payload":..,"priority":..,"delay":"30s","dedup_key":..,
-    /// "ttl":"10m" or "expires_at":"2026-12-24T18:00:00Z"}.
-    #[arg(long, conflicts_with_all = ["topic", "account", "priority", "delay", "dedup_key", "data", "ttl", "expires_at"])]
+    /// "ttl":"10m" or "expires_at":"2026-12-24T18:00:00Z","ordering_key":..}.
+    #[arg(long, conflicts_with_all = ["topic", "account", "priority", "delay", "dedup_key", "data", "ttl", "expires_at", "ordering_key"])]
     ndjson: bool,
 }
 
@@ -517,6 +521,7 @@ fn enqueue(config: &Config, args: EnqueueArgs, as_json: bool) -> Result<()> {
                 .transpose()?,
             dedup_key: args.dedup_key,
             expiry: enqueue::Expiry::from_parts(args.ttl.as_deref(), args.expires_at.as_deref())?,
+            ordering_key: args.ordering_key,
         };
         vec![draft.validate(config, now)?]
     };

@@ -305,6 +305,21 @@ pub struct Endpoint {
     /// Fire-and-forget answers missing in a row that open the breaker
     /// (None: off).
     pub slow_after: Option<u32>,
+    /// What a dead delivery does to its ordering key.
+    pub on_dead: OnDead,
+}
+
+/// What a dead delivery with an ordering key does to the later ones of
+/// its key (`on_dead`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDead {
+    /// The next one goes (the default): one bad message does not stop its key.
+    #[default]
+    Release,
+    /// The later ones wait until the dead one is requeued (and delivered)
+    /// or removed.
+    Block,
 }
 
 /// An endpoint's URL. Its Debug form is redacted: a URL may hold a password
@@ -664,6 +679,7 @@ struct RawEndpoint {
     cooldown_cap: Option<Spanned<String>>,
     max_retry_after: Option<Spanned<String>>,
     slow_after: Option<Spanned<i64>>,
+    on_dead: Option<OnDead>,
 }
 
 impl RawConfig {
@@ -1083,6 +1099,7 @@ impl RawEndpoint {
                     Some(at.positive(&self.slow_after, &key("slow_after"), 1, 1_000)? as u32)
                 }
             },
+            on_dead: self.on_dead.unwrap_or_default(),
             name,
         };
         if let (Some(slow_after), DeliveryMode::Confirm) = (&self.slow_after, endpoint.mode) {

@@ -257,6 +257,7 @@ fn prepare(config: &Config, between: &mut dyn FnMut()) -> Result<RunRecord> {
         ..RunRecord::default()
     };
     expire(store.as_mut(), now, &mut run, between)?;
+    store.deliveries_release_keys(now)?;
     Ok(run)
 }
 
@@ -461,6 +462,7 @@ impl Parent<'_> {
             routing::route_all(store.as_mut(), now, &mut *self.heartbeat)?.messages as u64;
         run.reclaimed += store.leases_reclaim_expired(&reclaim_params(now))? as u64;
         expire(store.as_mut(), now, run, &mut *self.heartbeat)?;
+        store.deliveries_release_keys(now)?;
         self.count_ready(store.as_mut(), run)?;
         Ok(self.budget > 0)
     }

@@ -35,6 +35,9 @@ pub struct Draft {
     pub dedup_key: Option<String>,
     /// When it expires, if it does (else its topic's `max_age` decides).
     pub expiry: Option<Expiry>,
+    /// Messages with one ordering key reach each endpoint one at a time,
+    /// in publication order.
+    pub ordering_key: Option<String>,
 }
 
 /// When a message stops being worth delivering.
@@ -82,6 +85,12 @@ impl Draft {
         }
         if let Some(key) = &self.dedup_key {
             check_name("dedup key", key)?;
+        }
+        if let Some(key) = &self.ordering_key {
+            if key.is_empty() {
+                return Err(Error::data("ordering key must not be empty"));
+            }
+            check_name("ordering key", key)?;
         }
         routing::check_topic(config, &self.topic)?;
         if self.payload.len() > config.max_payload_bytes {
@@ -156,6 +165,7 @@ impl Draft {
             available_at,
             dedup_key: self.dedup_key,
             expires_at,
+            ordering_key: self.ordering_key,
         })
     }
 }
@@ -255,6 +265,7 @@ struct Line<'a> {
     dedup_key: Option<String>,
     ttl: Option<String>,
     expires_at: Option<String>,
+    ordering_key: Option<String>,
 }
 
 /// How much longer than `max_payload_bytes` an NDJSON line may be (its
@@ -305,6 +316,7 @@ pub fn read_ndjson(config: &Config, mut input: impl BufRead, now: i64) -> Result
             dedup_key: parsed.dedup_key,
             expiry: Expiry::from_parts(parsed.ttl.as_deref(), parsed.expires_at.as_deref())
                 .map_err(at)?,
+            ordering_key: parsed.ordering_key,
         };
         messages.push(draft.validate(config, now).map_err(at)?);
     }

@@ -62,6 +62,7 @@ cooldown_base = "1s"
 cooldown_cap = "5m"
 max_retry_after = "1h"
 # slow_after = 3               # fire_and_forget: silent answers in a row that hold it (default: off)
+on_dead = "release"            # or "block": a dead delivery holds the later ones of its ordering key
 
 # [topics."otp.issued"]        # settings of one topic (default: none)
 # max_age = "5m"               # its messages expire this long after publication

@@ -3,7 +3,7 @@
 //! one delivery per subscribed endpoint (SNS-style fan-out), so one failing
 //! subscriber never holds back another.
 
-use crate::config::Config;
+use crate::config::{Config, OnDead};
 use crate::error::{Error, Result};
 use crate::store::{RouteParams, RouteReport, Store, Subscription, ms};
 
@@ -22,6 +22,7 @@ pub fn subscriptions(config: &Config) -> Vec<Subscription> {
                 Subscription {
                     max_age_ms: settings.max_age.map(ms),
                     discard_expired: settings.discard_expired,
+                    block_key_on_dead: e.on_dead == OnDead::Block,
                     ..Subscription::new(t, &e.name)
                 }
             })

@@ -8,7 +8,40 @@ use std::time::Duration;
 
 use common::*;
 
-on_both_backends!(a_message_held_past_its_time_to_live_is_never_posted_and_shows_as_expired,);
+on_both_backends!(
+    a_message_held_past_its_time_to_live_is_never_posted_and_shows_as_expired,
+    a_keys_messages_arrive_in_order_through_retries,
+    a_dead_letter_blocks_its_key_where_on_dead_is_block_until_requeued,
+    a_thousand_messages_over_fifty_keys_arrive_in_order_per_key_with_eight_children,
+);
+
+/// The `n` and `k` of a received payload `{"k": .., "n": ..}`.
+fn key_and_number(r: &Received) -> (String, i64) {
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    (
+        v["k"].as_str().unwrap().to_string(),
+        v["n"].as_i64().unwrap(),
+    )
+}
+
+/// For each key, its requests in arrival order: a message is never posted
+/// before the one published before it was answered 2xx.
+fn assert_in_order_per_key(received: &[Received], keys: usize, per_key: i64) {
+    let mut next: std::collections::HashMap<String, i64> = Default::default();
+    for r in received {
+        let (k, n) = key_and_number(r);
+        let expected = next.entry(k.clone()).or_insert(0);
+        assert_eq!(
+            n, *expected,
+            "key {k}: message {n} posted while {expected} was not delivered"
+        );
+        if r.status.is_some_and(|s| (200..300).contains(&s)) {
+            *expected += 1;
+        }
+    }
+    assert_eq!(next.len(), keys);
+    assert!(next.values().all(|&n| n == per_key), "{next:?}");
+}
 
 fn a_message_held_past_its_time_to_live_is_never_posted_and_shows_as_expired(backend: Backend) {
     let rx = Receiver::start();
@@ -71,8 +104,129 @@ fn a_message_held_past_its_time_to_live_is_never_posted_and_shows_as_expired(bac
     assert_eq!(dead.as_array().unwrap().len(), 1);
 }
 
+fn a_keys_messages_arrive_in_order_through_retries(backend: Backend) {
+    let rx = Receiver::start();
+    rx.queue("/e", &[Reply::Status(500), Reply::Status(500)]);
+    let env = Env::on(
+        backend,
+        "max_children = 4",
+        &endpoint(
+            "e",
+            &rx.url("/e"),
+            &["t"],
+            "backoff_base = \"10ms\"\nbackoff_cap = \"10ms\"",
+        ),
+    );
+    let lines: String = (0..3)
+        .map(|n| format!("{{\"topic\":\"t\",\"account\":\"a\",\"ordering_key\":\"c42\",\"payload\":{{\"k\":\"c42\",\"n\":{n}}}}}\n"))
+        .collect();
+    env.enqueue_ndjson(&lines);
+    run_until(&env, Duration::from_secs(30), "all three delivered", || {
+        env.count_state("delivered") == 3
+    });
+    let got: Vec<i64> = rx
+        .received_on("/e")
+        .iter()
+        .map(|r| key_and_number(r).1)
+        .collect();
+    assert_eq!(
+        got,
+        [0, 0, 0, 1, 2],
+        "the first twice refused, then each in order"
+    );
+    assert_in_order_per_key(&rx.received_on("/e"), 1, 3);
+    let shown = env.ok(&["show", "1"]);
+    assert!(shown.contains("ordering key \"c42\""), "{shown}");
+}
+
+fn a_dead_letter_blocks_its_key_where_on_dead_is_block_until_requeued(backend: Backend) {
+    let rx = Receiver::start();
+    rx.queue("/e", &[Reply::Status(422)]);
+    let env = Env::on(
+        backend,
+        "",
+        &endpoint("e", &rx.url("/e"), &["t"], "on_dead = \"block\""),
+    );
+    let lines: String = (0..3)
+        .map(|n| format!("{{\"topic\":\"t\",\"account\":\"a\",\"ordering_key\":\"o7\",\"payload\":{{\"k\":\"o7\",\"n\":{n}}}}}\n"))
+        .collect();
+    env.enqueue_ndjson(&lines);
+    env.enqueue_ndjson(
+        "{\"topic\":\"t\",\"account\":\"a\",\"payload\":{\"k\":\"none\",\"n\":0}}\n",
+    );
+    env.run();
+    // The first is refused and dead; the key's others wait, visibly; the
+    // unkeyed message went.
+    assert_eq!(rx.received_on("/e").len(), 2);
+    assert_eq!(env.count_state("dead"), 1);
+    let waiting = env.ok(&["list", "--reason", "ordering"]);
+    assert_eq!(
+        waiting
+            .matches("ordering: behind an earlier message of its key")
+            .count(),
+        2,
+        "{waiting}"
+    );
+    env.run();
+    assert_eq!(rx.received_on("/e").len(), 2, "still blocked");
+    assert!(
+        env.ok(&["requeue", "--reason", "rejected"])
+            .contains("requeued 1 delivery")
+    );
+    env.run();
+    let keyed: Vec<Received> = rx
+        .received_on("/e")
+        .into_iter()
+        .filter(|r| key_and_number(r).0 == "o7")
+        .collect();
+    assert_eq!(keyed.len(), 4, "the dead one again, then the two behind it");
+    assert_in_order_per_key(&keyed, 1, 3);
+}
+
+fn a_thousand_messages_over_fifty_keys_arrive_in_order_per_key_with_eight_children(
+    backend: Backend,
+) {
+    let rx = Receiver::start();
+    // Every tenth request or so fails: retries interleave with the rest.
+    rx.set_default("/e", Reply::Flaky(10));
+    let env = Env::on(
+        backend,
+        "max_children = 8",
+        &endpoint(
+            "e",
+            &rx.url("/e"),
+            &["t"],
+            "backoff_base = \"10ms\"\nbackoff_cap = \"20ms\"\nmax_attempts = 100",
+        ),
+    );
+    // Published round robin over the keys: key i%50, its n-th message.
+    let lines: String = (0..1000)
+        .map(|i| {
+            let (k, n) = (i % 50, i / 50);
+            format!("{{\"topic\":\"t\",\"account\":\"a{k}\",\"ordering_key\":\"k{k}\",\"payload\":{{\"k\":\"k{k}\",\"n\":{n}}}}}\n")
+        })
+        .collect();
+    env.enqueue_ndjson(&lines);
+    env.run();
+    assert!(
+        env.query_i64("SELECT count(*) FROM deliveries WHERE reason = 'ordering'") < 950,
+        "a run goes on as keys are released"
+    );
+    run_until(&env, Duration::from_secs(120), "all delivered", || {
+        env.count_state("delivered") == 1000
+    });
+    let received = rx.received_on("/e");
+    assert!(
+        received.len() > 1000,
+        "some were retried: {}",
+        received.len()
+    );
+    assert_in_order_per_key(&received, 50, 20);
+    assert!(rx.max_concurrency() > 1, "keys went in parallel");
+}
+
 #[test]
-fn bad_expiry_input_is_refused_naming_it_and_nothing_is_written() {
+fn bad_expiry_and_ordering_input_is_refused_naming_it_and_nothing_is_written() {
     let rx = Receiver::start();
     let env = Env::new("", &endpoint("e", &rx.url("/e"), &["t"], ""));
     let line =
@@ -102,6 +256,19 @@ fn bad_expiry_input_is_refused_naming_it_and_nothing_is_written() {
             line(",\"delay\":\"1h\",\"ttl\":\"1m\""),
             "line 2: it expires before its delay ends",
         ),
+        (
+            line(",\"ordering_key\":\"\""),
+            "line 2: ordering key must not be empty",
+        ),
+        (
+            line(&format!(",\"ordering_key\":\"{}\"", "k".repeat(256))),
+            "line 2: ordering key is 256 characters",
+        ),
+        (
+            line(",\"ordering_key\":\"a\\u0007b\""),
+            "line 2: ordering key",
+        ),
+        (line(",\"ordering_key\":7"), "line 2: column"),
     ] {
         let out = env.cronpost_with_stdin(&["enqueue", "--ndjson"], (line("") + &input).as_bytes());
         assert_eq!(out.status.code(), Some(65), "{input}: {}", stderr(&out));
@@ -141,6 +308,24 @@ fn bad_expiry_input_is_refused_naming_it_and_nothing_is_written() {
         "{}",
         stderr(&out)
     );
+    let sql =
+        "INSERT INTO messages (topic, account, payload, ordering_key) VALUES ('t', 'a', '{}', '')";
+    let out = std::process::Command::new("sqlite3")
+        .arg(&env.db)
+        .arg(sql)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("ordering_key must be TEXT of 1 to 255"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        env.query_i64("SELECT count(*) FROM messages"),
+        0,
+        "nothing written"
+    );
 
     let good = std::fs::read_to_string(&env.config).unwrap();
     for (text, expected) in [
@@ -155,6 +340,10 @@ fn bad_expiry_input_is_refused_naming_it_and_nothing_is_written() {
         (
             format!("{good}\n[topics.t]\nmax_age = \"1h\"\ndiscard = true\n"),
             "unknown field `discard`",
+        ),
+        (
+            good.replace("secret", "on_dead = \"sometimes\"\nsecret"),
+            "unknown variant `sometimes`, expected `release` or `block`",
         ),
     ] {
         env.write_config(&text);

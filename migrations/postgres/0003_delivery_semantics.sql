@@ -40,13 +40,32 @@ ALTER TABLE runs ADD COLUMN discarded BIGINT NOT NULL DEFAULT 0;
 CREATE INDEX deliveries_expiring ON deliveries (expires_at)
 WHERE expires_at IS NOT NULL AND state IN ('ready', 'delayed');
 
+-- Ordering keys: for one endpoint, the deliveries of messages with one
+-- ordering_key go one at a time, in publication order. Only one per key
+-- and endpoint is in progress (ready, leased, or delayed for a retry, a
+-- budget, a cool-down); the later ones wait in the delayed queue with
+-- reason 'ordering' (parked: not_before year 9999) until a run moves the
+-- earliest to the ready queue. A dead one releases its key, unless its
+-- endpoint says on_dead = "block" (subscriptions.ordering_on_dead).
+ALTER TABLE messages ADD COLUMN ordering_key TEXT COLLATE "C"
+    CHECK (length(ordering_key) BETWEEN 1 AND 255 AND ordering_key !~ '[\x01-\x1f\x7f]');
+ALTER TABLE deliveries ADD COLUMN ordering_key TEXT COLLATE "C";
+ALTER TABLE subscriptions ADD COLUMN ordering_on_dead TEXT NOT NULL DEFAULT 'release'
+    CHECK (ordering_on_dead IN ('release', 'block'));
+-- Whether a key is in progress, and its waiting deliveries in order.
+CREATE INDEX deliveries_keys ON deliveries (endpoint, ordering_key, state, message_id)
+WHERE ordering_key IS NOT NULL;
+-- Earlier messages of a key in the batch being routed.
+CREATE INDEX messages_unrouted_keys ON messages (ordering_key, id)
+WHERE routed_at IS NULL AND ordering_key IS NOT NULL;
+
 CREATE OR REPLACE FUNCTION messages_immutable() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF (NEW.id, NEW.uid, NEW.topic, NEW.account, NEW.payload, NEW.priority, NEW.created_at,
-        NEW.available_at, NEW.dedup_key, NEW.expires_at)
+        NEW.available_at, NEW.dedup_key, NEW.expires_at, NEW.ordering_key)
        IS DISTINCT FROM
        (OLD.id, OLD.uid, OLD.topic, OLD.account, OLD.payload, OLD.priority, OLD.created_at,
-        OLD.available_at, OLD.dedup_key, OLD.expires_at) THEN
+        OLD.available_at, OLD.dedup_key, OLD.expires_at, OLD.ordering_key) THEN
         RAISE EXCEPTION 'messages are immutable';
     END IF;
     RETURN NEW;

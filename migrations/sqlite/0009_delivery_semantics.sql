@@ -46,10 +46,36 @@ BEGIN
     SELECT RAISE(ABORT, 'messages: expires_at must be INTEGER (Unix epoch milliseconds) or NULL');
 END;
 
+-- Ordering keys: for one endpoint, the deliveries of messages with one
+-- ordering_key go one at a time, in publication order. Only one per key
+-- and endpoint is in progress (ready, leased, or delayed for a retry, a
+-- budget, a cool-down); the later ones wait in the delayed queue with
+-- reason 'ordering' (parked: not_before year 9999) until a run moves the
+-- earliest to the ready queue. A dead one releases its key, unless its
+-- endpoint says on_dead = "block" (subscriptions.ordering_on_dead).
+ALTER TABLE messages ADD COLUMN ordering_key TEXT;
+ALTER TABLE deliveries ADD COLUMN ordering_key TEXT;
+ALTER TABLE subscriptions ADD COLUMN ordering_on_dead TEXT NOT NULL DEFAULT 'release'
+    CHECK (ordering_on_dead IN ('release', 'block'));
+-- Whether a key is in progress, and its waiting deliveries in order.
+CREATE INDEX deliveries_keys ON deliveries (endpoint, ordering_key, state, message_id)
+WHERE ordering_key IS NOT NULL;
+-- Earlier messages of a key in the batch being routed.
+CREATE INDEX messages_unrouted_keys ON messages (ordering_key, id)
+WHERE routed_at IS NULL AND ordering_key IS NOT NULL;
+
+CREATE TRIGGER messages_ordering_key BEFORE INSERT ON messages
+WHEN typeof(NEW.ordering_key) NOT IN ('text', 'null')
+  OR NEW.ordering_key GLOB ('*[' || char(1) || '-' || char(31) || char(127) || ']*')
+  OR length(NEW.ordering_key) NOT BETWEEN 1 AND 255
+BEGIN
+    SELECT RAISE(ABORT, 'messages: ordering_key must be TEXT of 1 to 255 characters without control characters, or NULL');
+END;
+
 DROP TRIGGER messages_immutable;
 CREATE TRIGGER messages_immutable
 BEFORE UPDATE OF id, uid, topic, account, payload, priority, created_at, available_at, dedup_key,
-                 expires_at ON messages
+                 expires_at, ordering_key ON messages
 BEGIN
     SELECT RAISE(ABORT, 'messages are immutable');
 END;

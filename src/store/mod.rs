@@ -34,7 +34,9 @@ pub trait Store {
     /// Gives the oldest `batch_size` unrouted messages one delivery per
     /// subscribed endpoint, in one transaction; a message whose topic no
     /// endpoint subscribes to is marked unroutable instead (routed, with a
-    /// `route_error`), so it is reported once, not at every run.
+    /// `route_error`), so it is reported once, not at every run. A
+    /// delivery whose ordering key has an earlier one not finished (or an
+    /// earlier message not routed) waits: delayed, reason `ordering`.
     fn messages_route(&mut self, params: RouteParams) -> Result<RouteReport>;
 
     /// leased (lease expired) → ready; the open attempt becomes
@@ -58,6 +60,14 @@ pub trait Store {
     /// subscription says `discard_expired` are removed instead. A lease
     /// never takes an expired delivery, whether or not this ran.
     fn deliveries_expire(&mut self, params: &ExpireParams) -> Result<ExpireReport>;
+
+    /// delayed (`ordering`) → ready, for the earliest waiting delivery (by
+    /// message id) of each endpoint's ordering key that has none in
+    /// progress (ready, leased, delayed for another reason; dead too where
+    /// the subscription says `block_key_on_dead`); one whose message is
+    /// scheduled later goes to the delayed queue until then. Returns how
+    /// many moved.
+    fn deliveries_release_keys(&mut self, now: i64) -> Result<u64>;
 
     /// How many deliveries could be leased now (ready, and delayed whose
     /// time has come), counting no further than `limit`.
@@ -189,6 +199,15 @@ pub fn latest_schema_version(config: &Config) -> i64 {
         Database::Sqlite(_) => SqliteStore::latest_schema_version(),
         Database::Postgres(_) => PostgresStore::latest_schema_version(),
     }
+}
+
+/// Subscriptions in the order both backends compare them, one per (topic,
+/// endpoint).
+fn sorted_subscriptions(subscriptions: &[Subscription]) -> Vec<Subscription> {
+    let mut sorted = subscriptions.to_vec();
+    sorted.sort_by(|a, b| (&a.topic, &a.endpoint).cmp(&(&b.topic, &b.endpoint)));
+    sorted.dedup_by(|a, b| (&a.topic, &a.endpoint) == (&b.topic, &b.endpoint));
+    sorted
 }
 
 /// Now, in Unix epoch milliseconds.

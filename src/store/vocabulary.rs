@@ -65,6 +65,11 @@ pub mod reason {
     /// until the endpoint returns (`deliveries_restore_endpoints`) or an
     /// admin purges it (`cronpost purge --orphaned`).
     pub const ENDPOINT_REMOVED: &str = "endpoint_removed";
+    /// An earlier delivery of its ordering key to its endpoint is in
+    /// progress: parked (not before year 9999) until a run moves the
+    /// earliest waiting one of the key to the ready queue
+    /// (`deliveries_release_keys`).
+    pub const ORDERING: &str = "ordering";
     /// Dead: the endpoint answered a status that will never succeed (4xx, 3xx).
     pub const REJECTED: &str = "rejected";
     /// Dead: its last attempt (`max_attempts`) failed.
@@ -82,6 +87,7 @@ pub mod reason {
         ENDPOINT_SATURATED,
         ENDPOINT_RATE,
         ENDPOINT_REMOVED,
+        ORDERING,
         REJECTED,
         ATTEMPTS_EXHAUSTED,
         UNDECODABLE,
@@ -201,6 +207,9 @@ pub struct NewMessage {
     /// Not delivered after this time: expired instead (None: its topic's
     /// `max_age` decides).
     pub expires_at: Option<i64>,
+    /// Messages with one key go to each endpoint one at a time, in
+    /// publication order.
+    pub ordering_key: Option<String>,
 }
 
 /// What `messages_insert` did.
@@ -244,6 +253,9 @@ pub struct Subscription {
     pub max_age_ms: Option<i64>,
     /// An expired delivery is removed instead of kept as a dead letter.
     pub discard_expired: bool,
+    /// A dead delivery keeps its ordering key blocked (the endpoint's
+    /// `on_dead = "block"`) instead of releasing it.
+    pub block_key_on_dead: bool,
 }
 
 impl Subscription {
@@ -254,6 +266,7 @@ impl Subscription {
             endpoint: endpoint.to_string(),
             max_age_ms: None,
             discard_expired: false,
+            block_key_on_dead: false,
         }
     }
 }
@@ -563,6 +576,8 @@ pub struct MessageRow {
     pub dedup_key: Option<String>,
     /// Expires at (its own; a topic's `max_age` applies at routing).
     pub expires_at: Option<i64>,
+    /// Its ordering key.
+    pub ordering_key: Option<String>,
     /// When it was routed.
     pub routed_at: Option<i64>,
     /// Why no endpoint took it (unroutable), when none did.

@@ -74,6 +74,7 @@ pub fn message(topic: &str, priority: i64) -> NewMessage {
         available_at: None,
         dedup_key: None,
         expires_at: None,
+        ordering_key: None,
     }
 }
 
@@ -175,6 +176,8 @@ macro_rules! conformance {
             semantics: [
                 an_expired_delivery_is_never_leased_and_expires_dead_or_discarded,
                 expiry_goes_in_batches_earliest_first,
+                a_keys_deliveries_go_one_at_a_time_in_order_through_retries,
+                a_dead_delivery_blocks_its_key_where_the_endpoint_says_so_until_requeued,
             ];
             admin: [
                 stats_count_states_per_endpoint_and_report_the_last_run,

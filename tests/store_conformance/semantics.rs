@@ -1,5 +1,5 @@
 //! Delivery semantics: expiry (a message's own, or its topic's max_age)
-//! and, later, ordering keys.
+//! and ordering keys.
 
 use super::*;
 
@@ -134,4 +134,154 @@ pub fn expiry_goes_in_batches_earliest_first(store: &mut dyn Store) {
     assert_eq!(batch(store).expired, 2);
     assert_eq!(batch(store).expired, 1);
     assert_eq!(batch(store).expired, 0);
+}
+
+fn keyed(key: Option<&str>) -> NewMessage {
+    NewMessage {
+        ordering_key: key.map(String::from),
+        ..message("t", 0)
+    }
+}
+
+fn finish(store: &mut dyn Store, f: FinishAttempt) {
+    assert!(store.attempt_finish(&f).unwrap());
+}
+
+pub fn a_keys_deliveries_go_one_at_a_time_in_order_through_retries(store: &mut dyn Store) {
+    subscribe(store, &[("t", "e")]);
+    let k = Some("customer-42");
+    store
+        .messages_insert(&[
+            keyed(k),
+            keyed(k),
+            keyed(k),
+            keyed(Some("other")),
+            keyed(None),
+        ])
+        .unwrap();
+    route(store, T0);
+    let d: Vec<DeliveryRow> = (1..=5)
+        .map(|m| store.deliveries_of_message(m).unwrap().remove(0))
+        .collect();
+    let states: Vec<(DeliveryState, Option<&str>)> =
+        d.iter().map(|d| (d.state, d.reason.as_deref())).collect();
+    let waiting = (DeliveryState::Delayed, Some("ordering"));
+    let ready = (DeliveryState::Ready, None);
+    assert_eq!(states, [ready, waiting, waiting, ready, ready]);
+    // Other keys and unkeyed messages go in parallel; the key's later ones wait.
+    let first = lease(store, "a", T0).unwrap();
+    assert_eq!(first.delivery_id, d[0].id);
+    let others = [
+        lease(store, "b", T0).unwrap(),
+        lease(store, "c", T0).unwrap(),
+    ];
+    assert_eq!(
+        [others[0].delivery_id, others[1].delivery_id],
+        [d[3].id, d[4].id]
+    );
+    assert!(lease(store, "d", T0).is_none());
+    assert_eq!(store.leasable_count(T0, 100).unwrap(), 0);
+    // A retry keeps the key: nothing is released while it waits.
+    finish(
+        store,
+        FinishAttempt::retry(&first, T0, T0 + 100, "HTTP 500".into()),
+    );
+    assert_eq!(store.deliveries_release_keys(T0 + 1).unwrap(), 0);
+    assert!(lease(store, "e", T0 + 1).is_none());
+    let again = lease(store, "f", T0 + 100).unwrap();
+    assert_eq!((again.delivery_id, again.attempt), (d[0].id, 2));
+    finish(
+        store,
+        FinishAttempt::delivered(&again, T0 + 101, AttemptOutcome::Delivered),
+    );
+    // Delivered: the next of the key goes, and only it.
+    assert_eq!(store.deliveries_release_keys(T0 + 102).unwrap(), 1);
+    assert_eq!(state(store, d[2].id).reason.as_deref(), Some("ordering"));
+    let second = lease(store, "g", T0 + 102).unwrap();
+    assert_eq!(second.delivery_id, d[1].id);
+    // A dead one releases its key (the default).
+    finish(
+        store,
+        FinishAttempt::dead(&second, T0 + 103, reason::REJECTED, "HTTP 400".into()),
+    );
+    assert_eq!(store.deliveries_release_keys(T0 + 104).unwrap(), 1);
+    assert_eq!(lease(store, "h", T0 + 104).unwrap().delivery_id, d[2].id);
+    // A new message of the key queues behind the one in flight.
+    store.messages_insert(&[keyed(k)]).unwrap();
+    route(store, T0 + 105);
+    let late = store.deliveries_of_message(6).unwrap().remove(0);
+    assert_eq!(late.reason.as_deref(), Some("ordering"));
+    // Requeuing the waiting does not jump the line.
+    let requeue = RequeueParams {
+        filter: DeliveryFilter {
+            state: Some(DeliveryState::Delayed),
+            ..DeliveryFilter::default()
+        },
+        now: T0 + 106,
+        limit: None,
+        spacing_ms: 0,
+        dry_run: false,
+    };
+    assert_eq!(store.deliveries_requeue(&requeue).unwrap(), 0);
+    assert_eq!(
+        store
+            .message_get(&MessageKey::Id(1))
+            .unwrap()
+            .unwrap()
+            .ordering_key
+            .as_deref(),
+        k
+    );
+}
+
+pub fn a_dead_delivery_blocks_its_key_where_the_endpoint_says_so_until_requeued(
+    store: &mut dyn Store,
+) {
+    store
+        .subscriptions_replace(&[Subscription {
+            block_key_on_dead: true,
+            ..Subscription::new("t", "strict")
+        }])
+        .unwrap();
+    let k = Some("order-7");
+    store.messages_insert(&[keyed(k), keyed(k)]).unwrap();
+    route(store, T0);
+    let first = lease(store, "a", T0).unwrap();
+    finish(
+        store,
+        FinishAttempt::dead(&first, T0, reason::REJECTED, "HTTP 422".into()),
+    );
+    assert_eq!(store.deliveries_release_keys(T0 + 1).unwrap(), 0, "blocked");
+    assert!(lease(store, "b", T0 + 1).is_none());
+    // Routed while blocked: waits too.
+    store.messages_insert(&[keyed(k)]).unwrap();
+    route(store, T0 + 2);
+    assert_eq!(
+        store.deliveries_of_message(3).unwrap()[0].reason.as_deref(),
+        Some("ordering")
+    );
+    // Requeued, the dead one rejoins the line at its place: first.
+    let requeue = RequeueParams {
+        filter: DeliveryFilter {
+            ids: vec![first.delivery_id],
+            ..DeliveryFilter::default()
+        },
+        now: T0 + 3,
+        limit: None,
+        spacing_ms: 0,
+        dry_run: false,
+    };
+    assert_eq!(store.deliveries_requeue(&requeue).unwrap(), 1);
+    let again = lease(store, "c", T0 + 3).unwrap();
+    assert_eq!(again.delivery_id, first.delivery_id);
+    assert!(lease(store, "d", T0 + 3).is_none());
+    finish(
+        store,
+        FinishAttempt::delivered(&again, T0 + 4, AttemptOutcome::Delivered),
+    );
+    assert_eq!(store.deliveries_release_keys(T0 + 5).unwrap(), 1);
+    assert_eq!(
+        lease(store, "e", T0 + 5).unwrap().delivery_id,
+        store.deliveries_of_message(2).unwrap()[0].id
+    );
 }

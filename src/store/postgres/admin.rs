@@ -21,7 +21,7 @@ impl PostgresStore {
     }
 
     pub(super) fn deliveries_purge_orphaned(&mut self, p: &PurgeOrphanedParams) -> Result<u64> {
-        let which = "reason = 'endpoint_removed' AND state = 'delayed'
+        let which = "reason IN ('endpoint_removed', 'ordering') AND state = 'delayed'
                      AND ($1::TEXT IS NULL OR endpoint = $1) AND endpoint <> ALL($2)";
         let configured = p.configured.clone();
         self.write(|tx| {
@@ -161,7 +161,7 @@ impl PostgresStore {
         self.read(|c| {
             c.query_typed_opt(
                 "SELECT id, uid, topic, account, payload, priority, created_at, available_at, dedup_key, routed_at,
-                        route_error, expires_at
+                        route_error, expires_at, ordering_key
                  FROM messages WHERE id = $1 OR uid = $2",
                 typed![id => INT8, uid => TEXT],
             )?
@@ -179,6 +179,7 @@ impl PostgresStore {
                     routed_at: r.try_get(9)?,
                     route_error: r.try_get(10)?,
                     expires_at: r.try_get(11)?,
+                    ordering_key: r.try_get(12)?,
                 })
             })
             .transpose()
@@ -213,7 +214,8 @@ impl PostgresStore {
         let picked = format!(
             "SELECT id, row_number() OVER (ORDER BY id) - 1 AS n FROM (
                SELECT d.id FROM deliveries d JOIN messages m ON m.id = d.message_id
-               WHERE d.state IN ('dead', 'delayed') AND {clause} ORDER BY d.id LIMIT $1
+               WHERE d.state IN ('dead', 'delayed') AND d.reason IS DISTINCT FROM 'ordering' AND {clause}
+               ORDER BY d.id LIMIT $1
                FOR UPDATE OF d) AS rows"
         );
         self.write(|tx| {
@@ -225,18 +227,31 @@ impl PostgresStore {
                     .try_get(0)?;
                 return Ok(n as u64);
             }
-            params.extend([(&p.now as &(dyn ToSql + Sync), Type::INT8), (&p.spacing_ms, Type::INT8)]);
-            tx.execute_typed(
+            params.extend([
+                (&p.now as &(dyn ToSql + Sync), Type::INT8),
+                (&p.spacing_ms, Type::INT8),
+                (&PARKED_UNTIL, Type::INT8),
+            ]);
+            let parked = spacing + 1;
+            // A delivery with an ordering key rejoins its key's line (the
+            // earliest waiting one goes next, below), not the ready queue.
+            let moved = tx.execute_typed(
                 &format!(
                     "WITH picked AS ({picked})
                      UPDATE deliveries
-                     SET state = CASE WHEN picked.n * ${spacing} > 0 THEN 'delayed' ELSE 'ready' END,
-                         reason = CASE WHEN picked.n * ${spacing} > 0 THEN 'scheduled' END,
-                         not_before = ${now} + picked.n * ${spacing}, attempts = 0, updated_at = ${now}
+                     SET state = CASE WHEN picked.n * ${spacing} > 0 OR ordering_key IS NOT NULL
+                                      THEN 'delayed' ELSE 'ready' END,
+                         reason = CASE WHEN ordering_key IS NOT NULL THEN 'ordering'
+                                       WHEN picked.n * ${spacing} > 0 THEN 'scheduled' END,
+                         not_before = CASE WHEN ordering_key IS NOT NULL THEN ${parked}
+                                           ELSE ${now} + picked.n * ${spacing} END,
+                         attempts = 0, updated_at = ${now}
                      FROM picked WHERE deliveries.id = picked.id"
                 ),
                 &params,
-            )
+            )?;
+            tx.execute_typed(RELEASE_KEYS_SQL, typed![p.now => INT8])?;
+            Ok(moved)
         })
     }
 

@@ -310,6 +310,46 @@ fn run_row(r: &Row) -> Result<RunRecord, ::postgres::Error> {
     })
 }
 
+/// Whether a new delivery (of message `m` to `s.endpoint`) waits for its
+/// ordering key: an earlier delivery of the key to the endpoint is not
+/// finished (or is dead, where dead blocks), or an earlier message of the
+/// key that the endpoint subscribes to is not routed yet (another host may
+/// be routing it).
+const KEY_WAITS: &str = "(m.ordering_key IS NOT NULL AND (
+    EXISTS (SELECT 1 FROM deliveries o
+            WHERE o.endpoint = s.endpoint AND o.ordering_key = m.ordering_key
+              AND (o.state IN ('ready', 'delayed', 'leased')
+                   OR (o.state = 'dead' AND s.ordering_on_dead = 'block')))
+    OR EXISTS (SELECT 1 FROM messages p JOIN subscriptions ps ON ps.topic = p.topic
+               WHERE p.ordering_key = m.ordering_key AND p.routed_at IS NULL AND p.id < m.id
+                 AND ps.endpoint = s.endpoint)))";
+
+/// Moves the earliest waiting delivery of each key that has none in
+/// progress out of `ordering` ($1: now): to the ready queue, or to the
+/// delayed one while its message's `available_at` is ahead. A row another
+/// host promotes meanwhile is re-checked under its lock and left alone.
+const RELEASE_KEYS_SQL: &str = "\
+UPDATE deliveries
+SET state = CASE WHEN m.available_at > $1 THEN 'delayed' ELSE 'ready' END,
+    reason = CASE WHEN m.available_at > $1 THEN 'scheduled' END,
+    not_before = greatest($1, coalesce(m.available_at, 0)), updated_at = $1
+FROM messages m
+WHERE m.id = deliveries.message_id AND deliveries.state = 'delayed' AND deliveries.reason = 'ordering'
+  AND deliveries.id IN (
+  SELECT (SELECT w.id FROM deliveries w
+          WHERE w.endpoint = k.endpoint AND w.ordering_key = k.ordering_key
+            AND w.state = 'delayed' AND w.reason = 'ordering'
+          ORDER BY w.message_id LIMIT 1)
+  FROM (SELECT DISTINCT endpoint, ordering_key FROM deliveries
+        WHERE ordering_key IS NOT NULL AND state = 'delayed' AND reason = 'ordering') AS k
+  WHERE NOT EXISTS (
+    SELECT 1 FROM deliveries o
+    WHERE o.endpoint = k.endpoint AND o.ordering_key = k.ordering_key
+      AND (o.state IN ('ready', 'leased')
+           OR (o.state = 'delayed' AND o.reason IS DISTINCT FROM 'ordering')
+           OR (o.state = 'dead' AND EXISTS (SELECT 1 FROM subscriptions s
+                                           WHERE s.endpoint = o.endpoint AND s.ordering_on_dead = 'block')))))";
+
 /// The WHERE clause of a `DeliveryFilter` over `deliveries d JOIN messages
 /// m`, its parameters numbered from `$first`, with their values in order.
 fn filter_clause(f: &DeliveryFilter, first: usize) -> (String, Vec<TypedValue>) {
@@ -353,43 +393,46 @@ fn typed_values(values: &[TypedValue]) -> Vec<(&(dyn ToSql + Sync), Type)> {
 /// `admin` as inherent methods of the same names.
 impl Store for PostgresStore {
     fn subscriptions_replace(&mut self, subscriptions: &[Subscription]) -> Result<()> {
-        let mut wanted: Vec<(String, String, Option<i64>, bool)> = subscriptions
-            .iter()
-            .map(|s| {
-                let settings = (s.max_age_ms, s.discard_expired);
-                (s.topic.clone(), s.endpoint.clone(), settings.0, settings.1)
-            })
-            .collect();
-        wanted.sort();
-        wanted.dedup_by(|a, b| (&a.0, &a.1) == (&b.0, &b.1));
-        let topics: Vec<&str> = wanted.iter().map(|w| w.0.as_str()).collect();
-        let endpoints: Vec<&str> = wanted.iter().map(|w| w.1.as_str()).collect();
-        let max_ages: Vec<Option<i64>> = wanted.iter().map(|w| w.2).collect();
-        let discards: Vec<bool> = wanted.iter().map(|w| w.3).collect();
+        let wanted = sorted_subscriptions(subscriptions);
+        let topics: Vec<&str> = wanted.iter().map(|s| s.topic.as_str()).collect();
+        let endpoints: Vec<&str> = wanted.iter().map(|s| s.endpoint.as_str()).collect();
+        let max_ages: Vec<Option<i64>> = wanted.iter().map(|s| s.max_age_ms).collect();
+        let discards: Vec<bool> = wanted.iter().map(|s| s.discard_expired).collect();
+        let blocks: Vec<bool> = wanted.iter().map(|s| s.block_key_on_dead).collect();
         self.write(|tx| {
             // Hosts starting at once rewrite the table one after another.
             tx.execute_typed("LOCK TABLE subscriptions IN EXCLUSIVE MODE", &[])?;
-            let current: Vec<(String, String, Option<i64>, bool)> = tx
+            let current: Vec<Subscription> = tx
                 .query_typed(
-                    "SELECT topic, endpoint, max_age_ms, discard_expired FROM subscriptions
-                     ORDER BY topic, endpoint",
+                    "SELECT topic, endpoint, max_age_ms, discard_expired, ordering_on_dead = 'block'
+                     FROM subscriptions ORDER BY topic, endpoint",
                     &[],
                 )?
                 .iter()
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
+                .map(|r| {
+                    Ok(Subscription {
+                        topic: r.try_get(0)?,
+                        endpoint: r.try_get(1)?,
+                        max_age_ms: r.try_get(2)?,
+                        discard_expired: r.try_get(3)?,
+                        block_key_on_dead: r.try_get(4)?,
+                    })
+                })
                 .collect::<Result<_, ::postgres::Error>>()?;
             if current == wanted {
                 return Ok(());
             }
             tx.execute_typed("DELETE FROM subscriptions", &[])?;
             tx.execute_typed(
-                "INSERT INTO subscriptions (topic, endpoint, max_age_ms, discard_expired)
-                 SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BOOLEAN[])",
+                "INSERT INTO subscriptions (topic, endpoint, max_age_ms, discard_expired, ordering_on_dead)
+                 SELECT t, e, a, d, CASE WHEN b THEN 'block' ELSE 'release' END
+                 FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BOOLEAN[], $5::BOOLEAN[]) AS s (t, e, a, d, b)",
                 typed![
                     topics => TEXT_ARRAY,
                     endpoints => TEXT_ARRAY,
                     max_ages => INT8_ARRAY,
                     discards => BOOL_ARRAY,
+                    blocks => BOOL_ARRAY,
                 ],
             )?;
             // A topic that has a subscriber now: its unroutable messages
@@ -409,8 +452,8 @@ impl Store for PostgresStore {
             for m in messages {
                 let inserted = tx.query_typed_opt(
                     "INSERT INTO messages (topic, account, payload, priority, created_at, available_at, dedup_key,
-                                           expires_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                                           expires_at, ordering_key)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                      ON CONFLICT (account, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
                      RETURNING id, uid",
                     typed![
@@ -422,6 +465,7 @@ impl Store for PostgresStore {
                         m.available_at => INT8,
                         m.dedup_key => TEXT,
                         m.expires_at => INT8,
+                        m.ordering_key => TEXT,
                     ],
                 )?;
                 match inserted {
@@ -471,21 +515,38 @@ impl Store for PostgresStore {
                 .iter()
                 .map(|r| r.try_get(0))
                 .collect::<Result<_, _>>()?;
+            // Hosts routing messages of one ordering key at once decide
+            // one after another whether theirs wait (in key order: no
+            // deadlock); the INSERT's snapshot then sees the other's rows.
+            tx.execute_typed(
+                "SELECT count(pg_advisory_xact_lock(hashtextextended('cronpost key ' || endpoint || ' ' || ordering_key, 0)))
+                 FROM (SELECT DISTINCT s.endpoint, m.ordering_key
+                       FROM messages m JOIN subscriptions s ON s.topic = m.topic
+                       WHERE m.id = ANY($1) AND m.ordering_key IS NOT NULL
+                       ORDER BY 1, 2) AS keys",
+                typed![ids => INT8_ARRAY],
+            )?;
             let deliveries = tx.execute_typed(
-                "INSERT INTO deliveries
-                   (message_id, endpoint, account, state, priority, not_before, reason, created_at, updated_at,
-                    expires_at)
-                 SELECT m.id, s.endpoint, m.account,
-                        CASE WHEN m.available_at > $2 THEN 'delayed' ELSE 'ready' END,
-                        m.priority,
-                        CASE WHEN m.available_at > $2 THEN m.available_at ELSE $2 END,
-                        CASE WHEN m.available_at > $2 THEN 'scheduled' END,
-                        $2, $2, coalesce(m.expires_at, m.created_at + s.max_age_ms)
-                 FROM messages m JOIN subscriptions s ON s.topic = m.topic
-                 WHERE m.id = ANY($1)
-                 ORDER BY m.id, s.endpoint
-                 ON CONFLICT (message_id, endpoint) DO NOTHING",
-                typed![ids => INT8_ARRAY, now => INT8],
+                &format!(
+                    "INSERT INTO deliveries
+                       (message_id, endpoint, account, state, priority, not_before, reason, created_at,
+                        updated_at, expires_at, ordering_key)
+                     SELECT message_id, endpoint, account,
+                            CASE WHEN waits OR available_at > $2 THEN 'delayed' ELSE 'ready' END,
+                            priority,
+                            CASE WHEN waits THEN $3 WHEN available_at > $2 THEN available_at ELSE $2 END,
+                            CASE WHEN waits THEN '{ORDERING}' WHEN available_at > $2 THEN 'scheduled' END,
+                            $2, $2, expires_at, ordering_key
+                     FROM (SELECT m.id AS message_id, s.endpoint, m.account, m.priority, m.available_at,
+                                  coalesce(m.expires_at, m.created_at + s.max_age_ms) AS expires_at,
+                                  m.ordering_key, {KEY_WAITS} AS waits
+                           FROM messages m JOIN subscriptions s ON s.topic = m.topic
+                           WHERE m.id = ANY($1)) AS new
+                     ORDER BY message_id, endpoint
+                     ON CONFLICT (message_id, endpoint) DO NOTHING",
+                    ORDERING = reason::ORDERING,
+                ),
+                typed![ids => INT8_ARRAY, now => INT8, PARKED_UNTIL => INT8],
             )?;
             let unroutable = tx.execute_typed(
                 "UPDATE messages SET routed_at = $2,
@@ -517,6 +578,21 @@ impl Store for PostgresStore {
 
     fn deliveries_expire(&mut self, p: &ExpireParams) -> Result<ExpireReport> {
         PostgresStore::deliveries_expire(self, p)
+    }
+
+    fn deliveries_release_keys(&mut self, now: i64) -> Result<u64> {
+        let waiting: bool = self.read(|c| {
+            c.query_typed_one(
+                "SELECT EXISTS (SELECT 1 FROM deliveries
+                                WHERE ordering_key IS NOT NULL AND state = 'delayed' AND reason = 'ordering')",
+                &[],
+            )?
+            .try_get(0)
+        })?;
+        if !waiting {
+            return Ok(0);
+        }
+        self.write(|tx| tx.execute_typed(RELEASE_KEYS_SQL, typed![now => INT8]))
     }
 
     fn deliveries_purge_orphaned(&mut self, p: &PurgeOrphanedParams) -> Result<u64> {

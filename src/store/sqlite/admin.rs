@@ -48,7 +48,7 @@ impl SqliteStore {
 
     pub(super) fn deliveries_purge_orphaned(&mut self, p: &PurgeOrphanedParams) -> Result<u64> {
         let which =
-            "reason = 'endpoint_removed' AND state = 'delayed' AND (?1 IS NULL OR endpoint = ?1)
+            "reason IN ('endpoint_removed', 'ordering') AND state = 'delayed' AND (?1 IS NULL OR endpoint = ?1)
                      AND endpoint NOT IN (SELECT value FROM json_each(?2))";
         let configured = serde_json::to_string(&p.configured).expect("strings serialize");
         let values = params![p.endpoint, configured];
@@ -184,7 +184,7 @@ impl SqliteStore {
         self.conn
             .query_row(
                 "SELECT id, uid, topic, account, payload, priority, created_at, available_at, dedup_key, routed_at,
-                        route_error, expires_at
+                        route_error, expires_at, ordering_key
                  FROM messages WHERE id = ?1 OR uid = ?2",
                 params![id, uid],
                 |r| {
@@ -201,6 +201,7 @@ impl SqliteStore {
                         routed_at: r.get(9)?,
                         route_error: r.get(10)?,
                         expires_at: r.get(11)?,
+                        ordering_key: r.get(12)?,
                     })
                 },
             )
@@ -232,7 +233,8 @@ impl SqliteStore {
         let picked = format!(
             "SELECT d.id, row_number() OVER (ORDER BY d.id) - 1 AS n
              FROM deliveries d JOIN messages m ON m.id = d.message_id
-             WHERE d.state IN ('dead', 'delayed') AND {clause} ORDER BY d.id LIMIT ?"
+             WHERE d.state IN ('dead', 'delayed') AND d.reason IS NOT 'ordering' AND {clause}
+             ORDER BY d.id LIMIT ?"
         );
         // Anonymous parameters number in text order.
         let mut values = filter_values;
@@ -243,19 +245,26 @@ impl SqliteStore {
                 return tx.query_row(&count, params_from_iter(values), |r| r.get(0));
             }
             let (now, spacing) = (Value::Integer(p.now), Value::Integer(p.spacing_ms));
-            values.extend([spacing.clone(), spacing.clone(), now.clone(), spacing, now]);
-            tx.execute(
+            let parked = Value::Integer(PARKED_UNTIL);
+            values.extend([spacing.clone(), spacing.clone(), parked, now.clone(), spacing, now]);
+            // A delivery with an ordering key rejoins its key's line (the
+            // earliest waiting one goes next, below), not the ready queue.
+            let moved = tx.execute(
                 &format!(
                     "WITH picked AS ({picked})
                      UPDATE deliveries
-                     SET state = CASE WHEN picked.n * ? > 0 THEN 'delayed' ELSE 'ready' END,
-                         reason = CASE WHEN picked.n * ? > 0 THEN 'scheduled' END,
-                         not_before = ? + picked.n * ?, attempts = 0, updated_at = ?
+                     SET state = CASE WHEN picked.n * ? > 0 OR ordering_key IS NOT NULL THEN 'delayed'
+                                      ELSE 'ready' END,
+                         reason = CASE WHEN ordering_key IS NOT NULL THEN 'ordering'
+                                       WHEN picked.n * ? > 0 THEN 'scheduled' END,
+                         not_before = CASE WHEN ordering_key IS NOT NULL THEN ? ELSE ? + picked.n * ? END,
+                         attempts = 0, updated_at = ?
                      FROM picked WHERE deliveries.id = picked.id"
                 ),
                 params_from_iter(values),
-            )
-            .map(|n| n as u64)
+            )?;
+            tx.execute(super::RELEASE_KEYS_SQL, [p.now])?;
+            Ok(moved as u64)
         })
     }
 

@@ -168,6 +168,44 @@ impl SqliteStore {
     }
 }
 
+/// Whether a new delivery (of message `m` to `s.endpoint`) waits for its
+/// ordering key: an earlier delivery of the key to the endpoint is not
+/// finished (or is dead, where dead blocks), or an earlier message of the
+/// key that the endpoint subscribes to is not routed yet.
+const KEY_WAITS: &str = "(m.ordering_key IS NOT NULL AND (
+    EXISTS (SELECT 1 FROM deliveries o
+            WHERE o.endpoint = s.endpoint AND o.ordering_key = m.ordering_key
+              AND (o.state IN ('ready', 'delayed', 'leased')
+                   OR (o.state = 'dead' AND s.ordering_on_dead = 'block')))
+    OR EXISTS (SELECT 1 FROM messages p JOIN subscriptions ps ON ps.topic = p.topic
+               WHERE p.ordering_key = m.ordering_key AND p.routed_at IS NULL AND p.id < m.id
+                 AND ps.endpoint = s.endpoint)))";
+
+/// Moves the earliest waiting delivery of each key that has none in
+/// progress out of `ordering` (?1: now): to the ready queue, or to the
+/// delayed one while its message's `available_at` is ahead.
+const RELEASE_KEYS_SQL: &str = "\
+UPDATE deliveries
+SET state = CASE WHEN m.available_at > ?1 THEN 'delayed' ELSE 'ready' END,
+    reason = CASE WHEN m.available_at > ?1 THEN 'scheduled' END,
+    not_before = max(?1, coalesce(m.available_at, 0)), updated_at = ?1
+FROM messages m
+WHERE m.id = deliveries.message_id AND deliveries.state = 'delayed' AND deliveries.reason = 'ordering'
+  AND deliveries.id IN (
+  SELECT (SELECT w.id FROM deliveries w
+          WHERE w.endpoint = k.endpoint AND w.ordering_key = k.ordering_key
+            AND w.state = 'delayed' AND w.reason = 'ordering'
+          ORDER BY w.message_id LIMIT 1)
+  FROM (SELECT DISTINCT endpoint, ordering_key FROM deliveries
+        WHERE ordering_key IS NOT NULL AND state = 'delayed' AND reason = 'ordering') AS k
+  WHERE NOT EXISTS (
+    SELECT 1 FROM deliveries o
+    WHERE o.endpoint = k.endpoint AND o.ordering_key = k.ordering_key AND o.ordering_key IS NOT NULL
+      AND (o.state IN ('ready', 'leased')
+           OR (o.state = 'delayed' AND o.reason IS NOT 'ordering')
+           OR (o.state = 'dead' AND EXISTS (SELECT 1 FROM subscriptions s
+                                           WHERE s.endpoint = o.endpoint AND s.ordering_on_dead = 'block')))))";
+
 /// The WHERE clause of a `DeliveryFilter` over `deliveries d JOIN messages m`,
 /// with its values in order.
 fn filter_clause(f: &DeliveryFilter) -> (String, Vec<Value>) {
@@ -270,32 +308,38 @@ fn run_row(r: &Row) -> rusqlite::Result<RunRecord> {
 impl Store for SqliteStore {
     fn subscriptions_replace(&mut self, subscriptions: &[Subscription]) -> Result<()> {
         self.write(|tx| {
-            let current: Vec<(String, String, Option<i64>, bool)> = tx
+            let current: Vec<Subscription> = tx
                 .prepare(
-                    "SELECT topic, endpoint, max_age_ms, discard_expired FROM subscriptions
-                     ORDER BY topic, endpoint",
+                    "SELECT topic, endpoint, max_age_ms, discard_expired, ordering_on_dead = 'block'
+                     FROM subscriptions ORDER BY topic, endpoint",
                 )?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .query_map([], |r| {
+                    Ok(Subscription {
+                        topic: r.get(0)?,
+                        endpoint: r.get(1)?,
+                        max_age_ms: r.get(2)?,
+                        discard_expired: r.get(3)?,
+                        block_key_on_dead: r.get(4)?,
+                    })
+                })?
                 .collect::<rusqlite::Result<_>>()?;
-            let mut wanted: Vec<(String, String, Option<i64>, bool)> = subscriptions
-                .iter()
-                .map(|s| {
-                    let settings = (s.max_age_ms, s.discard_expired);
-                    (s.topic.clone(), s.endpoint.clone(), settings.0, settings.1)
-                })
-                .collect();
-            wanted.sort();
-            wanted.dedup_by(|a, b| (&a.0, &a.1) == (&b.0, &b.1));
+            let wanted = sorted_subscriptions(subscriptions);
             if current == wanted {
                 return Ok(());
             }
             tx.execute("DELETE FROM subscriptions", [])?;
             let mut insert = tx.prepare(
-                "INSERT INTO subscriptions (topic, endpoint, max_age_ms, discard_expired)
-                 VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO subscriptions (topic, endpoint, max_age_ms, discard_expired, ordering_on_dead)
+                 VALUES (?1, ?2, ?3, ?4, CASE WHEN ?5 THEN 'block' ELSE 'release' END)",
             )?;
-            for (topic, endpoint, max_age_ms, discard_expired) in &wanted {
-                insert.execute(params![topic, endpoint, max_age_ms, discard_expired])?;
+            for s in &wanted {
+                insert.execute(params![
+                    s.topic,
+                    s.endpoint,
+                    s.max_age_ms,
+                    s.discard_expired,
+                    s.block_key_on_dead
+                ])?;
             }
             // A topic that has a subscriber now: its unroutable messages
             // are routed by this run after all.
@@ -312,8 +356,8 @@ impl Store for SqliteStore {
         self.write(|tx| {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO messages (topic, account, payload, priority, created_at, available_at, dedup_key,
-                                       expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                                       expires_at, ordering_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT (account, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
                  RETURNING id, uid",
             )?;
@@ -329,7 +373,8 @@ impl Store for SqliteStore {
                             m.created_at,
                             m.available_at,
                             m.dedup_key,
-                            m.expires_at
+                            m.expires_at,
+                            m.ordering_key
                         ],
                         |r| {
                             Ok(InsertedMessage {
@@ -382,19 +427,25 @@ impl Store for SqliteStore {
                 .query_map([upper], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
             let deliveries = tx.execute(
-                "INSERT OR IGNORE INTO deliveries
-                   (message_id, endpoint, account, state, priority, not_before, reason, created_at, updated_at,
-                    expires_at)
-                 SELECT m.id, s.endpoint, m.account,
-                        CASE WHEN m.available_at > ?2 THEN 'delayed' ELSE 'ready' END,
-                        m.priority,
-                        CASE WHEN m.available_at > ?2 THEN m.available_at ELSE ?2 END,
-                        CASE WHEN m.available_at > ?2 THEN 'scheduled' END,
-                        ?2, ?2, coalesce(m.expires_at, m.created_at + s.max_age_ms)
-                 FROM messages m JOIN subscriptions s ON s.topic = m.topic
-                 WHERE m.routed_at IS NULL AND m.id <= ?1
-                 ORDER BY m.id, s.endpoint",
-                params![upper, params.now],
+                &format!(
+                    "INSERT OR IGNORE INTO deliveries
+                       (message_id, endpoint, account, state, priority, not_before, reason, created_at,
+                        updated_at, expires_at, ordering_key)
+                     SELECT message_id, endpoint, account,
+                            CASE WHEN waits OR available_at > ?2 THEN 'delayed' ELSE 'ready' END,
+                            priority,
+                            CASE WHEN waits THEN ?3 WHEN available_at > ?2 THEN available_at ELSE ?2 END,
+                            CASE WHEN waits THEN '{ORDERING}' WHEN available_at > ?2 THEN 'scheduled' END,
+                            ?2, ?2, expires_at, ordering_key
+                     FROM (SELECT m.id AS message_id, s.endpoint, m.account, m.priority, m.available_at,
+                                  coalesce(m.expires_at, m.created_at + s.max_age_ms) AS expires_at,
+                                  m.ordering_key, {KEY_WAITS} AS waits
+                           FROM messages m JOIN subscriptions s ON s.topic = m.topic
+                           WHERE m.routed_at IS NULL AND m.id <= ?1
+                           ORDER BY m.id, s.endpoint)",
+                    ORDERING = reason::ORDERING,
+                ),
+                params![upper, params.now, PARKED_UNTIL],
             )?;
             let unroutable = tx.execute(
                 "UPDATE messages SET routed_at = ?2,
@@ -430,6 +481,22 @@ impl Store for SqliteStore {
 
     fn deliveries_expire(&mut self, p: &ExpireParams) -> Result<ExpireReport> {
         SqliteStore::deliveries_expire(self, p)
+    }
+
+    fn deliveries_release_keys(&mut self, now: i64) -> Result<u64> {
+        // Most calls find no waiting delivery: a read says so.
+        let waiting: bool = self
+            .conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM deliveries
+                                WHERE ordering_key IS NOT NULL AND state = 'delayed' AND reason = 'ordering')",
+            )
+            .and_then(|mut query| query.query_row([], |r| r.get(0)))
+            .map_err(|e| self.err(e))?;
+        if !waiting {
+            return Ok(0);
+        }
+        self.write(|tx| tx.execute(RELEASE_KEYS_SQL, [now]).map(|n| n as u64))
     }
 
     fn leasable_count(&mut self, now: i64, limit: u64) -> Result<u64> {

@@ -384,6 +384,7 @@ fn fork_post(config: &Path, n: usize, children: usize) {
         topic: "t".into(),
         account: "a1".into(),
         payload: payload(1),
+        ordering_key: None,
     };
     cronpost::delivery::warm_up(false);
     let started = Instant::now();

@@ -15,7 +15,7 @@ use crate::files::Sharing;
 use crate::ids::MessageRef;
 use crate::store::{
     AttemptRow, DeliveryFilter, DeliveryRow, DeliveryState, ListedDelivery, MessageKey, MessageRow,
-    RequeueParams, RunRecord, SqliteStore, Stats, Store, ms, now_ms,
+    RequeueParams, RunRecord, SqliteStore, Stats, Store, ms, now_ms, reason,
 };
 
 pub use crate::words::plural;
@@ -57,7 +57,8 @@ fn delivery_json(d: &DeliveryRow) -> Value {
         "id": d.id, "message_id": d.message_id, "endpoint": d.endpoint, "account": d.account,
         "state": d.state.as_str(), "priority": d.priority, "not_before_ms": d.not_before, "reason": d.reason,
         "lease_owner": d.lease_owner, "lease_expires_at_ms": d.lease_expires_at, "attempts": d.attempts,
-        "last_status": d.last_status, "last_error": d.last_error,
+        "last_status": d.last_status, "last_error": d.last_error, "expires_at_ms": d.expires_at,
+        "ordering_key": d.ordering_key,
     })
 }
 
@@ -416,8 +417,15 @@ pub fn show(config: &Config, key: &MessageRef, as_json: bool) -> Result<()> {
         out += "  no deliveries yet (routed by the next run)\n";
     }
     for (d, attempts) in &deliveries {
+        // Its expiry may come from its topic's max_age, not the message.
+        let expires = match d.expires_at {
+            Some(t) if matches!(d.state, DeliveryState::Ready | DeliveryState::Delayed) => {
+                format!(", expires {}", time(t))
+            }
+            _ => String::new(),
+        };
         out += &format!(
-            "delivery d{} to {}: {} {}({})\n",
+            "delivery d{} to {}: {} {}({}){expires}\n",
             d.id,
             d.endpoint,
             d.state.as_str(),
@@ -463,6 +471,12 @@ pub struct Requeue {
 /// neither dead nor delayed, are an error naming them, and nothing changes.
 pub fn requeue(config: &Config, filter: DeliveryFilter, how: Requeue, as_json: bool) -> Result<()> {
     let Requeue { dry_run, .. } = how;
+    if filter.reason.as_deref() == Some(reason::ORDERING) {
+        return Err(Error::usage(
+            "deliveries waiting for their ordering key are not requeued: each goes when the key's \
+             earlier delivery is done (requeue that one if it is dead)",
+        ));
+    }
     let mut store = crate::store::open(config)?;
     check_endpoint(config, store.as_mut(), filter.endpoint.as_deref())?;
     let (mut missing, mut unmovable) = (Vec::new(), Vec::new());
@@ -472,6 +486,9 @@ pub fn requeue(config: &Config, filter: DeliveryFilter, how: Requeue, as_json: b
             Some(d) if !matches!(d.state, DeliveryState::Dead | DeliveryState::Delayed) => {
                 unmovable.push(format!("d{id} ({})", d.state.as_str()))
             }
+            Some(d) if d.reason.as_deref() == Some(reason::ORDERING) => unmovable.push(format!(
+                "d{id} (waiting for its ordering key: it goes when the key's earlier delivery is done)"
+            )),
             Some(_) => {}
         }
     }
@@ -488,11 +505,15 @@ pub fn requeue(config: &Config, filter: DeliveryFilter, how: Requeue, as_json: b
         }
         return Err(Error::data(format!("{}; nothing changed", why.join("; "))));
     }
+    // Expired dead letters are requeued only when named (by id, or by
+    // their reason): a sweep of the dead-letter queue would send them late.
+    let expired = !filter.ids.is_empty() || filter.reason.as_deref() == Some(reason::EXPIRED);
     let params = RequeueParams {
         filter,
         now: now_ms(),
         limit: how.limit,
         spacing_ms: how.spacing_ms,
+        expired,
         dry_run,
     };
     let n = store.deliveries_requeue(&params)?;
@@ -625,7 +646,10 @@ pub fn backup(config: &Config, path: &Path, as_json: bool) -> Result<()> {
     if path.symlink_metadata().is_ok() {
         return Err(exists());
     }
-    let mut store = SqliteStore::open(database, config.database_group, config.busy_timeout)?;
+    // Opened as it is, not migrated: a backup copies the database, it does
+    // not upgrade it first.
+    crate::files::check_read_write(database, config.database_group)?;
+    let mut store = SqliteStore::open_existing(database, config.busy_timeout)?;
     let sharing = Sharing::of_database(database)
         .map_err(|e| Error::io(format!("database {}", database.display()), e))?;
     let temporary = crate::files::with_suffix(path, &format!(".tmp-{}", std::process::id()));

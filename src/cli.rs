@@ -13,7 +13,7 @@ use crate::config::{self, Config, Secret};
 use crate::error::{Error, ExitCode, Result};
 use crate::ids::{DeliveryId, MessageRef};
 use crate::signals::Signals;
-use crate::store::{DeliveryFilter, DeliveryState, ms, now_ms};
+use crate::store::{DeliveryFilter, DeliveryState, ms, now_ms, reason};
 use crate::{admin, daemon, demo, dispatcher, enqueue, metrics, preflight, receiver};
 
 /// cronpost: a SQLite-backed webhook dispatcher.
@@ -120,7 +120,7 @@ enum Command {
         filter: RequeueFilter,
         /// The messages marked unroutable (no endpoint subscribed to their
         /// topic): routed again by the next run.
-        #[arg(long, conflicts_with_all = ["ids", "state", "endpoint", "account", "topic", "reason", "since"])]
+        #[arg(long, conflicts_with_all = ["ids", "state", "endpoint", "account", "topic", "reason", "since", "ordering_key"])]
         unroutable: bool,
         /// Spread them out: this many a second (50/s; also /m, /h), the
         /// first now, so a recovered endpoint is not hit by all at once.
@@ -248,6 +248,9 @@ struct CommonFilter {
     /// e.g. 2h.
     #[arg(long, value_parser = parse_age, value_name = "AGE")]
     since: Option<std::time::Duration>,
+    /// Only deliveries of messages with this ordering key.
+    #[arg(long, value_name = "KEY")]
+    ordering_key: Option<String>,
 }
 
 impl CommonFilter {
@@ -260,6 +263,7 @@ impl CommonFilter {
             topic: self.topic,
             reason: self.reason,
             since: self.since.map(|age| now_ms().saturating_sub(ms(age))),
+            ordering_key: self.ordering_key,
         }
     }
 }
@@ -425,8 +429,14 @@ fn execute(command: Command) -> Result<()> {
             let ids = ids.into_iter().map(|id| id.0).collect();
             let mut filter = filter.common.into_filter(ids, filter.state);
             if filter.ids.is_empty() && filter.state.is_none() {
-                // By filter alone, the dead-letter queue is what an admin means.
-                filter.state = Some(DeliveryState::Dead);
+                // By filter alone, the dead-letter queue is what an admin
+                // means, or the state its reason names.
+                filter.state = Some(
+                    filter
+                        .reason
+                        .as_deref()
+                        .map_or(DeliveryState::Dead, reason::state_of),
+                );
             }
             let how = admin::Requeue {
                 limit,

@@ -156,6 +156,19 @@ impl Draft {
                 "it expires before its delay ends: it would never be sent",
             ));
         }
+        let topic_max_age = config.topics.get(&self.topic).and_then(|t| t.max_age);
+        if let (None, Some(delay), Some(max_age)) = (expires_at, self.delay, topic_max_age)
+            && delay >= max_age
+        {
+            return Err(Error::data(format!(
+                "delay {} is not shorter than topic {:?}'s max_age {} ({}): it would expire \
+                 before it could be sent (give it a ttl of its own)",
+                humantime::format_duration(delay),
+                self.topic,
+                humantime::format_duration(max_age),
+                config.path.display()
+            )));
+        }
         Ok(NewMessage {
             topic: self.topic,
             account: self.account,

@@ -202,6 +202,7 @@ mod tests {
             topic: "t".into(),
             account: "a".into(),
             payload: "{}".into(),
+            ordering_key: None,
         }
     }
 

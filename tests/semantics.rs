@@ -11,6 +11,7 @@ use common::*;
 on_both_backends!(
     a_message_held_past_its_time_to_live_is_never_posted_and_shows_as_expired,
     a_keys_messages_arrive_in_order_through_retries,
+    a_keys_messages_arrive_in_order_through_a_saturated_endpoint,
     a_dead_letter_blocks_its_key_where_on_dead_is_block_until_requeued,
     a_thousand_messages_over_fifty_keys_arrive_in_order_per_key_with_eight_children,
 );
@@ -138,6 +139,36 @@ fn a_keys_messages_arrive_in_order_through_retries(backend: Backend) {
     assert_in_order_per_key(&rx.received_on("/e"), 1, 3);
     let shown = env.ok(&["show", "1"]);
     assert!(shown.contains("ordering key \"c42\""), "{shown}");
+}
+
+fn a_keys_messages_arrive_in_order_through_a_saturated_endpoint(backend: Backend) {
+    let rx = Receiver::start();
+    // The first request opens the breaker for a second: every delivery in
+    // progress is held back, the keys' later ones keep waiting.
+    rx.queue("/e", &[Reply::RetryAfter(429, "1")]);
+    let env = Env::on(
+        backend,
+        "max_children = 4",
+        &endpoint(
+            "e",
+            &rx.url("/e"),
+            &["t"],
+            "backoff_base = \"10ms\"\nbackoff_cap = \"10ms\"",
+        ),
+    );
+    let lines: String = (0..10)
+        .map(|i| {
+            let (k, n) = (["c", "d"][i % 2], i / 2);
+            format!("{{\"topic\":\"t\",\"account\":\"a\",\"ordering_key\":\"{k}\",\"payload\":{{\"k\":\"{k}\",\"n\":{n}}}}}\n")
+        })
+        .collect();
+    env.enqueue_ndjson(&lines);
+    run_until(&env, Duration::from_secs(30), "all ten delivered", || {
+        env.count_state("delivered") == 10
+    });
+    let received = rx.received_on("/e");
+    assert_eq!(received[0].status, Some(429));
+    assert_in_order_per_key(&received, 2, 5);
 }
 
 fn a_dead_letter_blocks_its_key_where_on_dead_is_block_until_requeued(backend: Backend) {
@@ -289,6 +320,33 @@ fn bad_expiry_and_ordering_input_is_refused_naming_it_and_nothing_is_written() {
         "{}",
     ]);
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    // A delay the topic's max_age does not outlast.
+    let aged = Env::new(
+        "",
+        &format!(
+            "[topics.t]\nmax_age = \"1m\"\n\n{}",
+            endpoint("e", &rx.url("/e"), &["t"], "")
+        ),
+    );
+    aged.ok(&["migrate"]);
+    let out = aged.cronpost(&[
+        "enqueue",
+        "--topic",
+        "t",
+        "--account",
+        "a",
+        "--delay",
+        "5m",
+        "--data",
+        "{}",
+    ]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("delay 5m is not shorter than topic \"t\"'s max_age 1m"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(aged.query_i64("SELECT count(*) FROM messages"), 0);
     assert_eq!(env.cronpost(&["stats", "--json"]).status.code(), Some(0));
     assert_eq!(
         env.query_i64("SELECT count(*) FROM messages"),
@@ -356,4 +414,78 @@ fn bad_expiry_and_ordering_input_is_refused_naming_it_and_nothing_is_written() {
             stderr(&out)
         );
     }
+}
+
+#[test]
+fn requeue_leaves_expired_and_waiting_deliveries_alone_unless_named() {
+    let rx = Receiver::start();
+    // One endpoint saturated for ten minutes (its message expires there),
+    // one that refuses the first of a key and blocks the key on it.
+    rx.queue("/sat", &[Reply::RetryAfter(429, "600")]);
+    rx.queue("/strict", &[Reply::Status(422)]);
+    let endpoints = endpoint("sat", &rx.url("/sat"), &["s"], "")
+        + &endpoint("strict", &rx.url("/strict"), &["k"], "on_dead = \"block\"");
+    let env = Env::new("", &endpoints);
+    env.ok(&["enqueue", "--topic", "s", "--account", "a", "--data", "{}"]);
+    env.run();
+    env.ok(&[
+        "enqueue",
+        "--topic",
+        "s",
+        "--account",
+        "a",
+        "--ttl",
+        "1s",
+        "--data",
+        "{}",
+    ]);
+    env.enqueue_ndjson(
+        &"{\"topic\":\"k\",\"account\":\"a\",\"ordering_key\":\"k\",\"payload\":{}}\n".repeat(2),
+    );
+    run_until(&env, Duration::from_secs(20), "one expired", || {
+        env.query_i64("SELECT count(*) FROM deliveries WHERE reason = 'expired'") == 1
+    });
+    let waiting = env.query_i64("SELECT id FROM deliveries WHERE reason = 'ordering'");
+    let (code, text) = {
+        let out = env.cronpost(&["requeue", &format!("d{waiting}")]);
+        (out.status.code(), stderr(&out))
+    };
+    assert_eq!(code, Some(65), "{text}");
+    assert!(text.contains("waiting for its ordering key"), "{text}");
+    let out = env.cronpost(&["requeue", "--reason", "ordering"]);
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("are not requeued"),
+        "{}",
+        stderr(&out)
+    );
+
+    // All dead letters: the refused one, not the expired one.
+    assert!(env.ok(&["requeue"]).contains("requeued 1 delivery"));
+    assert_eq!(
+        env.query_i64(
+            "SELECT count(*) FROM deliveries WHERE state = 'dead' AND reason = 'expired'"
+        ),
+        1
+    );
+    // Named by its reason, it goes, its expiry lifted.
+    assert!(
+        env.ok(&["requeue", "--reason", "expired"])
+            .contains("requeued 1 delivery")
+    );
+    assert_eq!(
+        env.query_rows("SELECT d.state, coalesce(d.expires_at, 'none') FROM deliveries d JOIN messages m ON m.id = d.message_id WHERE m.expires_at IS NOT NULL"),
+        [["ready", "none"]]
+    );
+    // A reason of the delayed queue selects delayed deliveries without --state.
+    env.run();
+    let dry: serde_json::Value = serde_json::from_str(&env.ok(&[
+        "requeue",
+        "--reason",
+        "endpoint_saturated",
+        "--dry-run",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(dry["requeued"], 2, "{dry}");
 }

@@ -50,16 +50,24 @@ END;
 -- ordering_key go one at a time, in publication order. Only one per key
 -- and endpoint is in progress (ready, leased, or delayed for a retry, a
 -- budget, a cool-down); the later ones wait in the delayed queue with
--- reason 'ordering' (parked: not_before year 9999) until a run moves the
--- earliest to the ready queue. A dead one releases its key, unless its
--- endpoint says on_dead = "block" (subscriptions.ordering_on_dead).
+-- reason 'ordering' (parked: not_before year 9999) until the finish of the
+-- one in progress (or a run) moves the earliest to the ready queue, not
+-- before its release_at (a requeue's slot) if it has one. A dead one
+-- releases its key, unless its endpoint says on_dead = "block"
+-- (subscriptions.ordering_on_dead).
 ALTER TABLE messages ADD COLUMN ordering_key TEXT;
 ALTER TABLE deliveries ADD COLUMN ordering_key TEXT;
 ALTER TABLE subscriptions ADD COLUMN ordering_on_dead TEXT NOT NULL DEFAULT 'release'
     CHECK (ordering_on_dead IN ('release', 'block'));
--- Whether a key is in progress, and its waiting deliveries in order.
-CREATE INDEX deliveries_keys ON deliveries (endpoint, ordering_key, state, message_id)
-WHERE ordering_key IS NOT NULL;
+ALTER TABLE deliveries ADD COLUMN release_at INTEGER;
+-- Whether a key is in progress (or blocked by a dead one): its deliveries
+-- that do not wait, by state. Delivered history is never scanned: the
+-- lookups name their states.
+CREATE INDEX deliveries_keys ON deliveries (endpoint, ordering_key, state)
+WHERE ordering_key IS NOT NULL AND coalesce(reason, '') <> 'ordering';
+-- A key's waiting deliveries, in publication order.
+CREATE INDEX deliveries_waiting ON deliveries (endpoint, ordering_key, message_id)
+WHERE state = 'delayed' AND reason = 'ordering';
 -- Earlier messages of a key in the batch being routed.
 CREATE INDEX messages_unrouted_keys ON messages (ordering_key, id)
 WHERE routed_at IS NULL AND ordering_key IS NOT NULL;

@@ -8,6 +8,7 @@
 //! Times are Unix epoch milliseconds (`i64`), the unit the schema stores.
 
 mod candidate;
+mod ordering;
 pub mod postgres;
 pub mod sqlite;
 mod vocabulary;
@@ -65,12 +66,14 @@ pub trait Store {
     /// message id) of each endpoint's ordering key that has none in
     /// progress (ready, leased, delayed for another reason; dead too where
     /// the subscription says `block_key_on_dead`); one whose message is
-    /// scheduled later goes to the delayed queue until then. Returns how
-    /// many moved.
+    /// scheduled later, or that holds a requeue's slot (`release_at`), goes
+    /// to the delayed queue until then. Returns how many moved. The finish
+    /// of a keyed delivery releases its own key at once; this catches the
+    /// other ways out of progress (expiry, purges, requeues).
     fn deliveries_release_keys(&mut self, now: i64) -> Result<u64>;
 
     /// How many deliveries could be leased now (ready, and delayed whose
-    /// time has come), counting no further than `limit`.
+    /// time has come, not expired), counting no further than `limit`.
     fn leasable_count(&mut self, now: i64, limit: u64) -> Result<u64>;
 
     /// When the next delivery that is not leasable now becomes so: the
@@ -94,8 +97,10 @@ pub trait Store {
     /// The delivery currently leased by `owner`.
     fn lease_by_owner(&mut self, owner: &str) -> Result<Option<Lease>>;
 
-    /// Applies a transition out of `leased`. Returns false, and records the
-    /// attempt as `lease_lost`, when the lease is no longer held by its owner.
+    /// Applies a transition out of `leased`; a keyed delivery leaving
+    /// progress releases its key's next delivery in the same transaction.
+    /// Returns false, and records the attempt as `lease_lost`, when the
+    /// lease is no longer held by its owner.
     fn attempt_finish(&mut self, finish: &FinishAttempt) -> Result<bool>;
 
     /// Opens a run record; returns its id.
@@ -134,8 +139,11 @@ pub trait Store {
     /// (would) change.
     fn messages_reroute_unroutable(&mut self, dry_run: bool) -> Result<u64>;
 
-    /// dead or delayed → ready, for the deliveries matching the filter, with
-    /// a fresh count of attempts; returns how many (would) move.
+    /// dead or delayed → ready, for the deliveries matching the filter
+    /// (not those waiting for their key; expired dead letters only with
+    /// `params.expired`), with a fresh count of attempts, spread out by
+    /// `params.spacing_ms`; a keyed one rejoins its key's line with its
+    /// slot. Returns how many (would) move.
     fn deliveries_requeue(&mut self, params: &RequeueParams) -> Result<u64>;
 
     /// The schema version the database records.
@@ -208,6 +216,29 @@ fn sorted_subscriptions(subscriptions: &[Subscription]) -> Vec<Subscription> {
     sorted.sort_by(|a, b| (&a.topic, &a.endpoint).cmp(&(&b.topic, &b.endpoint)));
     sorted.dedup_by(|a, b| (&a.topic, &a.endpoint) == (&b.topic, &b.endpoint));
     sorted
+}
+
+/// The UPDATE of a requeue, after `WITH picked (id, wait_ms)`: each picked
+/// delivery back to the ready queue, or to the delayed one (`scheduled`)
+/// until `now + wait_ms`; a keyed one to its key's line (`ordering`, its
+/// slot kept in `release_at`), which the release that follows moves on in
+/// order; an expired one's expiry lifted (requeued by name, it is sent
+/// late); attempts counted afresh. `parked` and the three `now`s are the
+/// backend's parameters.
+fn requeue_picked_sql(parked: &str, now: [&str; 3]) -> String {
+    let [now1, now2, now3] = now;
+    format!(
+        "UPDATE deliveries
+         SET state = CASE WHEN ordering_key IS NOT NULL OR picked.wait_ms > 0 THEN 'delayed' ELSE 'ready' END,
+             reason = CASE WHEN ordering_key IS NOT NULL THEN 'ordering'
+                           WHEN picked.wait_ms > 0 THEN 'scheduled' END,
+             not_before = CASE WHEN ordering_key IS NOT NULL THEN {parked} ELSE {now1} + picked.wait_ms END,
+             release_at = CASE WHEN ordering_key IS NOT NULL AND picked.wait_ms > 0
+                               THEN {now2} + picked.wait_ms END,
+             expires_at = CASE WHEN reason = 'expired' THEN NULL ELSE expires_at END,
+             attempts = 0, updated_at = {now3}
+         FROM picked WHERE deliveries.id = picked.id"
+    )
 }
 
 /// Now, in Unix epoch milliseconds.

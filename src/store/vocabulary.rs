@@ -79,6 +79,15 @@ pub mod reason {
     /// Dead: its time to live ran out before it could be delivered.
     pub const EXPIRED: &str = "expired";
 
+    /// The state a delivery with `reason` is in: dead for the reasons it
+    /// died for, else delayed.
+    pub fn state_of(reason: &str) -> super::DeliveryState {
+        match reason {
+            REJECTED | ATTEMPTS_EXHAUSTED | UNDECODABLE | EXPIRED => super::DeliveryState::Dead,
+            _ => super::DeliveryState::Delayed,
+        }
+    }
+
     /// Every reason, as `--reason` takes them.
     pub const ALL: &[&str] = &[
         SCHEDULED,
@@ -351,6 +360,9 @@ pub struct Lease {
     pub account: String,
     /// The body.
     pub payload: String,
+    /// Its ordering key, if it has one: its finish releases the key's next
+    /// delivery.
+    pub ordering_key: Option<String>,
 }
 
 /// Where a finished attempt leaves its delivery.
@@ -397,6 +409,9 @@ pub struct FinishAttempt {
     pub duration_ms: i64,
     /// What it says about the endpoint.
     pub signal: EndpointSignal,
+    /// The delivery's ordering key: leaving progress (delivered, dead), it
+    /// releases the key's next delivery in the same transaction.
+    pub ordering_key: Option<String>,
 }
 
 impl FinishAttempt {
@@ -413,6 +428,7 @@ impl FinishAttempt {
             error: None,
             duration_ms: 0,
             signal: EndpointSignal::Unknown,
+            ordering_key: lease.ordering_key.clone(),
         }
     }
 
@@ -459,6 +475,16 @@ impl FinishAttempt {
     pub fn by_dead_child(mut self) -> FinishAttempt {
         self.outcome = AttemptOutcome::ChildDied;
         self
+    }
+
+    /// The ordering key this finish releases the next delivery of: its
+    /// delivery's, when it leaves progress (delivered or dead; where a dead
+    /// one blocks its key, the release finds the key busy).
+    pub fn releases_key(&self) -> Option<&str> {
+        match self.next {
+            NextState::Retry { .. } => None,
+            NextState::Delivered | NextState::Dead { .. } => self.ordering_key.as_deref(),
+        }
     }
 
     /// The state, `not_before` and reason its delivery moves to, given the
@@ -538,6 +564,8 @@ pub struct DeliveryFilter {
     pub reason: Option<String>,
     /// Only those that last changed (died, for dead letters) at or after this.
     pub since: Option<i64>,
+    /// Only those of this ordering key.
+    pub ordering_key: Option<String>,
 }
 
 /// A delivery with its message's topic and uid, for listings.
@@ -598,6 +626,9 @@ pub struct RequeueParams {
     /// first is ready now, the others delayed (`scheduled`) until theirs.
     /// 0: all ready now.
     pub spacing_ms: i64,
+    /// Dead letters that expired too (else they are left alone); requeued,
+    /// their expiry is lifted and they are sent late.
+    pub expired: bool,
     /// Count, change nothing.
     pub dry_run: bool,
 }
@@ -695,6 +726,11 @@ pub struct DeliveryRow {
     pub last_status: Option<u16>,
     /// Last error seen.
     pub last_error: Option<String>,
+    /// When it expires, if it does: its message's own expiry, or its
+    /// topic's `max_age` from when it was published.
+    pub expires_at: Option<i64>,
+    /// Its message's ordering key, if it has one.
+    pub ordering_key: Option<String>,
 }
 
 /// An attempt as stored.

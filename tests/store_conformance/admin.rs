@@ -154,6 +154,7 @@ pub fn requeue_moves_only_dead_and_delayed_deliveries_and_restarts_their_attempt
         now: T0 + 1,
         limit: None,
         spacing_ms: 0,
+        expired: false,
         dry_run,
     };
     // A delivered one does not move.
@@ -218,6 +219,7 @@ pub fn requeue_picks_dead_letters_by_reason_and_by_when_they_died(store: &mut dy
             now: T0 + 6_000,
             limit: None,
             spacing_ms: 0,
+            expired: false,
             dry_run: true,
         };
         store.deliveries_requeue(&params).unwrap()
@@ -272,6 +274,7 @@ pub fn requeue_at_a_rate_spreads_due_times_oldest_first_up_to_its_limit(store: &
         now: T0 + 100,
         limit,
         spacing_ms: 20,
+        expired: false,
         dry_run,
     };
     assert_eq!(store.deliveries_requeue(&params(Some(3), true)).unwrap(), 3);

@@ -178,6 +178,9 @@ macro_rules! conformance {
                 expiry_goes_in_batches_earliest_first,
                 a_keys_deliveries_go_one_at_a_time_in_order_through_retries,
                 a_dead_delivery_blocks_its_key_where_the_endpoint_says_so_until_requeued,
+                a_key_has_one_line_per_endpoint_across_routing_batches,
+                a_keys_delivery_in_progress_keeps_it_until_it_expires,
+                requeue_at_a_rate_gives_keyed_deliveries_their_slots,
             ];
             admin: [
                 stats_count_states_per_endpoint_and_report_the_last_run,

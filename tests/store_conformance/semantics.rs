@@ -194,9 +194,10 @@ pub fn a_keys_deliveries_go_one_at_a_time_in_order_through_retries(store: &mut d
         store,
         FinishAttempt::delivered(&again, T0 + 101, AttemptOutcome::Delivered),
     );
-    // Delivered: the next of the key goes, and only it.
-    assert_eq!(store.deliveries_release_keys(T0 + 102).unwrap(), 1);
+    // Delivered: its finish released the next of the key, and only it.
+    assert_eq!(state(store, d[1].id).state, DeliveryState::Ready);
     assert_eq!(state(store, d[2].id).reason.as_deref(), Some("ordering"));
+    assert_eq!(store.deliveries_release_keys(T0 + 102).unwrap(), 0);
     let second = lease(store, "g", T0 + 102).unwrap();
     assert_eq!(second.delivery_id, d[1].id);
     // A dead one releases its key (the default).
@@ -204,7 +205,6 @@ pub fn a_keys_deliveries_go_one_at_a_time_in_order_through_retries(store: &mut d
         store,
         FinishAttempt::dead(&second, T0 + 103, reason::REJECTED, "HTTP 400".into()),
     );
-    assert_eq!(store.deliveries_release_keys(T0 + 104).unwrap(), 1);
     assert_eq!(lease(store, "h", T0 + 104).unwrap().delivery_id, d[2].id);
     // A new message of the key queues behind the one in flight.
     store.messages_insert(&[keyed(k)]).unwrap();
@@ -220,6 +220,7 @@ pub fn a_keys_deliveries_go_one_at_a_time_in_order_through_retries(store: &mut d
         now: T0 + 106,
         limit: None,
         spacing_ms: 0,
+        expired: false,
         dry_run: false,
     };
     assert_eq!(store.deliveries_requeue(&requeue).unwrap(), 0);
@@ -269,6 +270,7 @@ pub fn a_dead_delivery_blocks_its_key_where_the_endpoint_says_so_until_requeued(
         now: T0 + 3,
         limit: None,
         spacing_ms: 0,
+        expired: false,
         dry_run: false,
     };
     assert_eq!(store.deliveries_requeue(&requeue).unwrap(), 1);
@@ -279,9 +281,174 @@ pub fn a_dead_delivery_blocks_its_key_where_the_endpoint_says_so_until_requeued(
         store,
         FinishAttempt::delivered(&again, T0 + 4, AttemptOutcome::Delivered),
     );
-    assert_eq!(store.deliveries_release_keys(T0 + 5).unwrap(), 1);
     assert_eq!(
         lease(store, "e", T0 + 5).unwrap().delivery_id,
         store.deliveries_of_message(2).unwrap()[0].id
     );
+}
+
+/// Ten messages of one key, routed two at a time, to two endpoints: each
+/// endpoint has its own line (one in progress each), and only the finish
+/// of an endpoint's delivery moves that endpoint's line on.
+pub fn a_key_has_one_line_per_endpoint_across_routing_batches(store: &mut dyn Store) {
+    subscribe(store, &[("t", "a"), ("t", "b")]);
+    let k = Some("k");
+    store.messages_insert(&vec![keyed(k); 10]).unwrap();
+    route(store, T0);
+    let ready = |store: &mut dyn Store| -> Vec<(String, i64)> {
+        let listed = store
+            .deliveries_list(
+                &DeliveryFilter {
+                    state: Some(DeliveryState::Ready),
+                    ordering_key: Some("k".into()),
+                    ..DeliveryFilter::default()
+                },
+                100,
+            )
+            .unwrap();
+        listed
+            .iter()
+            .map(|l| (l.delivery.endpoint.clone(), l.delivery.message_id))
+            .collect()
+    };
+    assert_eq!(ready(store), [("a".into(), 1), ("b".into(), 1)]);
+    let first = lease(store, "x", T0).unwrap();
+    let other = lease(store, "y", T0).unwrap();
+    assert_ne!(
+        first.endpoint, other.endpoint,
+        "the endpoints go in parallel"
+    );
+    finish(
+        store,
+        FinishAttempt::delivered(&first, T0 + 1, AttemptOutcome::Delivered),
+    );
+    assert_eq!(ready(store), [(first.endpoint.clone(), 2)]);
+    assert_eq!(first.ordering_key.as_deref(), k);
+}
+
+/// The delivery in progress keeps its key through a lost lease (reclaimed
+/// to ready, still the one in progress) and a parked endpoint; its expiry
+/// frees the key, which the next run step releases.
+pub fn a_keys_delivery_in_progress_keeps_it_until_it_expires(store: &mut dyn Store) {
+    subscribe(store, &[("t", "e")]);
+    let k = Some("k");
+    let first = NewMessage {
+        expires_at: Some(T0 + 50_000),
+        ..keyed(k)
+    };
+    store.messages_insert(&[first, keyed(k)]).unwrap();
+    route(store, T0);
+    let ids: Vec<i64> = (1..=2)
+        .map(|m| store.deliveries_of_message(m).unwrap()[0].id)
+        .collect();
+    lease(store, "lost", T0).unwrap();
+    assert_eq!(reclaim(store, T0 + 10_000), 1);
+    assert_eq!(store.deliveries_release_keys(T0 + 10_000).unwrap(), 0);
+    assert_eq!(state(store, ids[1]).reason.as_deref(), Some("ordering"));
+    // Parked while its endpoint is out of the config: still in progress.
+    let removed = Policy {
+        removed: vec!["e".into()],
+        ..Policy::default()
+    };
+    assert!(lease_with(store, "p", T0 + 10_001, &removed).is_none());
+    assert_eq!(
+        state(store, ids[0]).reason.as_deref(),
+        Some("endpoint_removed")
+    );
+    assert_eq!(store.deliveries_release_keys(T0 + 10_002).unwrap(), 0);
+    assert_eq!(
+        store
+            .deliveries_restore_endpoints(&["e".into()], T0 + 10_003)
+            .unwrap(),
+        1
+    );
+    assert_eq!(state(store, ids[0]).state, DeliveryState::Ready);
+    // Expired: dead, and the key moves on.
+    assert_eq!(expire(store, T0 + 50_000).expired, 1);
+    assert_eq!(store.deliveries_release_keys(T0 + 50_001).unwrap(), 1);
+    assert_eq!(lease(store, "n", T0 + 50_001).unwrap().delivery_id, ids[1]);
+}
+
+/// `requeue` at a rate: keyed deliveries keep their slots through their
+/// key's line, so the pace holds for them too; expired dead letters are
+/// left alone unless asked for, and then their expiry is lifted.
+pub fn requeue_at_a_rate_gives_keyed_deliveries_their_slots(store: &mut dyn Store) {
+    subscribe(store, &[("t", "e")]);
+    store
+        .messages_insert(&[
+            keyed(Some("k1")),
+            keyed(Some("k1")),
+            keyed(Some("k2")),
+            keyed(None),
+            NewMessage {
+                expires_at: Some(T0 + 10),
+                ..keyed(None)
+            },
+        ])
+        .unwrap();
+    route(store, T0);
+    // All dead: four rejected, one expired.
+    for now in [T0, T0 + 1, T0 + 2, T0 + 3] {
+        let l = lease(store, "x", now).unwrap();
+        finish(
+            store,
+            FinishAttempt::dead(&l, now, reason::REJECTED, "HTTP 400".into()),
+        );
+    }
+    assert_eq!(expire(store, T0 + 10).expired, 1);
+    let ids: Vec<i64> = (1..=5)
+        .map(|m| store.deliveries_of_message(m).unwrap()[0].id)
+        .collect();
+    let requeue = |expired, now| RequeueParams {
+        filter: DeliveryFilter {
+            state: Some(DeliveryState::Dead),
+            ..DeliveryFilter::default()
+        },
+        now,
+        limit: None,
+        spacing_ms: 100,
+        expired,
+        dry_run: false,
+    };
+    let t = T0 + 1_000;
+    assert_eq!(store.deliveries_requeue(&requeue(false, t)).unwrap(), 4);
+    assert_eq!(
+        state(store, ids[4]).state,
+        DeliveryState::Dead,
+        "expired: left"
+    );
+    let at = |store: &mut dyn Store, i: usize| {
+        let d = state(store, ids[i]);
+        (d.state, d.reason, d.not_before)
+    };
+    let delayed = |why: &str, at| (DeliveryState::Delayed, Some(why.to_string()), at);
+    assert_eq!(at(store, 0), (DeliveryState::Ready, None, t));
+    assert_eq!(
+        at(store, 1),
+        delayed("ordering", PARKED_UNTIL),
+        "behind k1's first"
+    );
+    assert_eq!(at(store, 2), delayed("scheduled", t + 200));
+    assert_eq!(at(store, 3), delayed("scheduled", t + 300));
+    // k1's first delivered early: its second still waits for its slot.
+    let l = lease(store, "y", t).unwrap();
+    assert_eq!(l.delivery_id, ids[0]);
+    finish(
+        store,
+        FinishAttempt::delivered(&l, t + 10, AttemptOutcome::Delivered),
+    );
+    assert_eq!(at(store, 1), delayed("scheduled", t + 100));
+    // Asked for by reason, the expired one goes, its expiry lifted.
+    let expired_only = RequeueParams {
+        filter: DeliveryFilter {
+            state: Some(DeliveryState::Dead),
+            reason: Some(reason::EXPIRED.into()),
+            ..DeliveryFilter::default()
+        },
+        ..requeue(true, t + 20)
+    };
+    assert_eq!(store.deliveries_requeue(&expired_only).unwrap(), 1);
+    let d = state(store, ids[4]);
+    assert_eq!((d.state, d.expires_at), (DeliveryState::Ready, None));
+    assert_eq!(lease(store, "z", t + 20).unwrap().delivery_id, ids[4]);
 }

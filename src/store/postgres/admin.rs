@@ -144,9 +144,9 @@ impl PostgresStore {
                 .map(|r| {
                     Ok(ListedDelivery {
                         delivery: delivery_row(r)?,
-                        topic: r.try_get(13)?,
-                        created_at: r.try_get(14)?,
-                        uid: r.try_get(15)?,
+                        topic: r.try_get(15)?,
+                        created_at: r.try_get(16)?,
+                        uid: r.try_get(17)?,
                     })
                 })
                 .collect()
@@ -205,21 +205,29 @@ impl PostgresStore {
     }
 
     pub(super) fn deliveries_requeue(&mut self, p: &RequeueParams) -> Result<u64> {
-        // $1: the limit, then the filter's values, then now and the spacing
-        // (which a dry run leaves out).
-        let (clause, values) = filter_clause(&p.filter, 2);
-        let (now, spacing) = (values.len() + 2, values.len() + 3);
+        // $1: the limit, $2: the spacing, then the filter's values, then
+        // parked and now (which a dry run leaves out).
+        let (clause, values) = filter_clause(&p.filter, 3);
+        let (parked, now) = (values.len() + 3, values.len() + 4);
         let limit = p.limit.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
-        // The n-th picked (from 0, oldest first) is due at now + n * spacing.
+        let expired = if p.expired {
+            ""
+        } else {
+            "AND coalesce(d.reason, '') <> 'expired'"
+        };
+        // The n-th picked (from 0, oldest first) is due `wait_ms` = n *
+        // spacing from now.
         let picked = format!(
-            "SELECT id, row_number() OVER (ORDER BY id) - 1 AS n FROM (
+            "SELECT id, (row_number() OVER (ORDER BY id) - 1) * $2 AS wait_ms FROM (
                SELECT d.id FROM deliveries d JOIN messages m ON m.id = d.message_id
-               WHERE d.state IN ('dead', 'delayed') AND d.reason IS DISTINCT FROM 'ordering' AND {clause}
+               WHERE d.state IN ('dead', 'delayed') AND coalesce(d.reason, '') <> 'ordering' {expired}
+                 AND {clause}
                ORDER BY d.id LIMIT $1
                FOR UPDATE OF d) AS rows"
         );
         self.write(|tx| {
-            let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![(&limit, Type::INT8)];
+            let mut params: Vec<(&(dyn ToSql + Sync), Type)> =
+                vec![(&limit, Type::INT8), (&p.spacing_ms, Type::INT8)];
             params.extend(typed_values(&values));
             if p.dry_run {
                 let n: i64 = tx
@@ -228,29 +236,14 @@ impl PostgresStore {
                 return Ok(n as u64);
             }
             params.extend([
-                (&p.now as &(dyn ToSql + Sync), Type::INT8),
-                (&p.spacing_ms, Type::INT8),
-                (&PARKED_UNTIL, Type::INT8),
+                (&PARKED_UNTIL as &(dyn ToSql + Sync), Type::INT8),
+                (&p.now, Type::INT8),
             ]);
-            let parked = spacing + 1;
-            // A delivery with an ordering key rejoins its key's line (the
-            // earliest waiting one goes next, below), not the ready queue.
-            let moved = tx.execute_typed(
-                &format!(
-                    "WITH picked AS ({picked})
-                     UPDATE deliveries
-                     SET state = CASE WHEN picked.n * ${spacing} > 0 OR ordering_key IS NOT NULL
-                                      THEN 'delayed' ELSE 'ready' END,
-                         reason = CASE WHEN ordering_key IS NOT NULL THEN 'ordering'
-                                       WHEN picked.n * ${spacing} > 0 THEN 'scheduled' END,
-                         not_before = CASE WHEN ordering_key IS NOT NULL THEN ${parked}
-                                           ELSE ${now} + picked.n * ${spacing} END,
-                         attempts = 0, updated_at = ${now}
-                     FROM picked WHERE deliveries.id = picked.id"
-                ),
-                &params,
-            )?;
-            tx.execute_typed(RELEASE_KEYS_SQL, typed![p.now => INT8])?;
+            let now = format!("${now}");
+            let update = requeue_picked_sql(&format!("${parked}"), [&now, &now, &now]);
+            let moved =
+                tx.execute_typed(&format!("WITH picked AS ({picked}) {update}"), &params)?;
+            super::release_keys(tx, p.now)?;
             Ok(moved)
         })
     }

@@ -334,7 +334,8 @@ fn lease_candidate(
            INSERT INTO attempts (delivery_id, number, run_id, pid, lease_owner, started_at)
            SELECT id, attempts, $7, $8, $2, $4 FROM leased
            RETURNING id)
-         SELECT leased.id, attempt.id, leased.attempts, leased.endpoint, m.uid, m.topic, m.account, m.payload
+         SELECT leased.id, attempt.id, leased.attempts, leased.endpoint, m.uid, m.topic, m.account, m.payload,
+                m.ordering_key
          FROM leased, attempt, messages m WHERE m.id = leased.message_id",
         typed![
             c.id => INT8,
@@ -359,7 +360,7 @@ fn lease_candidate(
 }
 
 /// A lease from (delivery id, attempt id, attempt number, endpoint, uid,
-/// topic, account, payload).
+/// topic, account, payload, ordering key).
 fn lease_from_row(r: &Row, owner: &str) -> Result<Lease, ::postgres::Error> {
     Ok(Lease {
         delivery_id: r.try_get(0)?,
@@ -371,6 +372,7 @@ fn lease_from_row(r: &Row, owner: &str) -> Result<Lease, ::postgres::Error> {
         topic: r.try_get(5)?,
         account: r.try_get(6)?,
         payload: r.try_get(7)?,
+        ordering_key: r.try_get(8)?,
     })
 }
 
@@ -553,9 +555,12 @@ impl PostgresStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(|c| {
             c.query_typed_one(
-                "SELECT (SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE state = 'ready' LIMIT $2) r)
+                "SELECT (SELECT count(*) FROM (SELECT 1 FROM deliveries
+                                               WHERE state = 'ready' AND (expires_at IS NULL OR expires_at > $1)
+                                               LIMIT $2) r)
                       + (SELECT count(*) FROM (SELECT 1 FROM deliveries
-                                               WHERE state = 'delayed' AND not_before <= $1 LIMIT $2) d)",
+                                               WHERE state = 'delayed' AND not_before <= $1
+                                                 AND (expires_at IS NULL OR expires_at > $1) LIMIT $2) d)",
                 typed![now => INT8, limit => INT8],
             )?
             .try_get::<_, i64>(0)
@@ -609,7 +614,8 @@ impl PostgresStore {
     pub(super) fn lease_by_owner(&mut self, owner: &str) -> Result<Option<Lease>> {
         self.read(|c| {
             c.query_typed_opt(
-                "SELECT d.id, a.id, d.attempts, d.endpoint, m.uid, m.topic, m.account, m.payload
+                "SELECT d.id, a.id, d.attempts, d.endpoint, m.uid, m.topic, m.account, m.payload,
+                        m.ordering_key
                  FROM deliveries d JOIN attempts a ON a.delivery_id = d.id JOIN messages m ON m.id = d.message_id
                  WHERE d.state = 'leased' AND d.lease_owner = $1 AND a.lease_owner = $1",
                 typed![owner => TEXT],
@@ -620,7 +626,9 @@ impl PostgresStore {
     }
 
     pub(super) fn attempt_finish(&mut self, f: &FinishAttempt) -> Result<bool> {
-        if matches!(f.signal, EndpointSignal::Healthy | EndpointSignal::Unknown) {
+        if matches!(f.signal, EndpointSignal::Healthy | EndpointSignal::Unknown)
+            && f.releases_key().is_none()
+        {
             return self.attempt_finish_in_one_statement(f);
         }
         let http_status = f.http_status.map(i64::from);
@@ -653,6 +661,9 @@ impl PostgresStore {
                     ],
                 )? == 1
             };
+            if moved && let Some(key) = f.releases_key() {
+                super::release_key(tx, &f.endpoint, key, f.now)?;
+            }
             let outcome = if moved {
                 f.outcome.as_str()
             } else {

@@ -20,6 +20,7 @@ mod migrations;
 use ::postgres::types::{ToSql, Type};
 use ::postgres::{Client, NoTls, Row, error::SqlState};
 
+use super::ordering;
 use super::*;
 use crate::error::{Error, ExitCode};
 
@@ -267,7 +268,8 @@ fn db_error(name: &str, e: &::postgres::Error) -> Error {
 }
 
 const DELIVERY_COLUMNS: &str = "d.id, d.message_id, d.endpoint, d.account, d.state, d.priority, \
-     d.not_before, d.reason, d.lease_owner, d.lease_expires_at, d.attempts, d.last_status, d.last_error";
+     d.not_before, d.reason, d.lease_owner, d.lease_expires_at, d.attempts, d.last_status, d.last_error, \
+     d.expires_at, d.ordering_key";
 
 fn delivery_row(r: &Row) -> Result<DeliveryRow, ::postgres::Error> {
     let state: String = r.try_get(4)?;
@@ -286,6 +288,8 @@ fn delivery_row(r: &Row) -> Result<DeliveryRow, ::postgres::Error> {
         attempts: r.try_get::<_, i64>(10)? as u32,
         last_status: r.try_get::<_, Option<i64>>(11)?.map(|s| s as u16),
         last_error: r.try_get(12)?,
+        expires_at: r.try_get(13)?,
+        ordering_key: r.try_get(14)?,
     })
 }
 
@@ -310,45 +314,44 @@ fn run_row(r: &Row) -> Result<RunRecord, ::postgres::Error> {
     })
 }
 
-/// Whether a new delivery (of message `m` to `s.endpoint`) waits for its
-/// ordering key: an earlier delivery of the key to the endpoint is not
-/// finished (or is dead, where dead blocks), or an earlier message of the
-/// key that the endpoint subscribes to is not routed yet (another host may
-/// be routing it).
-const KEY_WAITS: &str = "(m.ordering_key IS NOT NULL AND (
-    EXISTS (SELECT 1 FROM deliveries o
-            WHERE o.endpoint = s.endpoint AND o.ordering_key = m.ordering_key
-              AND (o.state IN ('ready', 'delayed', 'leased')
-                   OR (o.state = 'dead' AND s.ordering_on_dead = 'block')))
-    OR EXISTS (SELECT 1 FROM messages p JOIN subscriptions ps ON ps.topic = p.topic
-               WHERE p.ordering_key = m.ordering_key AND p.routed_at IS NULL AND p.id < m.id
-                 AND ps.endpoint = s.endpoint)))";
+/// How the release of ordering keys is written for PostgreSQL.
+const DIALECT: ordering::Dialect = ordering::Dialect {
+    params: ["$1", "$2", "$3"],
+    greatest: "greatest",
+    waiting_index: "",
+};
 
-/// Moves the earliest waiting delivery of each key that has none in
-/// progress out of `ordering` ($1: now): to the ready queue, or to the
-/// delayed one while its message's `available_at` is ahead. A row another
-/// host promotes meanwhile is re-checked under its lock and left alone.
-const RELEASE_KEYS_SQL: &str = "\
-UPDATE deliveries
-SET state = CASE WHEN m.available_at > $1 THEN 'delayed' ELSE 'ready' END,
-    reason = CASE WHEN m.available_at > $1 THEN 'scheduled' END,
-    not_before = greatest($1, coalesce(m.available_at, 0)), updated_at = $1
-FROM messages m
-WHERE m.id = deliveries.message_id AND deliveries.state = 'delayed' AND deliveries.reason = 'ordering'
-  AND deliveries.id IN (
-  SELECT (SELECT w.id FROM deliveries w
-          WHERE w.endpoint = k.endpoint AND w.ordering_key = k.ordering_key
-            AND w.state = 'delayed' AND w.reason = 'ordering'
-          ORDER BY w.message_id LIMIT 1)
-  FROM (SELECT DISTINCT endpoint, ordering_key FROM deliveries
-        WHERE ordering_key IS NOT NULL AND state = 'delayed' AND reason = 'ordering') AS k
-  WHERE NOT EXISTS (
-    SELECT 1 FROM deliveries o
-    WHERE o.endpoint = k.endpoint AND o.ordering_key = k.ordering_key
-      AND (o.state IN ('ready', 'leased')
-           OR (o.state = 'delayed' AND o.reason IS DISTINCT FROM 'ordering')
-           OR (o.state = 'dead' AND EXISTS (SELECT 1 FROM subscriptions s
-                                           WHERE s.endpoint = o.endpoint AND s.ordering_on_dead = 'block')))))";
+/// Releases the next delivery of every key that is not busy; returns how
+/// many moved. Releases of many keys (a run's step, a requeue) take turns
+/// under one advisory lock, taken before the statement's snapshot: two at
+/// once could each see a different earliest waiting delivery of a key (one
+/// of them just requeued) and release both. A finish's release of its own
+/// key needs no lock: its key is busy until that transaction commits.
+fn release_keys(tx: &mut Client, now: i64) -> Result<u64, ::postgres::Error> {
+    tx.execute_typed(
+        "SELECT pg_advisory_xact_lock(hashtextextended('cronpost release keys', 0))",
+        &[],
+    )?;
+    tx.execute_typed(
+        &ordering::release_keys_sql(&DIALECT, false),
+        typed![now => INT8],
+    )
+}
+
+/// Releases the next delivery of one key, if it is not busy: what the
+/// finish of a keyed delivery does, in its transaction.
+fn release_key(
+    tx: &mut Client,
+    endpoint: &str,
+    key: &str,
+    now: i64,
+) -> Result<(), ::postgres::Error> {
+    tx.execute_typed(
+        &ordering::release_keys_sql(&DIALECT, true),
+        typed![now => INT8, endpoint => TEXT, key => TEXT],
+    )
+    .map(drop)
+}
 
 /// The WHERE clause of a `DeliveryFilter` over `deliveries d JOIN messages
 /// m`, its parameters numbered from `$first`, with their values in order.
@@ -365,6 +368,7 @@ fn filter_clause(f: &DeliveryFilter, first: usize) -> (String, Vec<TypedValue>) 
         ("d.account", f.account.clone()),
         ("m.topic", f.topic.clone()),
         ("d.reason", f.reason.clone()),
+        ("d.ordering_key", f.ordering_key.clone()),
     ] {
         if let Some(value) = value {
             terms.push(format!("{column} = ${}", first + values.len()));
@@ -526,9 +530,17 @@ impl Store for PostgresStore {
                        ORDER BY 1, 2) AS keys",
                 typed![ids => INT8_ARRAY],
             )?;
+            // `waits` is decided once per new delivery (materialized), not
+            // once per column that reads it.
             let deliveries = tx.execute_typed(
                 &format!(
-                    "INSERT INTO deliveries
+                    "WITH new AS MATERIALIZED (
+                       SELECT m.id AS message_id, s.endpoint, m.account, m.priority, m.available_at,
+                              coalesce(m.expires_at, m.created_at + s.max_age_ms) AS expires_at,
+                              m.ordering_key, {waits} AS waits
+                       FROM messages m JOIN subscriptions s ON s.topic = m.topic
+                       WHERE m.id = ANY($1))
+                     INSERT INTO deliveries
                        (message_id, endpoint, account, state, priority, not_before, reason, created_at,
                         updated_at, expires_at, ordering_key)
                      SELECT message_id, endpoint, account,
@@ -537,13 +549,10 @@ impl Store for PostgresStore {
                             CASE WHEN waits THEN $3 WHEN available_at > $2 THEN available_at ELSE $2 END,
                             CASE WHEN waits THEN '{ORDERING}' WHEN available_at > $2 THEN 'scheduled' END,
                             $2, $2, expires_at, ordering_key
-                     FROM (SELECT m.id AS message_id, s.endpoint, m.account, m.priority, m.available_at,
-                                  coalesce(m.expires_at, m.created_at + s.max_age_ms) AS expires_at,
-                                  m.ordering_key, {KEY_WAITS} AS waits
-                           FROM messages m JOIN subscriptions s ON s.topic = m.topic
-                           WHERE m.id = ANY($1)) AS new
+                     FROM new
                      ORDER BY message_id, endpoint
                      ON CONFLICT (message_id, endpoint) DO NOTHING",
+                    waits = ordering::key_waits(),
                     ORDERING = reason::ORDERING,
                 ),
                 typed![ids => INT8_ARRAY, now => INT8, PARKED_UNTIL => INT8],
@@ -583,8 +592,7 @@ impl Store for PostgresStore {
     fn deliveries_release_keys(&mut self, now: i64) -> Result<u64> {
         let waiting: bool = self.read(|c| {
             c.query_typed_one(
-                "SELECT EXISTS (SELECT 1 FROM deliveries
-                                WHERE ordering_key IS NOT NULL AND state = 'delayed' AND reason = 'ordering')",
+                "SELECT EXISTS (SELECT 1 FROM deliveries WHERE state = 'delayed' AND reason = 'ordering')",
                 &[],
             )?
             .try_get(0)
@@ -592,7 +600,7 @@ impl Store for PostgresStore {
         if !waiting {
             return Ok(0);
         }
-        self.write(|tx| tx.execute_typed(RELEASE_KEYS_SQL, typed![now => INT8]))
+        self.write(|tx| release_keys(tx, now))
     }
 
     fn deliveries_purge_orphaned(&mut self, p: &PurgeOrphanedParams) -> Result<u64> {

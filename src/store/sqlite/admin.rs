@@ -166,9 +166,9 @@ impl SqliteStore {
                 s.query_map(params_from_iter(values), |r| {
                     Ok(ListedDelivery {
                         delivery: delivery_row(r)?,
-                        topic: r.get(13)?,
-                        created_at: r.get(14)?,
-                        uid: r.get(15)?,
+                        topic: r.get(15)?,
+                        created_at: r.get(16)?,
+                        uid: r.get(17)?,
                     })
                 })?
                 .collect()
@@ -228,42 +228,37 @@ impl SqliteStore {
 
     pub(super) fn deliveries_requeue(&mut self, p: &RequeueParams) -> Result<u64> {
         let (clause, filter_values) = filter_clause(&p.filter);
-        let limit = p.limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
-        // The n-th picked (from 0, oldest first) is due at now + n * spacing.
+        let expired = if p.expired {
+            ""
+        } else {
+            "AND coalesce(d.reason, '') <> 'expired'"
+        };
+        // The n-th picked (from 0, oldest first) is due `wait_ms` = n *
+        // spacing from now. Anonymous parameters number in text order.
         let picked = format!(
-            "SELECT d.id, row_number() OVER (ORDER BY d.id) - 1 AS n
+            "SELECT d.id, (row_number() OVER (ORDER BY d.id) - 1) * ? AS wait_ms
              FROM deliveries d JOIN messages m ON m.id = d.message_id
-             WHERE d.state IN ('dead', 'delayed') AND d.reason IS NOT 'ordering' AND {clause}
+             WHERE d.state IN ('dead', 'delayed') AND coalesce(d.reason, '') <> 'ordering' {expired}
+               AND {clause}
              ORDER BY d.id LIMIT ?"
         );
-        // Anonymous parameters number in text order.
-        let mut values = filter_values;
+        let limit = p.limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+        let mut values = vec![Value::Integer(p.spacing_ms)];
+        values.extend(filter_values);
         values.push(Value::Integer(limit));
         self.write(|tx| {
             if p.dry_run {
                 let count = format!("SELECT count(*) FROM ({picked})");
                 return tx.query_row(&count, params_from_iter(values), |r| r.get(0));
             }
-            let (now, spacing) = (Value::Integer(p.now), Value::Integer(p.spacing_ms));
-            let parked = Value::Integer(PARKED_UNTIL);
-            values.extend([spacing.clone(), spacing.clone(), parked, now.clone(), spacing, now]);
-            // A delivery with an ordering key rejoins its key's line (the
-            // earliest waiting one goes next, below), not the ready queue.
+            let now = Value::Integer(p.now);
+            values.extend([Value::Integer(PARKED_UNTIL), now.clone(), now.clone(), now]);
+            let update = requeue_picked_sql("?", ["?", "?", "?"]);
             let moved = tx.execute(
-                &format!(
-                    "WITH picked AS ({picked})
-                     UPDATE deliveries
-                     SET state = CASE WHEN picked.n * ? > 0 OR ordering_key IS NOT NULL THEN 'delayed'
-                                      ELSE 'ready' END,
-                         reason = CASE WHEN ordering_key IS NOT NULL THEN 'ordering'
-                                       WHEN picked.n * ? > 0 THEN 'scheduled' END,
-                         not_before = CASE WHEN ordering_key IS NOT NULL THEN ? ELSE ? + picked.n * ? END,
-                         attempts = 0, updated_at = ?
-                     FROM picked WHERE deliveries.id = picked.id"
-                ),
+                &format!("WITH picked AS ({picked}) {update}"),
                 params_from_iter(values),
             )?;
-            tx.execute(super::RELEASE_KEYS_SQL, [p.now])?;
+            super::release_keys(tx, p.now)?;
             Ok(moved as u64)
         })
     }

@@ -52,7 +52,7 @@ INSERT INTO attempts (delivery_id, number, run_id, pid, lease_owner, started_at)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
 const MESSAGE_OF_LEASE_SQL: &str =
-    "SELECT uid, topic, account, payload FROM messages WHERE id = ?1";
+    "SELECT uid, topic, account, payload, ordering_key FROM messages WHERE id = ?1";
 
 const ENDPOINT_HEALTHY_SQL: &str = "\
 UPDATE endpoint_health
@@ -117,6 +117,7 @@ fn complete_lease(
                 topic: r.get(1)?,
                 account: r.get(2)?,
                 payload: r.get(3)?,
+                ordering_key: r.get(4)?,
             })
         })
 }
@@ -472,9 +473,12 @@ impl SqliteStore {
     pub(super) fn leasable_count(&mut self, now: i64, limit: u64) -> Result<u64> {
         self.conn
             .query_row(
-                "SELECT (SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE state = 'ready' LIMIT ?2))
+                "SELECT (SELECT count(*) FROM (SELECT 1 FROM deliveries
+                                               WHERE state = 'ready' AND (expires_at IS NULL OR expires_at > ?1)
+                                               LIMIT ?2))
                       + (SELECT count(*) FROM (SELECT 1 FROM deliveries
-                                               WHERE state = 'delayed' AND not_before <= ?1 LIMIT ?2))",
+                                               WHERE state = 'delayed' AND not_before <= ?1
+                                                 AND (expires_at IS NULL OR expires_at > ?1) LIMIT ?2))",
                 params![now, limit],
                 |r| r.get::<_, u64>(0),
             )
@@ -568,6 +572,9 @@ impl SqliteStore {
                     f.now
                 ])? == 1
             };
+            if moved && let Some(key) = f.releases_key() {
+                super::release_key(tx, &f.endpoint, key, f.now)?;
+            }
             let outcome = if moved {
                 f.outcome.as_str()
             } else {
@@ -591,7 +598,7 @@ mod tests {
     use super::*;
 
     /// The query plan of `sql` on a migrated database.
-    fn plan(sql: &str) -> String {
+    pub(super) fn plan(sql: &str) -> String {
         let dir = tempfile::tempdir().unwrap();
         let store =
             SqliteStore::open(&dir.path().join("q.db"), None, Duration::from_secs(5)).unwrap();
@@ -633,5 +640,52 @@ mod tests {
             "{delayed}"
         );
         assert!(!delayed.contains("TEMP B-TREE"), "no sort: {delayed}");
+    }
+}
+
+#[cfg(test)]
+mod key_plan_tests {
+    use super::super::{DIALECT, ordering};
+    use super::tests::plan;
+
+    /// Every lookup of a key seeks its index by (endpoint, key, state) or
+    /// walks only the waiting deliveries: never a key's history, never
+    /// the whole delayed queue.
+    fn assert_key_lookups_seek(plan: &str) {
+        for line in plan
+            .lines()
+            .filter(|l| l.contains(" o ") || l.contains(" o USING"))
+        {
+            assert!(
+                line.contains("deliveries_keys (endpoint=? AND ordering_key=? AND state=?)"),
+                "{plan}"
+            );
+        }
+        assert!(!plan.contains("deliveries_queue"), "{plan}");
+        assert!(!plan.lines().any(|l| l == "SCAN deliveries"), "{plan}");
+    }
+
+    #[test]
+    fn releasing_keys_walks_the_waiting_deliveries_only() {
+        let release = plan(&ordering::release_keys_sql(&DIALECT, false));
+        assert_key_lookups_seek(&release);
+        assert!(
+            release.contains("USING COVERING INDEX deliveries_waiting"),
+            "{release}"
+        );
+    }
+
+    #[test]
+    fn a_new_delivery_looks_its_key_up_by_index() {
+        let waits = plan(&format!(
+            "SELECT {} FROM messages m JOIN subscriptions s ON s.topic = m.topic",
+            ordering::key_waits()
+        ));
+        assert_key_lookups_seek(&waits);
+        assert!(
+            waits.contains("SEARCH w USING COVERING INDEX deliveries_waiting"),
+            "{waits}"
+        );
+        assert!(waits.contains("messages_unrouted_keys"), "{waits}");
     }
 }

@@ -19,12 +19,13 @@ use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, params,
 };
 
+use super::ordering;
 use super::*;
 use crate::error::{Error, ExitCode};
 use crate::files::{self, Sharing};
 
 const DELIVERY_COLUMNS: &str = "id, message_id, endpoint, account, state, priority, not_before, reason, \
-     lease_owner, lease_expires_at, attempts, last_status, last_error";
+     lease_owner, lease_expires_at, attempts, last_status, last_error, expires_at, ordering_key";
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -168,43 +169,28 @@ impl SqliteStore {
     }
 }
 
-/// Whether a new delivery (of message `m` to `s.endpoint`) waits for its
-/// ordering key: an earlier delivery of the key to the endpoint is not
-/// finished (or is dead, where dead blocks), or an earlier message of the
-/// key that the endpoint subscribes to is not routed yet.
-const KEY_WAITS: &str = "(m.ordering_key IS NOT NULL AND (
-    EXISTS (SELECT 1 FROM deliveries o
-            WHERE o.endpoint = s.endpoint AND o.ordering_key = m.ordering_key
-              AND (o.state IN ('ready', 'delayed', 'leased')
-                   OR (o.state = 'dead' AND s.ordering_on_dead = 'block')))
-    OR EXISTS (SELECT 1 FROM messages p JOIN subscriptions ps ON ps.topic = p.topic
-               WHERE p.ordering_key = m.ordering_key AND p.routed_at IS NULL AND p.id < m.id
-                 AND ps.endpoint = s.endpoint)))";
+/// How the release of ordering keys is written for SQLite.
+const DIALECT: ordering::Dialect = ordering::Dialect {
+    params: ["?1", "?2", "?3"],
+    greatest: "max",
+    waiting_index: "INDEXED BY deliveries_waiting",
+};
 
-/// Moves the earliest waiting delivery of each key that has none in
-/// progress out of `ordering` (?1: now): to the ready queue, or to the
-/// delayed one while its message's `available_at` is ahead.
-const RELEASE_KEYS_SQL: &str = "\
-UPDATE deliveries
-SET state = CASE WHEN m.available_at > ?1 THEN 'delayed' ELSE 'ready' END,
-    reason = CASE WHEN m.available_at > ?1 THEN 'scheduled' END,
-    not_before = max(?1, coalesce(m.available_at, 0)), updated_at = ?1
-FROM messages m
-WHERE m.id = deliveries.message_id AND deliveries.state = 'delayed' AND deliveries.reason = 'ordering'
-  AND deliveries.id IN (
-  SELECT (SELECT w.id FROM deliveries w
-          WHERE w.endpoint = k.endpoint AND w.ordering_key = k.ordering_key
-            AND w.state = 'delayed' AND w.reason = 'ordering'
-          ORDER BY w.message_id LIMIT 1)
-  FROM (SELECT DISTINCT endpoint, ordering_key FROM deliveries
-        WHERE ordering_key IS NOT NULL AND state = 'delayed' AND reason = 'ordering') AS k
-  WHERE NOT EXISTS (
-    SELECT 1 FROM deliveries o
-    WHERE o.endpoint = k.endpoint AND o.ordering_key = k.ordering_key AND o.ordering_key IS NOT NULL
-      AND (o.state IN ('ready', 'leased')
-           OR (o.state = 'delayed' AND o.reason IS NOT 'ordering')
-           OR (o.state = 'dead' AND EXISTS (SELECT 1 FROM subscriptions s
-                                           WHERE s.endpoint = o.endpoint AND s.ordering_on_dead = 'block')))))";
+/// Releases the next delivery of every key that is not busy; returns how
+/// many moved.
+fn release_keys(tx: &Connection, now: i64) -> rusqlite::Result<u64> {
+    tx.prepare_cached(&ordering::release_keys_sql(&DIALECT, false))?
+        .execute([now])
+        .map(|n| n as u64)
+}
+
+/// Releases the next delivery of one key, if it is not busy: what the
+/// finish of a keyed delivery does, in its transaction.
+fn release_key(tx: &Connection, endpoint: &str, key: &str, now: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached(&ordering::release_keys_sql(&DIALECT, true))?
+        .execute(params![now, endpoint, key])
+        .map(drop)
+}
 
 /// The WHERE clause of a `DeliveryFilter` over `deliveries d JOIN messages m`,
 /// with its values in order.
@@ -221,6 +207,7 @@ fn filter_clause(f: &DeliveryFilter) -> (String, Vec<Value>) {
         ("d.account", f.account.clone()),
         ("m.topic", f.topic.clone()),
         ("d.reason", f.reason.clone()),
+        ("d.ordering_key", f.ordering_key.clone()),
     ] {
         if let Some(value) = value {
             terms.push(format!("{column} = ?"));
@@ -279,6 +266,8 @@ fn delivery_row(r: &Row) -> rusqlite::Result<DeliveryRow> {
         attempts: r.get(10)?,
         last_status: r.get(11)?,
         last_error: r.get(12)?,
+        expires_at: r.get(13)?,
+        ordering_key: r.get(14)?,
     })
 }
 
@@ -426,9 +415,17 @@ impl Store for SqliteStore {
                 )?
                 .query_map([upper], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
+            // `waits` is decided once per new delivery (materialized), not
+            // once per column that reads it.
             let deliveries = tx.execute(
                 &format!(
-                    "INSERT OR IGNORE INTO deliveries
+                    "WITH new AS MATERIALIZED (
+                       SELECT m.id AS message_id, s.endpoint, m.account, m.priority, m.available_at,
+                              coalesce(m.expires_at, m.created_at + s.max_age_ms) AS expires_at,
+                              m.ordering_key, {waits} AS waits
+                       FROM messages m JOIN subscriptions s ON s.topic = m.topic
+                       WHERE m.routed_at IS NULL AND m.id <= ?1)
+                     INSERT OR IGNORE INTO deliveries
                        (message_id, endpoint, account, state, priority, not_before, reason, created_at,
                         updated_at, expires_at, ordering_key)
                      SELECT message_id, endpoint, account,
@@ -437,12 +434,8 @@ impl Store for SqliteStore {
                             CASE WHEN waits THEN ?3 WHEN available_at > ?2 THEN available_at ELSE ?2 END,
                             CASE WHEN waits THEN '{ORDERING}' WHEN available_at > ?2 THEN 'scheduled' END,
                             ?2, ?2, expires_at, ordering_key
-                     FROM (SELECT m.id AS message_id, s.endpoint, m.account, m.priority, m.available_at,
-                                  coalesce(m.expires_at, m.created_at + s.max_age_ms) AS expires_at,
-                                  m.ordering_key, {KEY_WAITS} AS waits
-                           FROM messages m JOIN subscriptions s ON s.topic = m.topic
-                           WHERE m.routed_at IS NULL AND m.id <= ?1
-                           ORDER BY m.id, s.endpoint)",
+                     FROM new ORDER BY message_id, endpoint",
+                    waits = ordering::key_waits(),
                     ORDERING = reason::ORDERING,
                 ),
                 params![upper, params.now, PARKED_UNTIL],
@@ -488,15 +481,14 @@ impl Store for SqliteStore {
         let waiting: bool = self
             .conn
             .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM deliveries
-                                WHERE ordering_key IS NOT NULL AND state = 'delayed' AND reason = 'ordering')",
+                "SELECT EXISTS (SELECT 1 FROM deliveries WHERE state = 'delayed' AND reason = 'ordering')",
             )
             .and_then(|mut query| query.query_row([], |r| r.get(0)))
             .map_err(|e| self.err(e))?;
         if !waiting {
             return Ok(0);
         }
-        self.write(|tx| tx.execute(RELEASE_KEYS_SQL, [now]).map(|n| n as u64))
+        self.write(|tx| release_keys(tx, now))
     }
 
     fn leasable_count(&mut self, now: i64, limit: u64) -> Result<u64> {

@@ -183,12 +183,14 @@ fn a_dead_letter_blocks_its_key_where_on_dead_is_block_until_requeued(backend: B
         .map(|n| format!("{{\"topic\":\"t\",\"account\":\"a\",\"ordering_key\":\"o7\",\"payload\":{{\"k\":\"o7\",\"n\":{n}}}}}\n"))
         .collect();
     env.enqueue_ndjson(&lines);
+    env.run();
+    assert_eq!(rx.received_on("/e").len(), 1);
+    // The first is refused and dead; the key's others wait, visibly; an
+    // unkeyed message goes.
     env.enqueue_ndjson(
         "{\"topic\":\"t\",\"account\":\"a\",\"payload\":{\"k\":\"none\",\"n\":0}}\n",
     );
     env.run();
-    // The first is refused and dead; the key's others wait, visibly; the
-    // unkeyed message went.
     assert_eq!(rx.received_on("/e").len(), 2);
     assert_eq!(env.count_state("dead"), 1);
     let waiting = env.ok(&["list", "--reason", "ordering"]);

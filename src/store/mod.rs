@@ -10,6 +10,7 @@
 mod candidate;
 mod ordering;
 pub mod postgres;
+mod shared;
 pub mod sqlite;
 mod vocabulary;
 
@@ -216,29 +217,6 @@ fn sorted_subscriptions(subscriptions: &[Subscription]) -> Vec<Subscription> {
     sorted.sort_by(|a, b| (&a.topic, &a.endpoint).cmp(&(&b.topic, &b.endpoint)));
     sorted.dedup_by(|a, b| (&a.topic, &a.endpoint) == (&b.topic, &b.endpoint));
     sorted
-}
-
-/// The UPDATE of a requeue, after `WITH picked (id, wait_ms)`: each picked
-/// delivery back to the ready queue, or to the delayed one (`scheduled`)
-/// until `now + wait_ms`; a keyed one to its key's line (`ordering`, its
-/// slot kept in `release_at`), which the release that follows moves on in
-/// order; an expired one's expiry lifted (requeued by name, it is sent
-/// late); attempts counted afresh. `parked` and the three `now`s are the
-/// backend's parameters.
-fn requeue_picked_sql(parked: &str, now: [&str; 3]) -> String {
-    let [now1, now2, now3] = now;
-    format!(
-        "UPDATE deliveries
-         SET state = CASE WHEN ordering_key IS NOT NULL OR picked.wait_ms > 0 THEN 'delayed' ELSE 'ready' END,
-             reason = CASE WHEN ordering_key IS NOT NULL THEN 'ordering'
-                           WHEN picked.wait_ms > 0 THEN 'scheduled' END,
-             not_before = CASE WHEN ordering_key IS NOT NULL THEN {parked} ELSE {now1} + picked.wait_ms END,
-             release_at = CASE WHEN ordering_key IS NOT NULL AND picked.wait_ms > 0
-                               THEN {now2} + picked.wait_ms END,
-             expires_at = CASE WHEN reason = 'expired' THEN NULL ELSE expires_at END,
-             attempts = 0, updated_at = {now3}
-         FROM picked WHERE deliveries.id = picked.id"
-    )
 }
 
 /// Now, in Unix epoch milliseconds.

@@ -15,11 +15,13 @@ pub(super) fn key_busy(endpoint: &str, key: &str) -> String {
         "o.endpoint = {endpoint} AND o.ordering_key = {key} AND o.ordering_key IS NOT NULL
          AND coalesce(o.reason, '') <> 'ordering'"
     );
+    // The endpoint's setting first: where dead releases (the default), a
+    // key's dead letters are never looked at.
     format!(
         "(EXISTS (SELECT 1 FROM deliveries o WHERE {of_key} AND o.state IN ('ready', 'delayed', 'leased'))
-          OR EXISTS (SELECT 1 FROM deliveries o WHERE {of_key} AND o.state = 'dead'
-                     AND EXISTS (SELECT 1 FROM subscriptions b
-                                 WHERE b.endpoint = o.endpoint AND b.ordering_on_dead = 'block')))"
+          OR (EXISTS (SELECT 1 FROM subscriptions b
+                      WHERE b.endpoint = {endpoint} AND b.ordering_on_dead = 'block')
+              AND EXISTS (SELECT 1 FROM deliveries o WHERE {of_key} AND o.state = 'dead')))"
     )
 }
 
@@ -54,8 +56,12 @@ pub(super) struct Dialect {
 
 /// Moves the earliest waiting delivery of each key that is not busy (of
 /// one key, with `one_key`) out of `ordering`: to the ready queue, or to
-/// the delayed one (`scheduled`) while its message's `available_at` or its
-/// own `release_at` (a requeue's slot) is ahead.
+/// the delayed one (`scheduled`) while its own `release_at` (a requeue's
+/// slot), or else its message's `available_at`, is ahead. The row is
+/// checked again as it is updated: one another transaction moved meanwhile
+/// (expired it, say) is left as it is. (Only `ordering` rows are
+/// `ordering`, and are delayed; the check is an expression so that
+/// SQLite's planner does not drive the update from an index on state.)
 pub(super) fn release_keys_sql(d: &Dialect, one_key: bool) -> String {
     let [now, endpoint, key] = d.params;
     let (greatest, waiting_index) = (d.greatest, d.waiting_index);
@@ -69,7 +75,7 @@ pub(super) fn release_keys_sql(d: &Dialect, one_key: bool) -> String {
          SET state = CASE WHEN r.due > {now} THEN 'delayed' ELSE 'ready' END,
              reason = CASE WHEN r.due > {now} THEN 'scheduled' END,
              not_before = {greatest}({now}, r.due), release_at = NULL, updated_at = {now}
-         FROM (SELECT w.id, {greatest}(coalesce(m.available_at, 0), coalesce(w.release_at, 0)) AS due
+         FROM (SELECT w.id, coalesce(w.release_at, m.available_at, 0) AS due
                FROM (SELECT DISTINCT endpoint, ordering_key FROM deliveries {waiting_index}
                      WHERE state = 'delayed' AND reason = 'ordering' {only}) AS k
                JOIN deliveries w ON w.id = (SELECT f.id FROM deliveries f
@@ -78,7 +84,7 @@ pub(super) fn release_keys_sql(d: &Dialect, one_key: bool) -> String {
                                             ORDER BY f.message_id LIMIT 1)
                JOIN messages m ON m.id = w.message_id
                WHERE NOT {busy}) AS r
-         WHERE deliveries.id = r.id",
+         WHERE deliveries.id = r.id AND coalesce(deliveries.reason, '') = 'ordering'",
         busy = key_busy("k.endpoint", "k.ordering_key")
     )
 }

@@ -66,9 +66,9 @@ pub mod reason {
     /// admin purges it (`cronpost purge --orphaned`).
     pub const ENDPOINT_REMOVED: &str = "endpoint_removed";
     /// An earlier delivery of its ordering key to its endpoint is in
-    /// progress: parked (not before year 9999) until a run moves the
-    /// earliest waiting one of the key to the ready queue
-    /// (`deliveries_release_keys`).
+    /// progress: parked (not before year 9999) until that one's finish (or
+    /// a run's `deliveries_release_keys`) moves the earliest waiting one of
+    /// the key on.
     pub const ORDERING: &str = "ordering";
     /// Dead: the endpoint answered a status that will never succeed (4xx, 3xx).
     pub const REJECTED: &str = "rejected";

@@ -384,11 +384,17 @@ pub fn requeue_at_a_rate_gives_keyed_deliveries_their_slots(store: &mut dyn Stor
                 expires_at: Some(T0 + 10),
                 ..keyed(None)
             },
+            NewMessage {
+                expires_at: Some(T0 + 500),
+                priority: 1,
+                ..keyed(None)
+            },
         ])
         .unwrap();
     route(store, T0);
-    // All dead: four rejected, one expired.
-    for now in [T0, T0 + 1, T0 + 2, T0 + 3] {
+    // All dead: five rejected (the last one's time to live runs out
+    // later), one expired.
+    for now in [T0, T0 + 1, T0 + 2, T0 + 3, T0 + 4] {
         let l = lease(store, "x", now).unwrap();
         finish(
             store,
@@ -396,7 +402,7 @@ pub fn requeue_at_a_rate_gives_keyed_deliveries_their_slots(store: &mut dyn Stor
         );
     }
     assert_eq!(expire(store, T0 + 10).expired, 1);
-    let ids: Vec<i64> = (1..=5)
+    let ids: Vec<i64> = (1..=6)
         .map(|m| store.deliveries_of_message(m).unwrap()[0].id)
         .collect();
     let requeue = |expired, now| RequeueParams {
@@ -416,6 +422,11 @@ pub fn requeue_at_a_rate_gives_keyed_deliveries_their_slots(store: &mut dyn Stor
         state(store, ids[4]).state,
         DeliveryState::Dead,
         "expired: left"
+    );
+    assert_eq!(
+        state(store, ids[5]).state,
+        DeliveryState::Dead,
+        "its time to live ran out: left"
     );
     let at = |store: &mut dyn Store, i: usize| {
         let d = state(store, ids[i]);
@@ -451,4 +462,15 @@ pub fn requeue_at_a_rate_gives_keyed_deliveries_their_slots(store: &mut dyn Stor
     let d = state(store, ids[4]);
     assert_eq!((d.state, d.expires_at), (DeliveryState::Ready, None));
     assert_eq!(lease(store, "z", t + 20).unwrap().delivery_id, ids[4]);
+    // Named by id, the other goes too, its expiry lifted.
+    let by_id = RequeueParams {
+        filter: DeliveryFilter {
+            ids: vec![ids[5]],
+            ..DeliveryFilter::default()
+        },
+        ..requeue(true, t + 30)
+    };
+    assert_eq!(store.deliveries_requeue(&by_id).unwrap(), 1);
+    let d = state(store, ids[5]);
+    assert_eq!((d.state, d.expires_at), (DeliveryState::Ready, None));
 }

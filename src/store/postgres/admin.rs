@@ -205,29 +205,28 @@ impl PostgresStore {
     }
 
     pub(super) fn deliveries_requeue(&mut self, p: &RequeueParams) -> Result<u64> {
-        // $1: the limit, $2: the spacing, then the filter's values, then
-        // parked and now (which a dry run leaves out).
-        let (clause, values) = filter_clause(&p.filter, 3);
-        let (parked, now) = (values.len() + 3, values.len() + 4);
+        // $1: the limit, $2: the spacing, $3: expired too, $4: now, then
+        // the filter's values, then parked (which a dry run leaves out).
+        let (clause, values) = filter_clause(&p.filter, 5);
+        let parked = values.len() + 5;
         let limit = p.limit.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
-        let expired = if p.expired {
-            ""
-        } else {
-            "AND coalesce(d.reason, '') <> 'expired'"
-        };
         // The n-th picked (from 0, oldest first) is due `wait_ms` = n *
         // spacing from now.
         let picked = format!(
             "SELECT id, (row_number() OVER (ORDER BY id) - 1) * $2 AS wait_ms FROM (
                SELECT d.id FROM deliveries d JOIN messages m ON m.id = d.message_id
-               WHERE d.state IN ('dead', 'delayed') AND coalesce(d.reason, '') <> 'ordering' {expired}
-                 AND {clause}
+               WHERE {} AND {clause}
                ORDER BY d.id LIMIT $1
-               FOR UPDATE OF d) AS rows"
+               FOR UPDATE OF d) AS rows",
+            shared::requeue_candidates_sql("$3", "$4")
         );
         self.write(|tx| {
-            let mut params: Vec<(&(dyn ToSql + Sync), Type)> =
-                vec![(&limit, Type::INT8), (&p.spacing_ms, Type::INT8)];
+            let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
+                (&limit, Type::INT8),
+                (&p.spacing_ms, Type::INT8),
+                (&p.expired, Type::BOOL),
+                (&p.now, Type::INT8),
+            ];
             params.extend(typed_values(&values));
             if p.dry_run {
                 let n: i64 = tx
@@ -235,12 +234,8 @@ impl PostgresStore {
                     .try_get(0)?;
                 return Ok(n as u64);
             }
-            params.extend([
-                (&PARKED_UNTIL as &(dyn ToSql + Sync), Type::INT8),
-                (&p.now, Type::INT8),
-            ]);
-            let now = format!("${now}");
-            let update = requeue_picked_sql(&format!("${parked}"), [&now, &now, &now]);
+            params.push((&PARKED_UNTIL, Type::INT8));
+            let update = shared::requeue_picked_sql(&format!("${parked}"), ["$4"; 4]);
             let moved =
                 tx.execute_typed(&format!("WITH picked AS ({picked}) {update}"), &params)?;
             super::release_keys(tx, p.now)?;

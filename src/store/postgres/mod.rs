@@ -20,8 +20,8 @@ mod migrations;
 use ::postgres::types::{ToSql, Type};
 use ::postgres::{Client, NoTls, Row, error::SqlState};
 
-use super::ordering;
 use super::*;
+use super::{ordering, shared};
 use crate::error::{Error, ExitCode};
 
 /// Typed parameters for `query_typed`: `typed![x => INT8, name => TEXT]`.
@@ -321,15 +321,34 @@ const DIALECT: ordering::Dialect = ordering::Dialect {
     waiting_index: "",
 };
 
+/// The advisory lock that releases of many keys take alone and routers of
+/// keyed messages share (`pg_advisory_xact_lock[_shared]` of this).
+const RELEASE_LOCK: &str = "hashtextextended('cronpost release keys', 0)";
+
+/// The advisory lock of one (endpoint, key), from SQL expressions: routers
+/// and finishes of the key take turns under it.
+macro_rules! key_lock {
+    ($endpoint:literal, $key:literal) => {
+        concat!(
+            "hashtextextended('cronpost key ' || ",
+            $endpoint,
+            " || ' ' || ",
+            $key,
+            ", 0)"
+        )
+    };
+}
+
 /// Releases the next delivery of every key that is not busy; returns how
-/// many moved. Releases of many keys (a run's step, a requeue) take turns
-/// under one advisory lock, taken before the statement's snapshot: two at
-/// once could each see a different earliest waiting delivery of a key (one
-/// of them just requeued) and release both. A finish's release of its own
-/// key needs no lock: its key is busy until that transaction commits.
+/// many moved. Releases of many keys (a run's step, a requeue) hold the
+/// release lock alone, taken before the statement's snapshot, and routers
+/// of keyed messages share it: otherwise a requeue's release and a router
+/// could each miss the other's uncommitted delivery of a key (the one
+/// requeued to the key's line, the one routed ready) and both go, as could
+/// two releases each seeing another earliest waiting delivery.
 fn release_keys(tx: &mut Client, now: i64) -> Result<u64, ::postgres::Error> {
     tx.execute_typed(
-        "SELECT pg_advisory_xact_lock(hashtextextended('cronpost release keys', 0))",
+        &format!("SELECT pg_advisory_xact_lock({RELEASE_LOCK})"),
         &[],
     )?;
     tx.execute_typed(
@@ -339,18 +358,39 @@ fn release_keys(tx: &mut Client, now: i64) -> Result<u64, ::postgres::Error> {
 }
 
 /// Releases the next delivery of one key, if it is not busy: what the
-/// finish of a keyed delivery does, in its transaction.
+/// finish of a keyed delivery does, in its transaction, under the key's
+/// lock (a router of the key may be parking a new delivery behind the one
+/// finishing, which this release must see). Bounded by the transaction's
+/// lock_timeout, in a savepoint: a release that cannot get the key's lock
+/// or its row in time is left to the next run step, and the finish stands.
 fn release_key(
     tx: &mut Client,
     endpoint: &str,
     key: &str,
     now: i64,
 ) -> Result<(), ::postgres::Error> {
-    tx.execute_typed(
-        &ordering::release_keys_sql(&DIALECT, true),
-        typed![now => INT8, endpoint => TEXT, key => TEXT],
-    )
-    .map(drop)
+    tx.batch_execute("SAVEPOINT release_key")?;
+    let released = tx
+        .execute_typed(
+            concat!("SELECT pg_advisory_xact_lock(", key_lock!("$1", "$2"), ")"),
+            typed![endpoint => TEXT, key => TEXT],
+        )
+        .and_then(|_| {
+            tx.execute_typed(
+                &ordering::release_keys_sql(&DIALECT, true),
+                typed![now => INT8, endpoint => TEXT, key => TEXT],
+            )
+        });
+    match released {
+        Ok(_) => tx.batch_execute("RELEASE SAVEPOINT release_key"),
+        Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+            log::warn!(
+                "the release of ordering key {key:?} of {endpoint} waited too long; the next run step releases it"
+            );
+            tx.batch_execute("ROLLBACK TO SAVEPOINT release_key")
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The WHERE clause of a `DeliveryFilter` over `deliveries d JOIN messages
@@ -522,39 +562,29 @@ impl Store for PostgresStore {
             // Hosts routing messages of one ordering key at once decide
             // one after another whether theirs wait (in key order: no
             // deadlock); the INSERT's snapshot then sees the other's rows.
+            // A batch with keyed messages shares the release lock first
+            // (see `release_keys`).
             tx.execute_typed(
-                "SELECT count(pg_advisory_xact_lock(hashtextextended('cronpost key ' || endpoint || ' ' || ordering_key, 0)))
-                 FROM (SELECT DISTINCT s.endpoint, m.ordering_key
-                       FROM messages m JOIN subscriptions s ON s.topic = m.topic
-                       WHERE m.id = ANY($1) AND m.ordering_key IS NOT NULL
-                       ORDER BY 1, 2) AS keys",
+                &format!(
+                    "SELECT pg_advisory_xact_lock_shared({RELEASE_LOCK})
+                     WHERE EXISTS (SELECT 1 FROM messages WHERE id = ANY($1) AND ordering_key IS NOT NULL)"
+                ),
                 typed![ids => INT8_ARRAY],
             )?;
-            // `waits` is decided once per new delivery (materialized), not
-            // once per column that reads it.
-            let deliveries = tx.execute_typed(
-                &format!(
-                    "WITH new AS MATERIALIZED (
-                       SELECT m.id AS message_id, s.endpoint, m.account, m.priority, m.available_at,
-                              coalesce(m.expires_at, m.created_at + s.max_age_ms) AS expires_at,
-                              m.ordering_key, {waits} AS waits
-                       FROM messages m JOIN subscriptions s ON s.topic = m.topic
-                       WHERE m.id = ANY($1))
-                     INSERT INTO deliveries
-                       (message_id, endpoint, account, state, priority, not_before, reason, created_at,
-                        updated_at, expires_at, ordering_key)
-                     SELECT message_id, endpoint, account,
-                            CASE WHEN waits OR available_at > $2 THEN 'delayed' ELSE 'ready' END,
-                            priority,
-                            CASE WHEN waits THEN $3 WHEN available_at > $2 THEN available_at ELSE $2 END,
-                            CASE WHEN waits THEN '{ORDERING}' WHEN available_at > $2 THEN 'scheduled' END,
-                            $2, $2, expires_at, ordering_key
-                     FROM new
-                     ORDER BY message_id, endpoint
-                     ON CONFLICT (message_id, endpoint) DO NOTHING",
-                    waits = ordering::key_waits(),
-                    ORDERING = reason::ORDERING,
+            tx.execute_typed(
+                concat!(
+                    "SELECT count(pg_advisory_xact_lock(",
+                    key_lock!("endpoint", "ordering_key"),
+                    "))
+                     FROM (SELECT DISTINCT s.endpoint, m.ordering_key
+                           FROM messages m JOIN subscriptions s ON s.topic = m.topic
+                           WHERE m.id = ANY($1) AND m.ordering_key IS NOT NULL
+                           ORDER BY 1, 2) AS keys"
                 ),
+                typed![ids => INT8_ARRAY],
+            )?;
+            let deliveries = tx.execute_typed(
+                &shared::route_batch_sql("m.id = ANY($1)", "$2", "$3"),
                 typed![ids => INT8_ARRAY, now => INT8, PARKED_UNTIL => INT8],
             )?;
             let unroutable = tx.execute_typed(

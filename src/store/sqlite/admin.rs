@@ -228,22 +228,22 @@ impl SqliteStore {
 
     pub(super) fn deliveries_requeue(&mut self, p: &RequeueParams) -> Result<u64> {
         let (clause, filter_values) = filter_clause(&p.filter);
-        let expired = if p.expired {
-            ""
-        } else {
-            "AND coalesce(d.reason, '') <> 'expired'"
-        };
         // The n-th picked (from 0, oldest first) is due `wait_ms` = n *
         // spacing from now. Anonymous parameters number in text order.
         let picked = format!(
             "SELECT d.id, (row_number() OVER (ORDER BY d.id) - 1) * ? AS wait_ms
              FROM deliveries d JOIN messages m ON m.id = d.message_id
-             WHERE d.state IN ('dead', 'delayed') AND coalesce(d.reason, '') <> 'ordering' {expired}
-               AND {clause}
-             ORDER BY d.id LIMIT ?"
+             WHERE {} AND {clause}
+             ORDER BY d.id LIMIT ?",
+            shared::requeue_candidates_sql("?", "?")
         );
         let limit = p.limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
-        let mut values = vec![Value::Integer(p.spacing_ms)];
+        let now = Value::Integer(p.now);
+        let mut values = vec![
+            Value::Integer(p.spacing_ms),
+            Value::Integer(i64::from(p.expired)),
+            now.clone(),
+        ];
         values.extend(filter_values);
         values.push(Value::Integer(limit));
         self.write(|tx| {
@@ -251,9 +251,9 @@ impl SqliteStore {
                 let count = format!("SELECT count(*) FROM ({picked})");
                 return tx.query_row(&count, params_from_iter(values), |r| r.get(0));
             }
-            let now = Value::Integer(p.now);
-            values.extend([Value::Integer(PARKED_UNTIL), now.clone(), now.clone(), now]);
-            let update = requeue_picked_sql("?", ["?", "?", "?"]);
+            values.push(Value::Integer(PARKED_UNTIL));
+            values.extend(std::iter::repeat_n(now, 4));
+            let update = shared::requeue_picked_sql("?", ["?"; 4]);
             let moved = tx.execute(
                 &format!("WITH picked AS ({picked}) {update}"),
                 params_from_iter(values),

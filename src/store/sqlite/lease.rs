@@ -549,6 +549,9 @@ impl SqliteStore {
 
     pub(super) fn attempt_finish(&mut self, f: &FinishAttempt) -> Result<bool> {
         self.prepare_ahead(&FINISH_STATEMENTS)?;
+        if f.releases_key().is_some() {
+            self.prepare_ahead(&[&super::RELEASE_KEY_SQL])?;
+        }
         self.write(|tx| {
             // A child that lost its lease says nothing about the endpoint any
             // more: its signal could close a breaker another child opened,

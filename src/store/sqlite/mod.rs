@@ -19,8 +19,8 @@ use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, params,
 };
 
-use super::ordering;
 use super::*;
+use super::{ordering, shared};
 use crate::error::{Error, ExitCode};
 use crate::files::{self, Sharing};
 
@@ -184,10 +184,14 @@ fn release_keys(tx: &Connection, now: i64) -> rusqlite::Result<u64> {
         .map(|n| n as u64)
 }
 
+/// The release of one key's next delivery.
+static RELEASE_KEY_SQL: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| ordering::release_keys_sql(&DIALECT, true));
+
 /// Releases the next delivery of one key, if it is not busy: what the
 /// finish of a keyed delivery does, in its transaction.
 fn release_key(tx: &Connection, endpoint: &str, key: &str, now: i64) -> rusqlite::Result<()> {
-    tx.prepare_cached(&ordering::release_keys_sql(&DIALECT, true))?
+    tx.prepare_cached(&RELEASE_KEY_SQL)?
         .execute(params![now, endpoint, key])
         .map(drop)
 }
@@ -415,29 +419,8 @@ impl Store for SqliteStore {
                 )?
                 .query_map([upper], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
-            // `waits` is decided once per new delivery (materialized), not
-            // once per column that reads it.
             let deliveries = tx.execute(
-                &format!(
-                    "WITH new AS MATERIALIZED (
-                       SELECT m.id AS message_id, s.endpoint, m.account, m.priority, m.available_at,
-                              coalesce(m.expires_at, m.created_at + s.max_age_ms) AS expires_at,
-                              m.ordering_key, {waits} AS waits
-                       FROM messages m JOIN subscriptions s ON s.topic = m.topic
-                       WHERE m.routed_at IS NULL AND m.id <= ?1)
-                     INSERT OR IGNORE INTO deliveries
-                       (message_id, endpoint, account, state, priority, not_before, reason, created_at,
-                        updated_at, expires_at, ordering_key)
-                     SELECT message_id, endpoint, account,
-                            CASE WHEN waits OR available_at > ?2 THEN 'delayed' ELSE 'ready' END,
-                            priority,
-                            CASE WHEN waits THEN ?3 WHEN available_at > ?2 THEN available_at ELSE ?2 END,
-                            CASE WHEN waits THEN '{ORDERING}' WHEN available_at > ?2 THEN 'scheduled' END,
-                            ?2, ?2, expires_at, ordering_key
-                     FROM new ORDER BY message_id, endpoint",
-                    waits = ordering::key_waits(),
-                    ORDERING = reason::ORDERING,
-                ),
+                &shared::route_batch_sql("m.routed_at IS NULL AND m.id <= ?1", "?2", "?3"),
                 params![upper, params.now, PARKED_UNTIL],
             )?;
             let unroutable = tx.execute(

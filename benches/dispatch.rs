@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+#[path = "dispatch/adaptive.rs"]
+mod adaptive;
 #[path = "dispatch/postgres.rs"]
 mod postgres;
 #[path = "../tests/common/postgres.rs"]
@@ -34,6 +36,7 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("receive") => receive(args.get(1).map_or(4, |t| t.parse().unwrap())),
         Some("stamp-receive") => stamp_receive(),
+        Some("limited-receive") => adaptive::limited_receive(&args[1..]),
         Some("steps") => steps(Path::new(&args[1]), args[2].parse().unwrap()),
         Some("fork-post") => fork_post(
             Path::new(&args[1]),
@@ -74,8 +77,17 @@ fn receive(threads: usize) {
 }
 
 /// Serves the requests of one connection, calling `arrived` with each
-/// request's head (lowercased) once the whole request is in.
-fn serve_connection(mut stream: TcpStream, arrived: &mut dyn FnMut(&str)) {
+/// request's head (lowercased) once the whole request is in; answers 200.
+fn serve_connection(stream: TcpStream, arrived: &mut dyn FnMut(&str)) {
+    serve_connection_answering(stream, &mut |head| {
+        arrived(head);
+        200
+    });
+}
+
+/// [`serve_connection`], answering each request with the status `answer`
+/// gives it (429 with `Retry-After: 1`).
+fn serve_connection_answering(mut stream: TcpStream, answer: &mut dyn FnMut(&str) -> u16) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let mut buf = vec![0u8; 8192];
@@ -110,13 +122,13 @@ fn serve_connection(mut stream: TcpStream, arrived: &mut dyn FnMut(&str)) {
                 Ok(n) => filled += n,
             }
         }
-        arrived(&head);
-        let answer: &[u8] = if close {
-            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-        } else {
-            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+        let status = match answer(&head) {
+            429 => "429 Too Many Requests\r\nretry-after: 1",
+            _ => "200 OK",
         };
-        if stream.write_all(answer).is_err() || close {
+        let connection = if close { "connection: close\r\n" } else { "" };
+        let answer = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n{connection}\r\n");
+        if stream.write_all(answer.as_bytes()).is_err() || close {
             return;
         }
         buf.copy_within(end..filled, 0);
@@ -1359,6 +1371,9 @@ fn orchestrate(args: &[String]) {
     }
     if setup.options.wants("latency") {
         latency(&setup.options, setup.n, &mut table);
+    }
+    if setup.options.wants("adaptive") {
+        adaptive::section(&setup.options, &mut table);
     }
     if setup.options.wants("postgres") {
         postgres::section(&mut setup, &mut table);

@@ -176,9 +176,21 @@ fn stats_json(stats: &Stats) -> Value {
         .iter()
         .map(|(endpoint, n)| json!({"endpoint": endpoint, "deliveries": n}))
         .collect();
+    let learned: Vec<_> = stats
+        .learned_rates
+        .iter()
+        .map(|r| {
+            json!({
+                "endpoint": r.endpoint, "rate_per_second": r.learned.rate,
+                "ceiling_per_second": r.learned.ceiling, "reason": r.learned.reason.as_str(),
+                "changed_at_ms": r.learned.changed_at,
+            })
+        })
+        .collect();
     json!({
         "held_accounts": held_accounts,
         "saturated_endpoints": saturated,
+        "learned_rates": learned,
         "orphaned": orphaned,
         "endpoints": endpoints,
         "oldest_ready_age_seconds": stats.oldest_ready_age_ms.map(seconds),
@@ -248,6 +260,23 @@ fn stats_text(config: &Config, stats: &Stats) -> String {
             h.endpoint,
             plural(u64::from(h.failures), "signal", "signals"),
             h.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    for r in &stats.learned_rates {
+        let l = &r.learned;
+        let configured = config
+            .endpoint(&r.endpoint)
+            .and_then(|e| e.rate)
+            .map_or(String::new(), |rate| {
+                format!(", configured {}/s", rate.per_second)
+            });
+        out += &format!(
+            "endpoint {} learned rate {:.1}/s ({} {:.1}s ago; it took {:.1}/s when it last pushed back{configured})\n",
+            r.endpoint,
+            l.rate,
+            l.reason.describe(),
+            seconds((stats.now - l.changed_at).max(0)),
+            l.ceiling,
         );
     }
     if let Some(r) = &stats.last_run {

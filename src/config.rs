@@ -307,6 +307,9 @@ pub struct Endpoint {
     pub slow_after: Option<u32>,
     /// What a dead delivery does to its ordering key.
     pub on_dead: OnDead,
+    /// Whether its rate is learned from its answers (`adaptive`, default
+    /// on): see `adaptive`.
+    pub adaptive: bool,
 }
 
 /// What a dead delivery with an ordering key does to the later ones of
@@ -393,6 +396,7 @@ impl Endpoint {
             cooldown_cap: self.cooldown_cap,
             max_retry_after: self.max_retry_after,
             slow_after: self.slow_after,
+            adaptive: self.adaptive,
         }
     }
 
@@ -680,6 +684,7 @@ struct RawEndpoint {
     max_retry_after: Option<Spanned<String>>,
     slow_after: Option<Spanned<i64>>,
     on_dead: Option<OnDead>,
+    adaptive: Option<bool>,
 }
 
 impl RawConfig {
@@ -1100,6 +1105,7 @@ impl RawEndpoint {
                 }
             },
             on_dead: self.on_dead.unwrap_or_default(),
+            adaptive: self.adaptive.unwrap_or(true),
             name,
         };
         if let (Some(slow_after), DeliveryMode::Confirm) = (&self.slow_after, endpoint.mode) {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use rand::RngExt;
 
+use crate::adaptive::RateChange;
 use crate::config::{DeliveryMode, Endpoint};
 use crate::delivery::PostResult;
 use crate::store::{AttemptOutcome, EndpointSignal, FinishAttempt, Lease, ms, reason};
@@ -27,15 +28,26 @@ pub fn decide(
     duration_ms: i64,
 ) -> FinishAttempt {
     let healthy = EndpointSignal::Healthy;
-    let saturated = |retry_after| EndpointSignal::Saturated {
-        retry_after,
-        limits: endpoint.limits(),
-    };
+    let saturated =
+        |retry_after: Option<Duration>, slows: Option<RateChange>| EndpointSignal::Saturated {
+            retry_after,
+            limits: endpoint.limits(),
+            slows,
+        };
     let (failure, signal) = match result {
         PostResult::Answered { status, .. } if (200..300).contains(status) => {
+            // A confirm-mode answer's time tells whether the receiver slows down.
+            let signal = if endpoint.adaptive && endpoint.mode == DeliveryMode::Confirm {
+                EndpointSignal::Answered {
+                    answer_ms: duration_ms,
+                    limits: endpoint.limits(),
+                }
+            } else {
+                healthy
+            };
             return FinishAttempt::delivered(lease, now, AttemptOutcome::Delivered)
                 .with_answer(Some(*status), duration_ms)
-                .with_signal(healthy);
+                .with_signal(signal);
         }
         PostResult::NoAnswer if endpoint.mode == DeliveryMode::FireAndForget => {
             // Handed over; with slow_after, silence in a row is saturation too.
@@ -58,10 +70,10 @@ pub fn decide(
                 status: Some(*status),
                 at_least: *retry_after,
             },
-            if matches!(status, 429 | 503) {
-                saturated(*retry_after)
-            } else {
-                healthy
+            match status {
+                429 => saturated(*retry_after, Some(RateChange::Http429)),
+                503 => saturated(*retry_after, Some(RateChange::Http503)),
+                _ => healthy,
             },
         ),
         PostResult::Answered { status, .. } => {
@@ -75,11 +87,11 @@ pub fn decide(
                 "no answer within {}",
                 humantime::format_duration(endpoint.timeout)
             )),
-            saturated(None),
+            saturated(None, Some(RateChange::Timeout)),
         ),
         PostResult::ConnectFailed(e) => (
             Failure::new(format!("connect failed: {e}")),
-            saturated(None),
+            saturated(None, None),
         ),
         PostResult::Failed(e) => (Failure::new(e.clone()), EndpointSignal::Unknown),
     };
@@ -103,6 +115,7 @@ pub fn after_child_death(
         EndpointSignal::Saturated {
             retry_after: None,
             limits: endpoint.limits(),
+            slows: Some(RateChange::Timeout),
         }
     } else {
         EndpointSignal::Unknown

@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub mod adaptive;
 pub mod admin;
 pub mod child;
 pub mod cli;

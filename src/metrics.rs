@@ -92,6 +92,26 @@ pub fn render(stats: &Stats, run: &RunRecord, took: Duration, totals: &RunTotals
         "Cool-down left of endpoints whose circuit breaker is open or half-open.",
         &saturated,
     );
+    let learned: Vec<(String, f64)> = stats
+        .learned_rates
+        .iter()
+        .map(|r| {
+            (
+                format!(
+                    "{{endpoint=\"{}\",reason=\"{}\"}}",
+                    escape(&r.endpoint),
+                    r.learned.reason.as_str()
+                ),
+                r.learned.rate,
+            )
+        })
+        .collect();
+    metric(
+        "cronpost_endpoint_learned_rate",
+        "gauge",
+        "Deliveries a second an endpoint is sent at, as learned from its answers; reason: why it last changed.",
+        &learned,
+    );
     let held: Vec<(String, f64)> = stats
         .held_accounts
         .iter()

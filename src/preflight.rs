@@ -63,6 +63,7 @@ cooldown_cap = "5m"
 max_retry_after = "1h"
 # slow_after = 3               # fire_and_forget: silent answers in a row that hold it (default: off)
 on_dead = "release"            # or "block": a dead delivery holds the later ones of its ordering key
+adaptive = true                # learn its rate from 429/503, timeouts and slowing answers (never above `rate`)
 
 # [topics."otp.issued"]        # settings of one topic (default: none)
 # max_age = "5m"               # its messages expire this long after publication

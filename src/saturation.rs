@@ -142,6 +142,25 @@ pub struct EndpointLimits {
     /// Fire-and-forget answers missing in a row that open the breaker, as
     /// a 429 would (None: off).
     pub slow_after: Option<u32>,
+    /// Whether its rate is learned (`adaptive`): overload signals lower
+    /// it, good answers raise it, never above `rate`.
+    pub adaptive: bool,
+}
+
+impl EndpointLimits {
+    /// The rate a lease applies: the learned one, when the endpoint is
+    /// adaptive and has learned one below its configured rate (with no
+    /// burst: a learned limit is kept evenly), else the configured one.
+    pub fn rate_in_force(&self, learned: Option<f64>) -> Option<Rate> {
+        match (self.rate, learned.filter(|_| self.adaptive)) {
+            (Some(rate), Some(l)) if l >= rate.per_second => Some(rate),
+            (_, Some(l)) => Some(Rate {
+                per_second: l,
+                burst: 1,
+            }),
+            (rate, None) => rate,
+        }
+    }
 }
 
 /// The limits a lease must respect, looked up as the lease goes.
@@ -207,6 +226,8 @@ pub struct Candidate<'a> {
     pub saturated_until: Option<i64>,
     /// Its endpoint's saturation signals in a row (> 0: this is a probe).
     pub failures: u32,
+    /// Its endpoint's learned rate, if it has one (see `adaptive`).
+    pub learned_rate: Option<f64>,
 }
 
 /// Why a candidate cannot go now, and when its kind may.
@@ -255,13 +276,21 @@ pub enum Decision {
 pub const PARKED_UNTIL: i64 = 253_402_300_799_999;
 
 /// Whether a candidate still holds the slot it was given when rerouted for
-/// `reason`. A slot older than the burst window was missed (no run was
-/// there): the delivery queues again, so missed slots never add a burst on
-/// top of the rate.
+/// `reason`. A slot older than the burst window (and a second) was missed
+/// (no run was there): the delivery queues again, so missed slots never add
+/// a burst on top of the rate. A slot a moment late, since every child was
+/// busy, is not missed: queueing it again would lose its place.
 pub fn holds_fresh_slot(c: &Candidate, reason: HoldReason, rate: Rate, now: f64) -> bool {
-    c.held_for == Some(reason)
-        && c.not_before as f64 >= now - rate.tolerance_ms() - rate.interval_ms()
+    c.held_for == Some(reason) && c.not_before as f64 >= now - slot_grace_ms(rate)
 }
+
+/// How late a reserved slot may be taken before it counts as missed.
+pub fn slot_grace_ms(rate: Rate) -> f64 {
+    (rate.tolerance_ms() + rate.interval_ms()).max(SLOT_GRACE_MS)
+}
+
+/// See [`slot_grace_ms`].
+pub const SLOT_GRACE_MS: f64 = 1_000.0;
 
 /// The decision for `c` at `now` under `policy`, reading the TAT of the
 /// candidate's key of each kind through `tat`. Both rates are checked
@@ -294,7 +323,9 @@ pub fn decide<E>(
     let limits = [
         (
             RateKind::Endpoint,
-            policy.endpoint_limits(c.endpoint).and_then(|l| l.rate),
+            policy
+                .endpoint_limits(c.endpoint)
+                .and_then(|l| l.rate_in_force(c.learned_rate)),
             HoldReason::EndpointRate,
         ),
         (
@@ -368,6 +399,7 @@ mod tests {
                 cooldown_cap: Duration::from_secs(5),
                 max_retry_after: Duration::from_secs(60),
                 slow_after: None,
+                adaptive: false,
             })
         }
         fn endpoints_with_in_flight_caps(&self) -> Vec<(String, u32)> {
@@ -383,6 +415,7 @@ mod tests {
             not_before: 0,
             saturated_until: None,
             failures: 0,
+            learned_rate: None,
         }
     }
 
@@ -441,9 +474,9 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // Missed by more than the burst window: it queues again.
+        // Missed by more than the burst window and a second: it queues again.
         assert!(matches!(
-            decide(&Both, &slot, 5_000 + 1_000, full).unwrap(),
+            decide(&Both, &slot, 5_000 + 1_001, full).unwrap(),
             Decision::Hold(_)
         ));
     }
@@ -503,6 +536,7 @@ mod tests {
             cooldown_cap: Duration::from_secs(5),
             max_retry_after: Duration::from_secs(60),
             slow_after: None,
+            adaptive: false,
         };
         let waits: Vec<u64> = (1..=5)
             .map(|n| cooldown(&limits, n, None).as_secs())
@@ -536,6 +570,7 @@ mod tests {
             cooldown_cap: Duration::from_secs(5),
             max_retry_after: Duration::from_secs(60),
             slow_after: None,
+            adaptive: false,
         };
         assert_eq!(open_breaker(&limits, None, 1_000, None, 0), (2_000, 1));
         // Open until 2,000: a child in flight since reports; no repeat.

@@ -421,6 +421,10 @@ fn bad_saturation_settings_are_config_errors() {
             good.replace("secret", "mode = \"confirm\"\nslow_after = 3\nsecret"),
             "endpoints.e.slow_after applies to mode = \"fire_and_forget\" only",
         ),
+        (
+            good.replace("secret", "adaptive = \"yes\"\nsecret"),
+            "endpoints.e.adaptive: invalid type",
+        ),
     ] {
         env.write_config(&text);
         let out = env.cronpost(&["check-config"]);
@@ -431,4 +435,174 @@ fn bad_saturation_settings_are_config_errors() {
             stderr(&out)
         );
     }
+}
+
+/// A lingering run in the background, stopped (SIGTERM, then waited for)
+/// when dropped.
+struct Lingering(std::process::Child);
+
+impl Lingering {
+    fn start(env: &Env) -> Lingering {
+        Lingering(
+            env.command(&["run", "--linger"])
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+/// The times of the requests to `path` answered `status`.
+fn answered(rx: &Receiver, path: &str, status: u16) -> Vec<Instant> {
+    let mut at: Vec<Instant> = rx
+        .received_on(path)
+        .iter()
+        .filter(|r| r.status == Some(status))
+        .map(|r| r.at)
+        .collect();
+    at.sort();
+    at
+}
+
+fn learned(env: &Env, endpoint: &str) -> Option<(f64, String)> {
+    let rows = env.query_rows(&format!(
+        "SELECT learned_rate, rate_reason FROM endpoint_health
+         WHERE endpoint = '{endpoint}' AND learned_rate IS NOT NULL"
+    ));
+    rows.first().map(|r| (r[0].parse().unwrap(), r[1].clone()))
+}
+
+/// A receiver that answers 429 above 40 requests a second, then above 10:
+/// the endpoint learns its rate from the 429s (and shows it), is driven
+/// near each limit with few refusals, and the healthy endpoint beside it
+/// drains first. Bounds are generous: the figures are in BENCHMARKS.md.
+#[test]
+fn a_rate_limited_endpoint_learns_its_limit_and_follows_it_down() {
+    let rx = Receiver::start();
+    rx.set_default("/limited", Reply::Limited(40));
+    let env = Env::new(
+        "max_children = 8\nmax_runtime = \"3m\"",
+        &(endpoint("limited", &rx.url("/limited"), &["l"], "")
+            + &endpoint("healthy", &rx.url("/healthy"), &["h"], "")),
+    );
+    env.prepend_config("metrics_file = \"metrics.prom\"\n");
+    env.enqueue_ndjson(&ndjson((0..200).map(|_| ("l".into(), "a".into(), 0))));
+    env.enqueue_ndjson(&ndjson((0..200).map(|_| ("h".into(), "a".into(), 0))));
+    let run = Lingering::start(&env);
+    wait_until(Duration::from_secs(60), "100 accepted at 40/s", || {
+        answered(&rx, "/limited", 200).len() >= 100
+    });
+    rx.set_default("/limited", Reply::Limited(10));
+    let dropped = Instant::now();
+    let (at_40, _) = learned(&env, "limited").expect("a rate learned from the 429s");
+    wait_until(
+        Duration::from_secs(30),
+        "the learned rate follows the drop",
+        || learned(&env, "limited").is_some_and(|(rate, _)| rate <= 12.0),
+    );
+    let followed = dropped.elapsed();
+    wait_until(Duration::from_secs(120), "all delivered", || {
+        env.count_state("delivered") == 400
+    });
+    drop(run);
+
+    let ok = answered(&rx, "/limited", 200);
+    let refused = answered(&rx, "/limited", 429).len();
+    assert_eq!(ok.len(), 200);
+    assert!(
+        refused * 10 <= ok.len() + refused,
+        "{refused} refused of {} requests",
+        ok.len() + refused
+    );
+    // Near the first limit: the 100 took under twice what 40/s needs
+    // (a second of them was the first cool-down).
+    let first_hundred = ok[99] - ok[0];
+    assert!(
+        first_hundred < Duration::from_secs_f64(2.0 * 100.0 / 40.0 + 1.0),
+        "100 at 40/s took {first_hundred:?}"
+    );
+    assert!((20.0..=40.0).contains(&at_40), "learned {at_40}/s of 40");
+    assert!(
+        followed < Duration::from_secs(15),
+        "followed in {followed:?}"
+    );
+    // The healthy endpoint was not held back: it was done long before.
+    let healthy = answered(&rx, "/healthy", 200);
+    assert_eq!(healthy.len(), 200);
+    assert!(healthy[199] < ok[199]);
+    // Shown: stats, the view, the metrics.
+    let shown = env.ok(&["stats"]);
+    assert!(shown.contains("endpoint limited learned rate"), "{shown}");
+    let json = stats(&env);
+    assert_eq!(json["learned_rates"][0]["endpoint"], "limited", "{json}");
+    let view = env.query_rows(
+        "SELECT endpoint, learned_rate IS NOT NULL, rate_reason IS NOT NULL FROM endpoint_status ORDER BY endpoint",
+    );
+    assert_eq!(view[1], ["limited", "1", "1"], "{view:?}");
+    let metrics = std::fs::read_to_string(env.dir.path().join("metrics.prom")).unwrap();
+    assert!(
+        metrics.contains("cronpost_endpoint_learned_rate{endpoint=\"limited\",reason=\""),
+        "{metrics}"
+    );
+}
+
+/// A confirm-mode receiver that answers more and more slowly as it gets
+/// busier: the rising answer times lower the endpoint's rate (reason
+/// slow_answers), and everything is delivered.
+#[test]
+fn answers_slowing_down_under_load_lower_a_confirm_mode_endpoint_rate() {
+    let rx = Receiver::start();
+    rx.set_default("/slow", Reply::SlowerAbove(10));
+    let env = Env::new(
+        "max_children = 8",
+        &endpoint(
+            "slow",
+            &rx.url("/slow"),
+            &["t"],
+            "mode = \"confirm\"\ntimeout = \"10s\"",
+        ),
+    );
+    env.enqueue_ndjson(&ndjson((0..150).map(|_| ("t".into(), "a".into(), 0))));
+    run_until(&env, Duration::from_secs(120), "all delivered", || {
+        env.count_state("delivered") == 150
+    });
+    let slowed = env.query_i64(
+        "SELECT count(*) FROM endpoint_health WHERE endpoint = 'slow' AND latency_ms IS NOT NULL",
+    );
+    assert_eq!(slowed, 1, "answer times are tracked");
+    let reasons = env.query_rows(
+        "SELECT rate_reason FROM endpoint_health WHERE endpoint = 'slow' AND learned_rate IS NOT NULL",
+    );
+    assert!(
+        reasons
+            .first()
+            .is_some_and(|r| r[0] == "slow_answers" || r[0] == "increase"),
+        "{reasons:?}"
+    );
+}
+
+/// With `adaptive = false` an endpoint learns nothing: 429s open its
+/// breaker as before, and everything is delivered.
+#[test]
+fn an_endpoint_that_does_not_adapt_learns_nothing() {
+    let rx = Receiver::start();
+    rx.set_default("/fixed", Reply::Limited(20));
+    let env = Env::new(
+        "max_children = 8",
+        &endpoint("fixed", &rx.url("/fixed"), &["t"], "adaptive = false"),
+    );
+    env.enqueue_ndjson(&ndjson((0..60).map(|_| ("t".into(), "a".into(), 0))));
+    run_until(&env, Duration::from_secs(60), "all delivered", || {
+        env.count_state("delivered") == 60
+    });
+    assert!(!answered(&rx, "/fixed", 429).is_empty(), "it was refused");
+    assert_eq!(learned(&env, "fixed"), None);
 }

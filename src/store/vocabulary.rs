@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::adaptive::{Learned, RateChange};
 use crate::clock::BootTime;
 use crate::saturation::{EndpointLimits, HoldReason, LeasePolicy};
 
@@ -142,12 +143,26 @@ pub enum EndpointSignal {
     Unknown,
     /// It answered without saturation: close its circuit breaker.
     Healthy,
+    /// It answered 2xx in confirm mode, and learns its rate: healthy, and
+    /// the answer's time feeds its answer times (answers slowing down lower
+    /// its rate).
+    Answered {
+        /// How long the attempt took.
+        answer_ms: i64,
+        /// Its limits (its configured rate caps the learned one).
+        limits: EndpointLimits,
+    },
     /// 429/503, timed out or refused: open the breaker for a cool-down.
     Saturated {
         /// Its Retry-After, when given.
         retry_after: Option<Duration>,
         /// Its limits (cool-down settings).
         limits: EndpointLimits,
+        /// Whether it says the endpoint took too much (429, 503, a
+        /// timeout), and so lowers its learned rate where the endpoint is
+        /// adaptive: why, when it does (a refused connection says nothing
+        /// of a rate).
+        slows: Option<RateChange>,
     },
     /// Fire-and-forget, no answer within the window, and the endpoint has a
     /// `slow_after` (in its limits): one more silent answer in a row, which
@@ -793,8 +808,17 @@ pub struct EndpointHealth {
     pub last_error: Option<String>,
 }
 
+/// What an endpoint has learned of its rate (`adaptive`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointRate {
+    /// The endpoint.
+    pub endpoint: String,
+    /// Its learned rate, why and when it last changed.
+    pub learned: Learned,
+}
+
 /// A picture of the queue (`cronpost stats`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Stats {
     /// When it was taken.
     pub now: i64,
@@ -812,6 +836,8 @@ pub struct Stats {
     pub held_accounts: Vec<HeldAccount>,
     /// Endpoints whose circuit breaker is open or half-open.
     pub saturated_endpoints: Vec<EndpointHealth>,
+    /// Endpoints with a learned rate, by name.
+    pub learned_rates: Vec<EndpointRate>,
     /// Endpoints gone from the config, with their parked deliveries.
     pub orphaned: Vec<(String, u64)>,
     /// Messages marked unroutable (no endpoint subscribed to their topic).

@@ -34,6 +34,13 @@ pub enum Reply {
     Flaky(u64),
     /// Answer 429 with `Retry-After: 1` to every n-th request, else 200.
     Every429(u64),
+    /// A rate limit: 200 while fewer than n requests to the path were
+    /// answered 200 in the last second (a sliding window), else 429 with
+    /// `Retry-After: 1`.
+    Limited(u64),
+    /// A receiver that slows down under load: answers 200 after 5 ms, plus
+    /// 20 ms for each request to the path in the last second beyond n.
+    SlowerAbove(u64),
 }
 
 /// One request as it arrived.
@@ -146,7 +153,34 @@ impl Receiver {
                                 .unwrap_or(Reply::Status(200)),
                         }
                     };
+                    let since = Instant::now() - Duration::from_secs(1);
+                    let recent = |received: &[Received], ok_only: bool| {
+                        received
+                            .iter()
+                            .filter(|r| r.path == path && r.at > since)
+                            .filter(|r| !ok_only || r.status == Some(200))
+                            .count() as u64
+                    };
                     let status = match reply {
+                        // Decided and recorded at once: concurrent requests
+                        // see each other's answers.
+                        Reply::Limited(n) => {
+                            let mut received = received.lock().unwrap();
+                            let code = if recent(&received, true) >= n {
+                                429
+                            } else {
+                                200
+                            };
+                            received[index].status = Some(code);
+                            Some(code)
+                        }
+                        Reply::SlowerAbove(n) => {
+                            let load = recent(&received.lock().unwrap(), false);
+                            std::thread::sleep(Duration::from_millis(
+                                5 + 20 * load.saturating_sub(n),
+                            ));
+                            Some(200)
+                        }
                         Reply::Status(code)
                         | Reply::Delayed(_, code)
                         | Reply::RetryAfter(code, _) => Some(code),
@@ -161,7 +195,10 @@ impl Receiver {
                     };
                     received.lock().unwrap()[index].status = status;
                     match reply {
-                        Reply::Flaky(_) | Reply::Every429(_) => {
+                        Reply::Flaky(_)
+                        | Reply::Every429(_)
+                        | Reply::Limited(_)
+                        | Reply::SlowerAbove(_) => {
                             let code = status.unwrap();
                             let mut response = tiny_http::Response::empty(code);
                             if code == 429 {

@@ -99,6 +99,7 @@ pub fn a_child_that_lost_its_lease_says_nothing_about_the_endpoint(store: &mut d
     let saturated = EndpointSignal::Saturated {
         retry_after: Some(Duration::from_secs(30)),
         limits: endpoint_limits(),
+        slows: None,
     };
     let retry = FinishAttempt::retry(&second, T0 + 10_002, T0 + 10_003, "HTTP 429".into())
         .with_signal(saturated);

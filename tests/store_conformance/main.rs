@@ -123,6 +123,7 @@ pub fn endpoint_limits() -> EndpointLimits {
         cooldown_cap: Duration::from_secs(8),
         max_retry_after: Duration::from_secs(60),
         slow_after: None,
+        adaptive: false,
     }
 }
 
@@ -132,6 +133,11 @@ pub fn one_leased(store: &mut dyn Store) -> Lease {
     store.messages_insert(&[message("t", 0)]).unwrap();
     route(store, T0);
     lease(store, "a", T0).unwrap()
+}
+
+/// Finishes an attempt whose lease is still held.
+pub fn finish(store: &mut dyn Store, f: FinishAttempt) {
+    assert!(store.attempt_finish(&f).unwrap());
 }
 
 pub fn state(store: &mut dyn Store, delivery_id: i64) -> DeliveryRow {
@@ -172,6 +178,8 @@ macro_rules! conformance {
                 silent_answers_in_a_row_open_the_breaker_and_an_answer_resets_them,
                 an_endpoint_over_its_rate_reroutes_with_reserved_slots,
                 deliveries_of_a_removed_endpoint_are_parked_restored_or_purged,
+                an_overload_signal_teaches_a_rate_from_what_the_endpoint_took,
+                answers_slowing_down_lower_the_rate_of_an_adaptive_endpoint_only,
             ];
             semantics: [
                 an_expired_delivery_is_never_leased_and_expires_dead_or_discarded,

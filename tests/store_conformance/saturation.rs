@@ -96,6 +96,7 @@ pub fn a_saturated_endpoint_is_held_for_its_cool_down_then_probed_once(store: &m
     let saturated = EndpointSignal::Saturated {
         retry_after: Some(Duration::from_secs(2)),
         limits: endpoint_limits(),
+        slows: None,
     };
     let finish =
         FinishAttempt::retry(&first, T0, T0 + 10, "HTTP 429".into()).with_signal(saturated);
@@ -133,6 +134,7 @@ pub fn a_saturated_endpoint_is_held_for_its_cool_down_then_probed_once(store: &m
     let again = EndpointSignal::Saturated {
         retry_after: None,
         limits: endpoint_limits(),
+        slows: None,
     };
     store
         .attempt_finish(
@@ -354,4 +356,171 @@ pub fn deliveries_of_a_removed_endpoint_are_parked_restored_or_purged(store: &mu
     assert_eq!(purged(purge(None, &["kept"], true)), 2);
     assert_eq!(purged(purge(None, &["kept"], false)), 2);
     assert!(store.stats(T0).unwrap().orphaned.is_empty());
+}
+
+/// Endpoint `e` learning its rate (`adaptive`), with no configured rate.
+fn adaptive_policy() -> Policy {
+    let mut policy = Policy::default();
+    policy.endpoints.insert(
+        "e".into(),
+        EndpointLimits {
+            adaptive: true,
+            ..endpoint_limits()
+        },
+    );
+    policy
+}
+
+fn learned_rate_of(store: &mut dyn Store, endpoint: &str, now: i64) -> Option<EndpointRate> {
+    store
+        .stats(now)
+        .unwrap()
+        .learned_rates
+        .into_iter()
+        .find(|r| r.endpoint == endpoint)
+}
+
+fn not_befores(store: &mut dyn Store, why: &str) -> Vec<i64> {
+    let mut held: Vec<i64> = store
+        .deliveries_list(
+            &DeliveryFilter {
+                reason: Some(why.into()),
+                ..DeliveryFilter::default()
+            },
+            100,
+        )
+        .unwrap()
+        .iter()
+        .map(|l| l.delivery.not_before)
+        .collect();
+    held.sort();
+    held
+}
+
+/// A 429 teaches the endpoint's rate: 95% of what it took in the second
+/// before; its deliveries then go at that rate from the end of the
+/// cool-down, in reserved slots; children in flight when it came teach
+/// nothing more; a second of good answers raises the rate a step and
+/// spaces the next slots at it.
+pub fn an_overload_signal_teaches_a_rate_from_what_the_endpoint_took(store: &mut dyn Store) {
+    subscribe(store, &[("t", "e")]);
+    store.messages_insert(&vec![message("t", 0); 12]).unwrap();
+    route(store, T0);
+    let policy = adaptive_policy();
+    for i in 0..4 {
+        let l = lease_with(store, "a", T0 + i, &policy).unwrap();
+        finish(
+            store,
+            FinishAttempt::delivered(&l, T0 + i, AttemptOutcome::Delivered)
+                .with_signal(EndpointSignal::Healthy),
+        );
+    }
+    assert!(
+        learned_rate_of(store, "e", T0).is_none(),
+        "nothing learned yet"
+    );
+    let refused = lease_with(store, "b", T0 + 10, &policy).unwrap();
+    let in_flight = lease_with(store, "c", T0 + 10, &policy).unwrap();
+    let too_much = |l: &Lease, now| {
+        FinishAttempt::retry(l, now, now + 1, "HTTP 429".into())
+            .with_answer(Some(429), 5)
+            .with_signal(EndpointSignal::Saturated {
+                retry_after: Some(Duration::from_secs(1)),
+                limits: policy.endpoints["e"],
+                slows: Some(cronpost::adaptive::RateChange::Http429),
+            })
+    };
+    finish(store, too_much(&refused, T0 + 20));
+    let learned = learned_rate_of(store, "e", T0 + 20).unwrap().learned;
+    assert_eq!(learned.ceiling, 4.0, "it took four in the second before");
+    assert!((learned.rate - 3.8).abs() < 1e-9, "{learned:?}");
+    assert_eq!(learned.reason.as_str(), "http_429");
+    finish(store, too_much(&in_flight, T0 + 21));
+    assert_eq!(
+        learned_rate_of(store, "e", T0 + 21).unwrap().learned,
+        learned,
+        "a child in flight adds nothing"
+    );
+    // The cool-down's end (the last Retry-After's): the probe goes, then
+    // the rest wait at 3.8/s.
+    let until = T0 + 21 + 1_000;
+    let probe = lease_with(store, "p", until, &policy).unwrap();
+    finish(
+        store,
+        FinishAttempt::delivered(&probe, until + 1, AttemptOutcome::Delivered)
+            .with_signal(EndpointSignal::Healthy),
+    );
+    let next = lease_with(store, "n", until + 2, &policy);
+    let slots = not_befores(store, reason::ENDPOINT_RATE);
+    assert!(next.is_none() && !slots.is_empty(), "{slots:?}");
+    // (Its first step up came with it: a second has passed since.)
+    let rate = learned_rate_of(store, "e", until + 2).unwrap().learned.rate;
+    assert!(rate >= learned.rate && rate < 3.9, "{rate}");
+    for pair in slots.windows(2) {
+        let gap = (pair[1] - pair[0]) as f64;
+        assert!((gap - 1000.0 / rate).abs() <= 1.0, "{slots:?}");
+    }
+    // Five seconds later: a step up, and the slots left spaced at it.
+    let later = until + 5_002;
+    lease_with(store, "s", later, &policy);
+    let grown = learned_rate_of(store, "e", later).unwrap().learned;
+    assert_eq!(grown.reason.as_str(), "increase");
+    assert!(grown.rate > rate, "{grown:?}");
+    let spaced = not_befores(store, reason::ENDPOINT_RATE);
+    for pair in spaced.windows(2) {
+        let gap = (pair[1] - pair[0]) as f64;
+        assert!((gap - 1000.0 / grown.rate).abs() <= 1.0, "{spaced:?}");
+    }
+}
+
+/// Confirm-mode answers that take much longer than they used to lower the
+/// rate too (reason slow_answers); a non-adaptive endpoint learns nothing.
+pub fn answers_slowing_down_lower_the_rate_of_an_adaptive_endpoint_only(store: &mut dyn Store) {
+    subscribe(store, &[("t", "e"), ("t", "fixed")]);
+    store.messages_insert(&vec![message("t", 0); 30]).unwrap();
+    route(store, T0);
+    let mut policy = adaptive_policy();
+    policy.endpoints.insert("fixed".into(), endpoint_limits());
+    let mut now = T0;
+    for i in 0..30 {
+        let l = lease_with(store, "a", now, &policy).unwrap();
+        let answer_ms = if i < 20 { 10 } else { 300 };
+        now += answer_ms;
+        let limits = policy.endpoints[&l.endpoint];
+        finish(
+            store,
+            FinishAttempt::delivered(&l, now, AttemptOutcome::Delivered)
+                .with_answer(Some(200), answer_ms)
+                .with_signal(EndpointSignal::Answered { answer_ms, limits }),
+        );
+    }
+    let learned = learned_rate_of(store, "e", now).unwrap().learned;
+    assert_eq!(learned.reason.as_str(), "slow_answers");
+    assert!(learned_rate_of(store, "fixed", now).is_none());
+    // An overload signal on the endpoint that does not learn: the breaker
+    // opens, nothing is learned.
+    store.messages_insert(&[message("t", 0)]).unwrap();
+    route(store, now);
+    let fixed = loop {
+        let l = lease_with(store, "f", now, &policy).unwrap();
+        if l.endpoint == "fixed" {
+            break l;
+        }
+        finish(
+            store,
+            FinishAttempt::delivered(&l, now, AttemptOutcome::Delivered),
+        );
+    };
+    finish(
+        store,
+        FinishAttempt::retry(&fixed, now + 1, now + 2, "HTTP 429".into()).with_signal(
+            EndpointSignal::Saturated {
+                retry_after: None,
+                limits: endpoint_limits(),
+                slows: Some(cronpost::adaptive::RateChange::Http429),
+            },
+        ),
+    );
+    assert!(learned_rate_of(store, "fixed", now + 1).is_none());
+    assert!(store.stats(now + 1).unwrap().saturated_endpoints.len() == 1);
 }

@@ -143,10 +143,6 @@ fn keyed(key: Option<&str>) -> NewMessage {
     }
 }
 
-fn finish(store: &mut dyn Store, f: FinishAttempt) {
-    assert!(store.attempt_finish(&f).unwrap());
-}
-
 pub fn a_keys_deliveries_go_one_at_a_time_in_order_through_retries(store: &mut dyn Store) {
     subscribe(store, &[("t", "e")]);
     let k = Some("customer-42");

@@ -3,6 +3,7 @@
 //! (`backup` is pg_dump's job on PostgreSQL.)
 
 use super::*;
+use crate::store::candidate::learned;
 
 impl PostgresStore {
     pub(super) fn deliveries_restore_endpoints(
@@ -382,6 +383,21 @@ impl PostgresStore {
                         saturated_until: r.try_get(1)?,
                         failures: r.try_get::<_, i64>(2)? as u32,
                         last_error: r.try_get(3)?,
+                    })
+                })
+                .collect::<Result<_, ::postgres::Error>>()?;
+            stats.learned_rates = c
+                .query_typed(
+                    "SELECT endpoint, learned_rate, rate_ceiling, rate_changed_at, rate_reason
+                     FROM endpoint_health WHERE learned_rate IS NOT NULL ORDER BY endpoint",
+                    &[],
+                )?
+                .iter()
+                .map(|r| {
+                    let learned = learned(r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?);
+                    Ok(EndpointRate {
+                        endpoint: r.try_get(0)?,
+                        learned: learned.expect("learned_rate IS NOT NULL"),
                     })
                 })
                 .collect::<Result<_, ::postgres::Error>>()?;

@@ -12,14 +12,16 @@
 //! write lock.
 
 use super::*;
+use crate::adaptive::{self, Learned, RateChange};
 use crate::saturation::{self, Decision, Hold, RateKind};
-use crate::store::candidate::Candidate;
+use crate::store::candidate::{self, Candidate, HEALTH_COLUMNS, Health};
 
 /// The next ready delivery, highest priority first, then oldest, skipping
 /// the endpoints in $1 and those with a probe in flight at $2, expired
 /// deliveries, and rows another transaction holds.
 const PICK_READY_SQL: &str = "\
-SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, coalesce(h.failures, 0)
+SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, coalesce(h.failures, 0),
+       h.learned_rate, h.rate_ceiling, h.rate_changed_at, h.rate_reason
 FROM deliveries d LEFT JOIN endpoint_health h ON h.endpoint = d.endpoint
 WHERE d.state = 'ready' AND d.endpoint <> ALL($1)
   AND NOT coalesce(h.probe_owner IS NOT NULL AND h.probe_expires_at > $2, false)
@@ -30,7 +32,8 @@ FOR UPDATE OF d SKIP LOCKED";
 /// The next delayed delivery whose time ($2) has come, by priority, then
 /// the longest eligible, skipping as [`PICK_READY_SQL`] does.
 const PICK_DELAYED_SQL: &str = "\
-SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, coalesce(h.failures, 0)
+SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, coalesce(h.failures, 0),
+       h.learned_rate, h.rate_ceiling, h.rate_changed_at, h.rate_reason
 FROM deliveries d LEFT JOIN endpoint_health h ON h.endpoint = d.endpoint
 WHERE d.state = 'delayed' AND d.not_before <= $2 AND d.endpoint <> ALL($1)
   AND NOT coalesce(h.probe_owner IS NOT NULL AND h.probe_expires_at > $2, false)
@@ -114,6 +117,9 @@ fn lease_step(
     if !lock_and_recheck(tx, p, &mut c)? {
         return Ok(Step::Skipped(c.endpoint));
     }
+    if let Some(step) = c.growth_step(p.policy, p.now) {
+        grow_rate(tx, &mut c, step, p.now)?;
+    }
     let decision = saturation::decide(p.policy, &c.view(), p.now, |kind| {
         tat(tx, kind, c.key(kind))
     })?;
@@ -147,14 +153,15 @@ fn lock_and_recheck(
     }
     let limits = p.policy.endpoint_limits(&c.endpoint);
     let cap = limits.and_then(|l| l.max_in_flight);
-    let rated = limits.is_some_and(|l| l.rate.is_some());
+    let rated = limits.is_some_and(|l| l.rate.is_some() || l.adaptive && c.learned.is_some());
     let breaker = c.saturated_until.is_some() || c.failures > 0;
     if !(cap.is_some() || rated || breaker) {
         return Ok(true);
     }
     lock_key(tx, RateKind::Endpoint, &c.endpoint)?;
     let health = tx.query_typed_opt(
-        "SELECT saturated_until, failures, probe_owner IS NOT NULL AND probe_expires_at > $2
+        "SELECT saturated_until, failures, probe_owner IS NOT NULL AND probe_expires_at > $2,
+                learned_rate, rate_ceiling, rate_changed_at, rate_reason
          FROM endpoint_health WHERE endpoint = $1 FOR UPDATE",
         typed![c.endpoint => TEXT, p.now => INT8],
     )?;
@@ -164,8 +171,9 @@ fn lock_and_recheck(
         }
         c.saturated_until = h.try_get(0)?;
         c.failures = h.try_get::<_, i64>(1)? as u32;
+        c.learned = candidate::learned(h.try_get(3)?, h.try_get(4)?, h.try_get(5)?, h.try_get(6)?);
     } else {
-        (c.saturated_until, c.failures) = (None, 0);
+        (c.saturated_until, c.failures, c.learned) = (None, 0, None);
     }
     if let Some(cap) = cap {
         let in_flight: i64 = tx
@@ -229,6 +237,12 @@ fn pick(
                 not_before: r.try_get(4)?,
                 saturated_until: r.try_get(5)?,
                 failures: r.try_get::<_, i64>(6)? as u32,
+                learned: candidate::learned(
+                    r.try_get(7)?,
+                    r.try_get(8)?,
+                    r.try_get(9)?,
+                    r.try_get(10)?,
+                ),
                 from: queue,
             })
         })
@@ -272,9 +286,13 @@ macro_rules! reroute_ready_sql {
     };
 }
 
-/// Moves a held candidate to the delayed queue; from the ready queue, with
-/// every other ready delivery of its account or endpoint, each with its own
-/// slot `first + k * interval` in priority order.
+/// Moves a held candidate to the delayed queue, with the rest of its group,
+/// each with its own slot `first + k * interval` in priority order: from
+/// the ready queue, every ready delivery of its account or endpoint; from
+/// the delayed queue, when its endpoint is held, every delivery of the
+/// endpoint that came due with it (the deliveries a cool-down held come
+/// due together), but those holding a slot still fresh. Rows another
+/// transaction holds are being leased or rerouted there: skipped.
 fn reroute(tx: &mut Client, c: &Candidate, hold: &Hold, now: i64) -> Result<(), ::postgres::Error> {
     let reason = hold_reason(hold.reason);
     let moved = match c.from {
@@ -294,6 +312,24 @@ fn reroute(tx: &mut Client, c: &Candidate, hold: &Hold, now: i64) -> Result<(), 
                 ],
             )?
         }
+        Queue::Delayed if hold.group == RateKind::Endpoint => tx.execute_typed(
+            "UPDATE deliveries
+             SET reason = $2, not_before = CAST(floor($3 + r.k * $4) AS BIGINT) + 1, updated_at = $5
+             FROM (SELECT id, row_number() OVER (ORDER BY priority DESC, not_before, id) - 1 AS k
+                   FROM (SELECT id, priority, not_before FROM deliveries
+                         WHERE endpoint = $1 AND state = 'delayed' AND not_before <= $5
+                           AND NOT (coalesce(reason, '') = 'endpoint_rate' AND not_before >= $6)
+                         FOR UPDATE SKIP LOCKED) AS due) AS r
+             WHERE deliveries.id = r.id",
+            typed![
+                c.endpoint => TEXT,
+                reason => TEXT,
+                hold.first => FLOAT8,
+                hold.interval => FLOAT8,
+                now => INT8,
+                candidate::fresh_since(hold, now) => INT8,
+            ],
+        )?,
         Queue::Delayed => tx.execute_typed(
             "UPDATE deliveries SET reason = $2, not_before = CAST(floor($3) AS BIGINT) + 1, updated_at = $4
              WHERE id = $1",
@@ -387,7 +423,31 @@ fn record_signal(tx: &mut Client, f: &FinishAttempt) -> Result<Option<i64>, ::po
             )?;
             Ok(None)
         }
-        EndpointSignal::Healthy => {
+        EndpointSignal::Answered { answer_ms, limits } if limits.adaptive => {
+            let health = locked_endpoint_health(tx, &f.endpoint)?;
+            tx.execute_typed(
+                ENDPOINT_HEALTHY_SQL,
+                typed![f.endpoint => TEXT, f.now => INT8],
+            )?;
+            let latency = adaptive::observe(health.latency, answer_ms as f64);
+            tx.execute_typed(
+                "INSERT INTO endpoint_health (endpoint, latency_ms, latency_base_ms, updated_at)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (endpoint) DO UPDATE SET latency_ms = excluded.latency_ms,
+                     latency_base_ms = excluded.latency_base_ms, updated_at = excluded.updated_at",
+                typed![
+                    f.endpoint => TEXT,
+                    latency.recent_ms => FLOAT8,
+                    latency.base_ms => FLOAT8,
+                    f.now => INT8,
+                ],
+            )?;
+            if adaptive::slowing(&latency) {
+                slow_down(tx, f, &limits, &health, RateChange::SlowAnswers, f.now)?;
+            }
+            Ok(None)
+        }
+        EndpointSignal::Healthy | EndpointSignal::Answered { .. } => {
             tx.execute_typed(
                 ENDPOINT_HEALTHY_SQL,
                 typed![f.endpoint => TEXT, f.now => INT8],
@@ -397,18 +457,29 @@ fn record_signal(tx: &mut Client, f: &FinishAttempt) -> Result<Option<i64>, ::po
         EndpointSignal::Saturated {
             retry_after,
             limits,
+            slows,
         } => {
-            let (until, failures, _) = locked_endpoint_health(tx, &f.endpoint)?;
+            let health = locked_endpoint_health(tx, &f.endpoint)?;
             let error = f.error.as_deref();
-            open_breaker(tx, f, &limits, retry_after, (until, failures), error).map(Some)
+            let until = open_breaker(tx, f, &limits, retry_after, &health, error)?;
+            if let Some(why) = slows
+                && limits.adaptive
+                && health.slows_at(f.now)
+            {
+                slow_down(tx, f, &limits, &health, why, until)?;
+            }
+            Ok(Some(until))
         }
         EndpointSignal::Silent { limits } => {
-            let (until, failures, silent) = locked_endpoint_health(tx, &f.endpoint)?;
+            let health = locked_endpoint_health(tx, &f.endpoint)?;
             let slow_after = limits.slow_after.unwrap_or(1);
-            if saturation::silence_opens(slow_after, failures, silent) {
+            if saturation::silence_opens(slow_after, health.failures, health.silent) {
                 let error = saturation::silence_error(slow_after);
-                return open_breaker(tx, f, &limits, None, (until, failures), Some(&error))
-                    .map(Some);
+                let until = open_breaker(tx, f, &limits, None, &health, Some(&error))?;
+                if limits.adaptive && health.slows_at(f.now) {
+                    slow_down(tx, f, &limits, &health, RateChange::Silent, until)?;
+                }
+                return Ok(Some(until));
             }
             tx.execute_typed(
                 "INSERT INTO endpoint_health (endpoint, silent, updated_at) VALUES ($1, 1, $2)
@@ -421,41 +492,44 @@ fn record_signal(tx: &mut Client, f: &FinishAttempt) -> Result<Option<i64>, ::po
     }
 }
 
-/// An endpoint's breaker (saturated until, signals in a row, silent answers
-/// in a row), locked: children of every host finishing at once count their
-/// signals one after another.
-fn locked_endpoint_health(
-    tx: &mut Client,
-    endpoint: &str,
-) -> Result<(Option<i64>, u32, u32), ::postgres::Error> {
+/// An endpoint's breaker, learned rate and answer times, locked: children
+/// of every host finishing at once count their signals one after another.
+fn locked_endpoint_health(tx: &mut Client, endpoint: &str) -> Result<Health, ::postgres::Error> {
     lock_key(tx, RateKind::Endpoint, endpoint)?;
     tx.query_typed_opt(
-        "SELECT saturated_until, failures, silent FROM endpoint_health WHERE endpoint = $1 FOR UPDATE",
+        &format!("SELECT {HEALTH_COLUMNS} FROM endpoint_health WHERE endpoint = $1 FOR UPDATE"),
         typed![endpoint => TEXT],
     )?
     .map(|r| {
-        Ok::<_, ::postgres::Error>((
-            r.try_get::<_, Option<i64>>(0)?,
-            r.try_get::<_, i64>(1)? as u32,
-            r.try_get::<_, i64>(2)? as u32,
-        ))
+        Ok::<_, ::postgres::Error>(Health {
+            saturated_until: r.try_get(0)?,
+            failures: r.try_get::<_, i64>(1)? as u32,
+            silent: r.try_get::<_, i64>(2)? as u32,
+            learned: candidate::learned(r.try_get(3)?, r.try_get(4)?, r.try_get(5)?, r.try_get(6)?),
+            latency: candidate::latency(r.try_get(7)?, r.try_get(8)?),
+        })
     })
     .transpose()
-    .map(|found| found.unwrap_or((None, 0, 0)))
+    .map(Option::unwrap_or_default)
 }
 
 /// Opens (or keeps open) an endpoint's breaker on a saturation signal, from
-/// its state `(until, failures)`, recording `error`; returns the time it is
-/// saturated until.
+/// its state, recording `error`; returns the time it is saturated until.
 fn open_breaker(
     tx: &mut Client,
     f: &FinishAttempt,
     limits: &EndpointLimits,
     retry_after: Option<Duration>,
-    (until, failures): (Option<i64>, u32),
+    health: &Health,
     error: Option<&str>,
 ) -> Result<i64, ::postgres::Error> {
-    let (until, failures) = saturation::open_breaker(limits, retry_after, f.now, until, failures);
+    let (until, failures) = saturation::open_breaker(
+        limits,
+        retry_after,
+        f.now,
+        health.saturated_until,
+        health.failures,
+    );
     tx.execute_typed(
         "INSERT INTO endpoint_health (endpoint, saturated_until, failures, last_error, updated_at)
          VALUES ($1, $2, $3, $4, $5)
@@ -472,6 +546,134 @@ fn open_breaker(
         ],
     )?;
     Ok(until)
+}
+
+/// Stores what an endpoint has learned of its rate (None: nothing).
+fn set_learned(
+    tx: &mut Client,
+    endpoint: &str,
+    learned: Option<&Learned>,
+    now: i64,
+) -> Result<(), ::postgres::Error> {
+    tx.execute_typed(
+        "INSERT INTO endpoint_health (endpoint, learned_rate, rate_ceiling, rate_changed_at, rate_reason, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (endpoint) DO UPDATE SET
+             learned_rate = excluded.learned_rate, rate_ceiling = excluded.rate_ceiling,
+             rate_changed_at = excluded.rate_changed_at, rate_reason = excluded.rate_reason,
+             updated_at = excluded.updated_at",
+        typed![
+            endpoint => TEXT,
+            learned.map(|l| l.rate) => FLOAT8,
+            learned.map(|l| l.ceiling) => FLOAT8,
+            learned.map(|l| l.changed_at) => INT8,
+            learned.map(|l| l.reason.as_str()) => TEXT,
+            now => INT8,
+        ],
+    )
+    .map(drop)
+}
+
+/// Gives an endpoint's reserved slots (its delayed deliveries held by its
+/// rate), in their order, at most `limit` of them (None: all), slots again
+/// `interval` apart from `start` (or their earliest, if later); returns
+/// the first slot and how many moved. Rows another transaction holds are
+/// being leased: skipped.
+fn respace(
+    tx: &mut Client,
+    endpoint: &str,
+    start: f64,
+    interval: f64,
+    limit: Option<i64>,
+    now: i64,
+) -> Result<(f64, u64), ::postgres::Error> {
+    let first: f64 = tx
+        .query_typed_one(
+            "SELECT greatest($2, coalesce(min(not_before)::float8, $2)) FROM deliveries
+             WHERE endpoint = $1 AND state = 'delayed' AND reason = 'endpoint_rate'",
+            typed![endpoint => TEXT, start => FLOAT8],
+        )?
+        .try_get(0)?;
+    let moved = tx.execute_typed(
+        "UPDATE deliveries SET not_before = CAST(floor($2 + r.k * $3) AS BIGINT) + 1, updated_at = $4
+         FROM (SELECT id, row_number() OVER (ORDER BY not_before, id) - 1 AS k
+               FROM (SELECT id, not_before FROM deliveries
+                     WHERE endpoint = $1 AND state = 'delayed' AND reason = 'endpoint_rate'
+                     ORDER BY not_before, id LIMIT $5
+                     FOR UPDATE SKIP LOCKED) AS held) AS r
+         WHERE deliveries.id = r.id",
+        typed![endpoint => TEXT, first => FLOAT8, interval => FLOAT8, now => INT8, limit => INT8],
+    )?;
+    Ok((first, moved))
+}
+
+/// Applies a step of increase to a candidate's endpoint (under its lock):
+/// its new rate, and its next reserved slots spaced at it (or nothing
+/// learned any more).
+fn grow_rate(
+    tx: &mut Client,
+    c: &mut Candidate,
+    step: adaptive::Step,
+    now: i64,
+) -> Result<(), ::postgres::Error> {
+    c.learned = match step {
+        adaptive::Step::To(l) => {
+            let ahead = adaptive::respace_ahead(l.rate);
+            let interval = 1000.0 / l.rate;
+            let limit = i64::try_from(ahead).unwrap_or(i64::MAX);
+            let (first, moved) = respace(tx, &c.endpoint, now as f64, interval, Some(limit), now)?;
+            if moved > 0 && moved < ahead {
+                // All of them, closer: the rate's next slot follows them.
+                let next = first + moved as f64 * interval;
+                set_tat(tx, RateKind::Endpoint, &c.endpoint, next)?;
+            }
+            Some(l)
+        }
+        adaptive::Step::Forget => None,
+    };
+    set_learned(tx, &c.endpoint, c.learned.as_ref(), now)
+}
+
+/// Lowers an endpoint's learned rate on an overload signal `why`, from
+/// what it took in the last second (see `adaptive::slow_down`), and spaces
+/// its reserved slots again at the new rate from `start` (its cool-down's
+/// end), its rate's next slot after them. Under the endpoint's lock.
+fn slow_down(
+    tx: &mut Client,
+    f: &FinishAttempt,
+    limits: &EndpointLimits,
+    health: &Health,
+    why: RateChange,
+    start: i64,
+) -> Result<(), ::postgres::Error> {
+    let took: i64 = tx
+        .query_typed_one(
+            "SELECT count(*) FROM deliveries
+             WHERE state = 'delivered' AND updated_at > $2 - 1000 AND endpoint = $1",
+            typed![f.endpoint => TEXT, f.now => INT8],
+        )?
+        .try_get(0)?;
+    let started = f.now - f.duration_ms;
+    let cap = candidate::cap(limits);
+    let Some(l) = adaptive::slow_down(
+        health.learned.as_ref(),
+        took as u64,
+        started,
+        why,
+        f.now,
+        cap,
+    ) else {
+        return Ok(());
+    };
+    set_learned(tx, &f.endpoint, Some(&l), f.now)?;
+    let interval = 1000.0 / l.rate;
+    let (first, moved) = respace(tx, &f.endpoint, start as f64, interval, None, f.now)?;
+    set_tat(
+        tx,
+        RateKind::Endpoint,
+        &f.endpoint,
+        first + moved as f64 * interval,
+    )
 }
 
 impl PostgresStore {

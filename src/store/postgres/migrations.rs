@@ -21,6 +21,10 @@ pub const FILES: &[(&str, &str)] = &[
         "0003_delivery_semantics.sql",
         include_str!("../../../migrations/postgres/0003_delivery_semantics.sql"),
     ),
+    (
+        "0004_adaptive_rate.sql",
+        include_str!("../../../migrations/postgres/0004_adaptive_rate.sql"),
+    ),
 ];
 
 /// The advisory lock key migrations hold (any constant no other

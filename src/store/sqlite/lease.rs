@@ -9,8 +9,9 @@ use std::collections::HashMap;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::*;
+use crate::adaptive::{self, Learned, RateChange};
 use crate::saturation::{self, Decision, Hold, RateKind};
-use crate::store::candidate::Candidate;
+use crate::store::candidate::{self, Candidate, HEALTH_COLUMNS, Health};
 
 /// Picks the next ready delivery: a seek on `deliveries_queue`
 /// (state, priority DESC, id), highest priority first, then oldest,
@@ -18,7 +19,8 @@ use crate::store::candidate::Candidate;
 /// in flight at ?2 and expired deliveries, with its endpoint's breaker (one statement where there
 /// were three: each child compiles every statement it runs).
 const PICK_READY_SQL: &str = "\
-SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, coalesce(h.failures, 0)
+SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, coalesce(h.failures, 0),
+       h.learned_rate, h.rate_ceiling, h.rate_changed_at, h.rate_reason
 FROM deliveries d LEFT JOIN endpoint_health h ON h.endpoint = d.endpoint
 WHERE d.state = 'ready' AND d.endpoint NOT IN (SELECT value FROM json_each(?1))
   AND NOT coalesce(h.probe_owner IS NOT NULL AND h.probe_expires_at > ?2, 0)
@@ -30,15 +32,13 @@ ORDER BY d.priority DESC, d.id LIMIT 1";
 /// is named: left to itself the planner seeks `deliveries_queue` and sorts
 /// every delayed delivery of the top priority by not_before.
 const PICK_DELAYED_SQL: &str = "\
-SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, coalesce(h.failures, 0)
+SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, coalesce(h.failures, 0),
+       h.learned_rate, h.rate_ceiling, h.rate_changed_at, h.rate_reason
 FROM deliveries d INDEXED BY deliveries_delayed LEFT JOIN endpoint_health h ON h.endpoint = d.endpoint
 WHERE d.state = 'delayed' AND d.not_before <= ?2 AND d.endpoint NOT IN (SELECT value FROM json_each(?1))
   AND NOT coalesce(h.probe_owner IS NOT NULL AND h.probe_expires_at > ?2, 0)
   AND (d.expires_at IS NULL OR d.expires_at > ?2)
 ORDER BY d.priority DESC, d.not_before LIMIT 1";
-
-const ENDPOINT_HEALTH_SQL: &str =
-    "SELECT saturated_until, failures, silent FROM endpoint_health WHERE endpoint = ?1";
 
 const LEASE_DELIVERY_SQL: &str = "\
 UPDATE deliveries
@@ -140,9 +140,12 @@ fn lease_next(
                 break;
             }
         }
-        let Some(c) = candidate else {
+        let Some(mut c) = candidate else {
             return Ok(None);
         };
+        if let Some(step) = c.growth_step(p.policy, p.now) {
+            grow_rate(tx, &mut c, step, p.now)?;
+        }
         match saturation::decide(p.policy, &c.view(), p.now, |kind| {
             tat(tx, kind, c.key(kind))
         })? {
@@ -197,6 +200,7 @@ fn pick(
             not_before: r.get(4)?,
             saturated_until: r.get(5)?,
             failures: r.get(6)?,
+            learned: candidate::learned(r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?),
             from: queue,
         })
     };
@@ -226,13 +230,105 @@ fn set_tat(tx: &Connection, kind: RateKind, key: &str, tat: f64) -> rusqlite::Re
     .map(drop)
 }
 
-/// An endpoint's breaker: saturated until, signals in a row, and silent
-/// answers in a row (a healthy endpoint has no row).
-fn endpoint_health(tx: &Connection, endpoint: &str) -> rusqlite::Result<(Option<i64>, u32, u32)> {
-    tx.prepare_cached(ENDPOINT_HEALTH_SQL)?
-        .query_row([endpoint], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()
-        .map(|found| found.unwrap_or((None, 0, 0)))
+/// An endpoint's breaker, learned rate and answer times.
+fn endpoint_health(tx: &Connection, endpoint: &str) -> rusqlite::Result<Health> {
+    tx.prepare_cached(&format!(
+        "SELECT {HEALTH_COLUMNS} FROM endpoint_health WHERE endpoint = ?1"
+    ))?
+    .query_row([endpoint], |r| {
+        Ok(Health {
+            saturated_until: r.get(0)?,
+            failures: r.get(1)?,
+            silent: r.get(2)?,
+            learned: candidate::learned(r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?),
+            latency: candidate::latency(r.get(7)?, r.get(8)?),
+        })
+    })
+    .optional()
+    .map(Option::unwrap_or_default)
+}
+
+/// Stores what an endpoint has learned of its rate (None: nothing).
+fn set_learned(
+    tx: &Connection,
+    endpoint: &str,
+    learned: Option<&Learned>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO endpoint_health (endpoint, learned_rate, rate_ceiling, rate_changed_at, rate_reason, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (endpoint) DO UPDATE SET
+             learned_rate = excluded.learned_rate, rate_ceiling = excluded.rate_ceiling,
+             rate_changed_at = excluded.rate_changed_at, rate_reason = excluded.rate_reason,
+             updated_at = excluded.updated_at",
+    )?
+    .execute(params![
+        endpoint,
+        learned.map(|l| l.rate),
+        learned.map(|l| l.ceiling),
+        learned.map(|l| l.changed_at),
+        learned.map(|l| l.reason.as_str()),
+        now
+    ])
+    .map(drop)
+}
+
+/// Gives an endpoint's reserved slots (its delayed deliveries held by its
+/// rate), in their order, at most `limit` of them (-1: all), slots again
+/// `interval` apart from `start` (or their earliest, if later); returns
+/// the first slot and how many moved.
+fn respace(
+    tx: &Connection,
+    endpoint: &str,
+    start: f64,
+    interval: f64,
+    limit: i64,
+    now: i64,
+) -> rusqlite::Result<(f64, u64)> {
+    let first: f64 = tx
+        .prepare_cached(
+            "SELECT max(?2, coalesce(min(not_before), ?2)) FROM deliveries INDEXED BY deliveries_held_endpoint
+             WHERE endpoint = ?1 AND state = 'delayed' AND reason = 'endpoint_rate'",
+        )?
+        .query_row(params![endpoint, start], |r| r.get(0))?;
+    let moved = tx
+        .prepare_cached(
+            "UPDATE deliveries SET not_before = CAST(?2 + r.k * ?3 AS INTEGER) + 1, updated_at = ?4
+             FROM (SELECT id, row_number() OVER (ORDER BY not_before, id) - 1 AS k
+                   FROM deliveries INDEXED BY deliveries_held_endpoint
+                   WHERE endpoint = ?1 AND state = 'delayed' AND reason = 'endpoint_rate'
+                   ORDER BY not_before, id LIMIT ?5) AS r
+             WHERE deliveries.id = r.id",
+        )?
+        .execute(params![endpoint, first, interval, now, limit])?;
+    Ok((first, moved as u64))
+}
+
+/// Applies a step of increase to a candidate's endpoint: its new rate,
+/// and its next reserved slots spaced at it (or nothing learned any more).
+fn grow_rate(
+    tx: &Connection,
+    c: &mut Candidate,
+    step: adaptive::Step,
+    now: i64,
+) -> rusqlite::Result<()> {
+    c.learned = match step {
+        adaptive::Step::To(l) => {
+            let ahead = adaptive::respace_ahead(l.rate);
+            let interval = 1000.0 / l.rate;
+            let limit = i64::try_from(ahead).unwrap_or(i64::MAX);
+            let (first, moved) = respace(tx, &c.endpoint, now as f64, interval, limit, now)?;
+            if moved > 0 && moved < ahead {
+                // All of them, closer: the rate's next slot follows them.
+                let next = first + moved as f64 * interval;
+                set_tat(tx, RateKind::Endpoint, &c.endpoint, next)?;
+            }
+            Some(l)
+        }
+        adaptive::Step::Forget => None,
+    };
+    set_learned(tx, &c.endpoint, c.learned.as_ref(), now)
 }
 
 /// Reroutes every ready delivery whose `$column` is ?1 to the delayed queue
@@ -252,9 +348,12 @@ macro_rules! reroute_ready_sql {
     };
 }
 
-/// Moves a held candidate to the delayed queue; from the ready queue, with
-/// every other ready delivery of its account or endpoint, each with its own
-/// slot `first + k * interval` in priority order.
+/// Moves a held candidate to the delayed queue, with the rest of its group,
+/// each with its own slot `first + k * interval` in priority order: from
+/// the ready queue, every ready delivery of its account or endpoint; from
+/// the delayed queue, when its endpoint is held, every delivery of the
+/// endpoint that came due with it (the deliveries a cool-down held come
+/// due together), but those holding a slot still fresh.
 fn reroute(tx: &Connection, c: &Candidate, hold: &Hold, now: i64) -> rusqlite::Result<()> {
     let reason = hold_reason(hold.reason);
     let moved = match c.from {
@@ -271,6 +370,24 @@ fn reroute(tx: &Connection, c: &Candidate, hold: &Hold, now: i64) -> rusqlite::R
                 now
             ])?
         }
+        Queue::Delayed if hold.group == RateKind::Endpoint => tx
+            .prepare_cached(
+                "UPDATE deliveries
+                 SET reason = ?2, not_before = CAST(?3 + r.k * ?4 AS INTEGER) + 1, updated_at = ?5
+                 FROM (SELECT id, row_number() OVER (ORDER BY priority DESC, not_before, id) - 1 AS k
+                       FROM deliveries INDEXED BY deliveries_held_endpoint
+                       WHERE endpoint = ?1 AND state = 'delayed' AND not_before <= ?5
+                         AND NOT (coalesce(reason, '') = 'endpoint_rate' AND not_before >= ?6)) AS r
+                 WHERE deliveries.id = r.id",
+            )?
+            .execute(params![
+                c.endpoint,
+                reason,
+                hold.first,
+                hold.interval,
+                now,
+                candidate::fresh_since(hold, now)
+            ])?,
         Queue::Delayed => tx
             .prepare_cached(
                 "UPDATE deliveries SET reason = ?2, not_before = CAST(?3 AS INTEGER) + 1, updated_at = ?4
@@ -325,7 +442,29 @@ fn record_signal(tx: &Connection, f: &FinishAttempt) -> rusqlite::Result<Option<
                 .execute(params![f.endpoint, f.owner])?;
             Ok(None)
         }
-        EndpointSignal::Healthy => {
+        EndpointSignal::Answered { answer_ms, limits } if limits.adaptive => {
+            tx.prepare_cached(ENDPOINT_HEALTHY_SQL)?
+                .execute(params![f.endpoint, f.now])?;
+            let health = endpoint_health(tx, &f.endpoint)?;
+            let latency = adaptive::observe(health.latency, answer_ms as f64);
+            tx.prepare_cached(
+                "INSERT INTO endpoint_health (endpoint, latency_ms, latency_base_ms, updated_at)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (endpoint) DO UPDATE SET latency_ms = excluded.latency_ms,
+                     latency_base_ms = excluded.latency_base_ms, updated_at = excluded.updated_at",
+            )?
+            .execute(params![
+                f.endpoint,
+                latency.recent_ms,
+                latency.base_ms,
+                f.now
+            ])?;
+            if adaptive::slowing(&latency) {
+                slow_down(tx, f, &limits, &health, RateChange::SlowAnswers, f.now)?;
+            }
+            Ok(None)
+        }
+        EndpointSignal::Healthy | EndpointSignal::Answered { .. } => {
             tx.prepare_cached(ENDPOINT_HEALTHY_SQL)?
                 .execute(params![f.endpoint, f.now])?;
             Ok(None)
@@ -333,18 +472,29 @@ fn record_signal(tx: &Connection, f: &FinishAttempt) -> rusqlite::Result<Option<
         EndpointSignal::Saturated {
             retry_after,
             limits,
+            slows,
         } => {
-            let (until, failures, _) = endpoint_health(tx, &f.endpoint)?;
+            let health = endpoint_health(tx, &f.endpoint)?;
             let error = f.error.as_deref();
-            open_breaker(tx, f, &limits, retry_after, (until, failures), error).map(Some)
+            let until = open_breaker(tx, f, &limits, retry_after, &health, error)?;
+            if let Some(why) = slows
+                && limits.adaptive
+                && health.slows_at(f.now)
+            {
+                slow_down(tx, f, &limits, &health, why, until)?;
+            }
+            Ok(Some(until))
         }
         EndpointSignal::Silent { limits } => {
-            let (until, failures, silent) = endpoint_health(tx, &f.endpoint)?;
+            let health = endpoint_health(tx, &f.endpoint)?;
             let slow_after = limits.slow_after.unwrap_or(1);
-            if saturation::silence_opens(slow_after, failures, silent) {
+            if saturation::silence_opens(slow_after, health.failures, health.silent) {
                 let error = saturation::silence_error(slow_after);
-                return open_breaker(tx, f, &limits, None, (until, failures), Some(&error))
-                    .map(Some);
+                let until = open_breaker(tx, f, &limits, None, &health, Some(&error))?;
+                if limits.adaptive && health.slows_at(f.now) {
+                    slow_down(tx, f, &limits, &health, RateChange::Silent, until)?;
+                }
+                return Ok(Some(until));
             }
             tx.prepare_cached(
                 "INSERT INTO endpoint_health (endpoint, silent, updated_at) VALUES (?1, 1, ?2)
@@ -356,18 +506,58 @@ fn record_signal(tx: &Connection, f: &FinishAttempt) -> rusqlite::Result<Option<
     }
 }
 
+/// Lowers an endpoint's learned rate on an overload signal `why`, from
+/// what it took in the last second (see `adaptive::slow_down`), and spaces
+/// its reserved slots again at the new rate from `start` (its cool-down's
+/// end), its rate's next slot after them.
+fn slow_down(
+    tx: &Connection,
+    f: &FinishAttempt,
+    limits: &EndpointLimits,
+    health: &Health,
+    why: RateChange,
+    start: i64,
+) -> rusqlite::Result<()> {
+    let took: u64 = tx
+        .prepare_cached(
+            "SELECT count(*) FROM deliveries INDEXED BY deliveries_delivered
+             WHERE state = 'delivered' AND updated_at > ?2 - 1000 AND endpoint = ?1",
+        )?
+        .query_row(params![f.endpoint, f.now], |r| r.get(0))?;
+    let started = f.now - f.duration_ms;
+    let cap = candidate::cap(limits);
+    let Some(l) = adaptive::slow_down(health.learned.as_ref(), took, started, why, f.now, cap)
+    else {
+        return Ok(());
+    };
+    set_learned(tx, &f.endpoint, Some(&l), f.now)?;
+    let interval = 1000.0 / l.rate;
+    let (first, moved) = respace(tx, &f.endpoint, start as f64, interval, -1, f.now)?;
+    set_tat(
+        tx,
+        RateKind::Endpoint,
+        &f.endpoint,
+        first + moved as f64 * interval,
+    )
+}
+
 /// Opens (or keeps open) an endpoint's breaker on a saturation signal, from
-/// its state `(until, failures)`, recording `error`; returns the time it is
-/// saturated until.
+/// its state, recording `error`; returns the time it is saturated until.
 fn open_breaker(
     tx: &Connection,
     f: &FinishAttempt,
     limits: &EndpointLimits,
     retry_after: Option<Duration>,
-    (until, failures): (Option<i64>, u32),
+    health: &Health,
     error: Option<&str>,
 ) -> rusqlite::Result<i64> {
-    let (until, failures) = saturation::open_breaker(limits, retry_after, f.now, until, failures);
+    let (until, failures) = saturation::open_breaker(
+        limits,
+        retry_after,
+        f.now,
+        health.saturated_until,
+        health.failures,
+    );
     tx.prepare_cached(
         "INSERT INTO endpoint_health (endpoint, saturated_until, failures, last_error, updated_at)
          VALUES (?1, ?2, ?3, ?4, ?5)

@@ -44,6 +44,10 @@ pub const FILES: &[(&str, &str)] = &[
         "0009_delivery_semantics.sql",
         include_str!("../../../migrations/sqlite/0009_delivery_semantics.sql"),
     ),
+    (
+        "0010_adaptive_rate.sql",
+        include_str!("../../../migrations/sqlite/0010_adaptive_rate.sql"),
+    ),
 ];
 
 /// Applies the migrations the database lacks.

@@ -93,6 +93,9 @@ pub struct Learned {
     pub changed_at: i64,
     /// Why.
     pub reason: RateChange,
+    /// When it was last lowered (ms): signals from attempts that started
+    /// before then are already counted.
+    pub decreased_at: i64,
 }
 
 /// The factor of a decrease.
@@ -113,8 +116,14 @@ pub const FORGET_FACTOR: f64 = 8.0;
 /// What a step of increase does.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Step {
-    /// The new state.
-    To(Learned),
+    /// The new state; `last` when it reached the configured rate (no step
+    /// follows it).
+    To {
+        /// The new state.
+        learned: Learned,
+        /// Whether it reached the configured rate.
+        last: bool,
+    },
     /// Nothing learned any more: the limit is gone or far above.
     Forget,
 }
@@ -142,12 +151,15 @@ pub fn grow(l: &Learned, now: i64, cap: Option<f64>) -> Option<Step> {
     if rate >= FORGET_FACTOR * l.ceiling && cap.is_infinite() {
         return Some(Step::Forget);
     }
-    Some(Step::To(Learned {
-        rate: rate.min(cap),
-        ceiling: l.ceiling,
-        changed_at: now,
-        reason: RateChange::Increase,
-    }))
+    Some(Step::To {
+        learned: Learned {
+            rate: rate.min(cap),
+            changed_at: now,
+            reason: RateChange::Increase,
+            ..*l
+        },
+        last: rate >= cap,
+    })
 }
 
 /// The decrease an overload signal `why` at `now` makes, from the state
@@ -166,9 +178,8 @@ pub fn slow_down(
     cap: Option<f64>,
 ) -> Option<Learned> {
     if let Some(l) = current
-        && l.reason != RateChange::Increase
-        && (attempt_started <= l.changed_at
-            || why == RateChange::SlowAnswers && now - l.changed_at < STEP_MS)
+        && (attempt_started <= l.decreased_at
+            || why == RateChange::SlowAnswers && now - l.decreased_at < STEP_MS)
     {
         return None;
     }
@@ -185,12 +196,16 @@ pub fn slow_down(
         ceiling,
         changed_at: now,
         reason: why,
+        decreased_at: now,
     })
 }
 
-/// An endpoint's confirm-mode answer times, smoothed: `recent` follows
-/// them closely, `base` is the lowest seen, drifting up very slowly so a
-/// lasting change is accepted in the end (TCP Vegas's base RTT).
+/// An endpoint's confirm-mode answer times, smoothed twice: `recent`
+/// follows them closely (the last few answers), `base` slowly (the last
+/// hundred or so), as Netflix's Gradient2 limiter compares a short and a
+/// long average: a receiver whose answers merely vary keeps the two close,
+/// one that slows down under load pulls `recent` away; a lasting change
+/// becomes the new `base` in a few hundred answers.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Latency {
     /// The recent answer time (ms, exponentially smoothed).
@@ -207,12 +222,8 @@ pub fn observe(previous: Option<Latency>, sample_ms: f64) -> Latency {
             base_ms: sample_ms,
         },
         Some(l) => Latency {
-            recent_ms: l.recent_ms * 0.8 + sample_ms * 0.2,
-            base_ms: if sample_ms < l.base_ms {
-                sample_ms
-            } else {
-                l.base_ms + (sample_ms - l.base_ms) * 0.001
-            },
+            recent_ms: l.recent_ms + (sample_ms - l.recent_ms) * 0.2,
+            base_ms: l.base_ms + (sample_ms - l.base_ms) * 0.01,
         },
     }
 }
@@ -229,9 +240,10 @@ pub fn slowing(l: &Latency) -> bool {
 pub const SLOWER_BY_MS: f64 = 20.0;
 
 /// How far ahead a step of increase spaces an endpoint's reserved slots
-/// again at its new rate (ms); the later ones keep theirs (further apart)
-/// until a later step, so a step's work is bounded.
-pub const RESPACE_AHEAD_MS: f64 = 30_000.0;
+/// again at its new rate (ms): the later ones keep theirs (further apart)
+/// until a later step reaches them (steps come a second apart), so a
+/// step's work stays a few seconds' worth of rows.
+pub const RESPACE_AHEAD_MS: f64 = 3_000.0;
 
 /// How many reserved slots a step of increase spaces again at `rate`.
 pub fn respace_ahead(rate: f64) -> u64 {
@@ -248,6 +260,15 @@ mod tests {
             ceiling,
             changed_at,
             reason,
+            decreased_at: changed_at,
+        }
+    }
+
+    /// The next step's state, which must be one.
+    fn step(l: &Learned, now: i64, cap: Option<f64>) -> Learned {
+        match grow(l, now, cap) {
+            Some(Step::To { learned, .. }) => learned,
+            other => panic!("{other:?}"),
         }
     }
 
@@ -256,14 +277,31 @@ mod tests {
         // Nothing learned, flooding: it took 100 in the last second.
         let l = slow_down(None, 100, 500, RateChange::Http429, 1_000, None).unwrap();
         assert_eq!((l.rate, l.ceiling), (95.0, 100.0));
-        // Children in flight before it add nothing.
+        // Children in flight before it add nothing, even after a step up.
         assert_eq!(
             slow_down(Some(&l), 100, 900, RateChange::Http429, 1_010, None),
+            None
+        );
+        let stepped = step(&l, 2_000, None);
+        assert_eq!(
+            slow_down(Some(&stepped), 100, 900, RateChange::Timeout, 30_000, None),
             None
         );
         // A later one: from the lower of the rate and what it took.
         let again = slow_down(Some(&l), 20, 1_500, RateChange::Http429, 2_000, None).unwrap();
         assert_eq!((again.rate, again.ceiling), (19.0, 20.0));
+        // Answers slowing down lower it at most once a second.
+        assert_eq!(
+            slow_down(
+                Some(&again),
+                20,
+                2_500,
+                RateChange::SlowAnswers,
+                2_900,
+                None
+            ),
+            None
+        );
         // Nothing learned, nothing taken: no rate from a first refusal.
         assert_eq!(slow_down(None, 0, 0, RateChange::Http503, 10, None), None);
         // Never above a configured rate.
@@ -278,48 +316,42 @@ mod tests {
         let mut now = 0;
         while l.rate < 100.0 - 1e-9 {
             now += 1_000;
-            match grow(&l, now, None) {
-                Some(Step::To(next)) => l = next,
-                other => panic!("{other:?}"),
-            }
+            l = step(&l, now, None);
         }
         assert_eq!(now, 30_000);
+        assert_eq!(l.decreased_at, 0, "steps keep when it was lowered");
         // Past the ceiling, each second climbs more than the one before.
         let steps: Vec<f64> = (0..40)
             .map(|_| {
                 now += 1_000;
                 let before = l.rate;
-                match grow(&l, now, None) {
-                    Some(Step::To(next)) => l = next,
-                    other => panic!("{other:?}"),
-                }
+                l = step(&l, now, None);
                 l.rate - before
             })
             .collect();
         assert!(steps.windows(2).all(|w| w[1] > w[0]), "{steps:?}");
         assert!(l.rate > 105.0 && l.rate < 130.0, "{}", l.rate);
         // A long quiet is worth one step of five seconds.
-        let quiet = grow(&l, now + 3_600_000, None);
-        let Some(Step::To(after)) = quiet else {
-            panic!("{quiet:?}")
-        };
+        let after = step(&l, now + 3_600_000, None);
         assert!(after.rate - l.rate < 10.0 * steps[39]);
     }
 
     #[test]
-    fn a_cap_stops_the_climb_and_a_rate_far_past_its_ceiling_is_forgotten() {
+    fn a_cap_ends_the_climb_and_a_rate_far_past_its_ceiling_is_forgotten() {
         let l = learned(49.45, 50.0, 0, RateChange::Http429);
-        let Some(Step::To(capped)) = grow(&l, 5_000, Some(49.5)) else {
-            panic!()
-        };
-        assert_eq!(capped.rate, 49.5);
-        assert_eq!(grow(&capped, 10_000, Some(49.5)), None);
+        match grow(&l, 5_000, Some(49.5)) {
+            Some(Step::To { learned, last }) => {
+                assert_eq!((learned.rate, last), (49.5, true));
+                assert_eq!(grow(&learned, 10_000, Some(49.5)), None);
+            }
+            other => panic!("{other:?}"),
+        }
         let far = learned(390.0, 50.0, 0, RateChange::Increase);
         assert_eq!(grow(&far, 5_000, None), Some(Step::Forget));
     }
 
     #[test]
-    fn answers_taking_twice_as_long_and_twenty_ms_more_are_a_signal() {
+    fn answers_slowing_under_load_are_a_signal_and_answers_that_vary_are_not() {
         let mut l = observe(None, 10.0);
         for _ in 0..50 {
             l = observe(Some(l), 10.0);
@@ -329,7 +361,23 @@ mod tests {
             l = observe(Some(l), 80.0);
         }
         assert!(slowing(&l), "{l:?}");
-        assert!(l.base_ms < 11.0);
+        // Answers anywhere between 20 and 100 ms (a fixed pseudo-random
+        // sequence): a signal on hardly any of them.
+        let mut noisy = observe(None, 60.0);
+        let mut signals = 0;
+        for i in 0..2_000_u64 {
+            let sample = 20.0 + (i.wrapping_mul(2_654_435_761) % 81) as f64;
+            noisy = observe(Some(noisy), sample);
+            signals += usize::from(slowing(&noisy));
+        }
+        assert!(signals < 20, "{signals} of 2000");
+        // A lasting change, 10 to 50 ms: a signal for a while, then the
+        // new normal.
+        let mut shifted = l;
+        for _ in 0..500 {
+            shifted = observe(Some(shifted), 50.0);
+        }
+        assert!(!slowing(&shifted), "{shifted:?}");
         // Fast receivers' jitter is not a signal.
         let mut fast = observe(None, 1.0);
         for _ in 0..20 {

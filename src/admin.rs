@@ -126,7 +126,8 @@ fn check_endpoint(config: &Config, store: &mut dyn Store, endpoint: Option<&str>
 
 /// `cronpost stats`.
 pub fn stats(config: &Config, as_json: bool) -> Result<()> {
-    let stats = crate::store::open(config)?.stats(now_ms())?;
+    let mut stats = crate::store::open(config)?.stats(now_ms())?;
+    crate::metrics::rates_in_force(config, &mut stats);
     if as_json {
         return print_json(&stats_json(&stats));
     }

@@ -196,8 +196,26 @@ pub fn publish(config: &Config, run: &RunRecord, took: Duration) -> Result<()> {
         return Ok(());
     };
     let mut store = crate::store::open(config)?;
-    let text = render(&store.stats(now_ms())?, run, took, &store.run_totals()?);
+    let mut stats = store.stats(now_ms())?;
+    rates_in_force(config, &mut stats);
+    let text = render(&stats, run, took, &store.run_totals()?);
     write_atomically(path, &text)
+}
+
+/// Keeps, of the learned rates the database holds, those in force: of
+/// endpoints in the config that learn their rate, each at most the
+/// configured rate (a stored rate of an endpoint switched to `adaptive =
+/// false`, or since removed, is not what it is sent at).
+pub fn rates_in_force(config: &Config, stats: &mut Stats) {
+    stats.learned_rates.retain_mut(|r| {
+        let Some(endpoint) = config.endpoint(&r.endpoint).filter(|e| e.adaptive) else {
+            return false;
+        };
+        if let Some(rate) = endpoint.rate {
+            r.learned.rate = r.learned.rate.min(rate.per_second);
+        }
+        true
+    });
 }
 
 /// Escapes a label value: backslash, double quote and newline.

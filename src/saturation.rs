@@ -148,17 +148,21 @@ pub struct EndpointLimits {
 }
 
 impl EndpointLimits {
-    /// The rate a lease applies: the learned one, when the endpoint is
-    /// adaptive and has learned one below its configured rate (with no
-    /// burst: a learned limit is kept evenly), else the configured one.
-    pub fn rate_in_force(&self, learned: Option<f64>) -> Option<Rate> {
+    /// The rate a lease applies, and whether it is the learned one: the
+    /// learned one when the endpoint is adaptive and has learned one below
+    /// its configured rate (with no burst: a learned limit is kept evenly),
+    /// else the configured one.
+    pub fn rate_in_force(&self, learned: Option<f64>) -> Option<(Rate, bool)> {
         match (self.rate, learned.filter(|_| self.adaptive)) {
-            (Some(rate), Some(l)) if l >= rate.per_second => Some(rate),
-            (_, Some(l)) => Some(Rate {
-                per_second: l,
-                burst: 1,
-            }),
-            (rate, None) => rate,
+            (Some(rate), Some(l)) if l >= rate.per_second => Some((rate, false)),
+            (_, Some(l)) => Some((
+                Rate {
+                    per_second: l,
+                    burst: 1,
+                },
+                true,
+            )),
+            (rate, None) => rate.map(|r| (r, false)),
         }
     }
 }
@@ -245,6 +249,8 @@ pub struct Hold {
     /// The rate whose TAT advances by one interval per rerouted delivery,
     /// and the TAT to advance from.
     pub rate: Option<(RateKind, Rate, f64)>,
+    /// How late a slot of that rate may be taken (see [`slot_grace_ms`]).
+    pub slot_grace_ms: f64,
 }
 
 /// A rate the lease consumes: store `tat` for the candidate's key of `kind`.
@@ -276,21 +282,30 @@ pub enum Decision {
 pub const PARKED_UNTIL: i64 = 253_402_300_799_999;
 
 /// Whether a candidate still holds the slot it was given when rerouted for
-/// `reason`. A slot older than the burst window (and a second) was missed
-/// (no run was there): the delivery queues again, so missed slots never add
-/// a burst on top of the rate. A slot a moment late, since every child was
-/// busy, is not missed: queueing it again would lose its place.
-pub fn holds_fresh_slot(c: &Candidate, reason: HoldReason, rate: Rate, now: f64) -> bool {
-    c.held_for == Some(reason) && c.not_before as f64 >= now - slot_grace_ms(rate)
+/// `reason`, taken at most `grace_ms` late ([`slot_grace_ms`]). A slot
+/// older was missed (no run was there): the delivery queues again, so
+/// missed slots never add a burst on top of the rate.
+pub fn holds_fresh_slot(c: &Candidate, reason: HoldReason, grace_ms: f64, now: f64) -> bool {
+    c.held_for == Some(reason) && c.not_before as f64 >= now - grace_ms
 }
 
-/// How late a reserved slot may be taken before it counts as missed.
-pub fn slot_grace_ms(rate: Rate) -> f64 {
-    (rate.tolerance_ms() + rate.interval_ms()).max(SLOT_GRACE_MS)
+/// How late a reserved slot of `rate` may be taken before it counts as
+/// missed: its burst window; for a learned rate (no burst), a second. A
+/// learned rate's slots are most of its endpoint's traffic, and one a
+/// moment late because every child was busy would otherwise be queued at
+/// the end and its time lost: a rate learned at 95% of a limit would
+/// deliver less.
+pub fn slot_grace_ms(rate: Rate, learned: bool) -> f64 {
+    let window = rate.tolerance_ms() + rate.interval_ms();
+    if learned {
+        window.max(LEARNED_SLOT_GRACE_MS)
+    } else {
+        window
+    }
 }
 
 /// See [`slot_grace_ms`].
-pub const SLOT_GRACE_MS: f64 = 1_000.0;
+pub const LEARNED_SLOT_GRACE_MS: f64 = 1_000.0;
 
 /// The decision for `c` at `now` under `policy`, reading the TAT of the
 /// candidate's key of each kind through `tat`. Both rates are checked
@@ -309,6 +324,7 @@ pub fn decide<E>(
             first,
             interval: 0.0,
             rate: None,
+            slot_grace_ms: 0.0,
         })
     };
     if !policy.endpoint_known(c.endpoint) {
@@ -330,14 +346,17 @@ pub fn decide<E>(
         ),
         (
             RateKind::Account,
-            policy.account_rate(c.account),
+            policy.account_rate(c.account).map(|r| (r, false)),
             HoldReason::AccountBudget,
         ),
     ];
     let mut charges = Vec::new();
     for (kind, rate, why) in limits {
-        let Some(rate) = rate else { continue };
-        if holds_fresh_slot(c, why, rate, now_f) {
+        let Some((rate, learned)) = rate else {
+            continue;
+        };
+        let grace = slot_grace_ms(rate, learned);
+        if holds_fresh_slot(c, why, grace, now_f) {
             continue;
         }
         let current = tat(kind)?;
@@ -350,6 +369,7 @@ pub fn decide<E>(
                     first: at,
                     interval: rate.interval_ms(),
                     rate: Some((kind, rate, current.unwrap_or(now_f).max(now_f))),
+                    slot_grace_ms: grace,
                 }));
             }
         }
@@ -474,9 +494,9 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // Missed by more than the burst window and a second: it queues again.
+        // Missed by more than the burst window: it queues again.
         assert!(matches!(
-            decide(&Both, &slot, 5_000 + 1_001, full).unwrap(),
+            decide(&Both, &slot, 5_000 + 101, full).unwrap(),
             Decision::Hold(_)
         ));
     }

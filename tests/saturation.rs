@@ -517,19 +517,21 @@ fn a_rate_limited_endpoint_learns_its_limit_and_follows_it_down() {
     let ok = answered(&rx, "/limited", 200);
     let refused = answered(&rx, "/limited", 429).len();
     assert_eq!(ok.len(), 200);
+    // Few refusals: the breaker alone refused several a second each time
+    // it flooded again after a cool-down.
     assert!(
-        refused * 10 <= ok.len() + refused,
+        refused * 20 <= ok.len() + refused,
         "{refused} refused of {} requests",
         ok.len() + refused
     );
-    // Near the first limit: the 100 took under twice what 40/s needs
-    // (a second of them was the first cool-down).
+    // Near the first limit: learned from what it took, and the 100 in
+    // less than what 30/s needs (a second of them was the first cool-down).
+    assert!((30.0..=40.0).contains(&at_40), "learned {at_40}/s of 40");
     let first_hundred = ok[99] - ok[0];
     assert!(
-        first_hundred < Duration::from_secs_f64(2.0 * 100.0 / 40.0 + 1.0),
+        first_hundred < Duration::from_secs_f64(100.0 / 30.0 + 1.0),
         "100 at 40/s took {first_hundred:?}"
     );
-    assert!((20.0..=40.0).contains(&at_40), "learned {at_40}/s of 40");
     assert!(
         followed < Duration::from_secs(15),
         "followed in {followed:?}"
@@ -562,7 +564,7 @@ fn answers_slowing_down_under_load_lower_a_confirm_mode_endpoint_rate() {
     let rx = Receiver::start();
     rx.set_default("/slow", Reply::SlowerAbove(10));
     let env = Env::new(
-        "max_children = 8",
+        "max_children = 8\nmax_runtime = \"3m\"",
         &endpoint(
             "slow",
             &rx.url("/slow"),
@@ -571,22 +573,23 @@ fn answers_slowing_down_under_load_lower_a_confirm_mode_endpoint_rate() {
         ),
     );
     env.enqueue_ndjson(&ndjson((0..150).map(|_| ("t".into(), "a".into(), 0))));
-    run_until(&env, Duration::from_secs(120), "all delivered", || {
+    let run = Lingering::start(&env);
+    // Seen as it happens: the next step up would say `increase`.
+    wait_until(
+        Duration::from_secs(60),
+        "a rate lowered on slow answers",
+        || learned(&env, "slow").is_some_and(|(_, why)| why == "slow_answers"),
+    );
+    wait_until(Duration::from_secs(120), "all delivered", || {
         env.count_state("delivered") == 150
     });
-    let slowed = env.query_i64(
-        "SELECT count(*) FROM endpoint_health WHERE endpoint = 'slow' AND latency_ms IS NOT NULL",
-    );
-    assert_eq!(slowed, 1, "answer times are tracked");
-    let reasons = env.query_rows(
-        "SELECT rate_reason FROM endpoint_health WHERE endpoint = 'slow' AND learned_rate IS NOT NULL",
-    );
-    assert!(
-        reasons
-            .first()
-            .is_some_and(|r| r[0] == "slow_answers" || r[0] == "increase"),
-        "{reasons:?}"
-    );
+    drop(run);
+    let refused = rx
+        .received_on("/slow")
+        .iter()
+        .filter(|r| r.status != Some(200))
+        .count();
+    assert_eq!(refused, 0, "it never refused: only its answers slowed");
 }
 
 /// With `adaptive = false` an endpoint learns nothing: 429s open its

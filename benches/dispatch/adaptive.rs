@@ -310,12 +310,18 @@ pub fn section(options: &Options, table: &mut Table) {
             }
             _ => String::new(),
         };
+        let target = if adaptive {
+            let met = limited_rate >= 0.9 * limit as f64 && refused <= 2.0;
+            format!("; target ≥ 90% and ≤ 2% refused: {}", met_or_not(met))
+        } else {
+            String::new()
+        };
         table.row(
             format!(
                 "adaptive = {adaptive}: {n} deliveries to an endpoint answering 429 above {limit}/s, {n} to a healthy one beside it (daemon, 8 children)"
             ),
             format!(
-                "limited: {limited_rate:.0}/s = {:.0}% of its limit{learned}, {} refused ({refused:.1}% of its requests); healthy: {n} in {:.1}s",
+                "limited: {limited_rate:.0}/s = {:.0}% of its limit{learned}, {} refused ({refused:.1}% of its requests); healthy: {n} in {:.1}s{target}",
                 limited_rate,
                 r.refused,
                 r.healthy_ms as f64 / 1000.0
@@ -346,6 +352,7 @@ pub fn section(options: &Options, table: &mut Table) {
             followed = Some(at.elapsed());
         }
     });
+    let met = followed.is_some_and(|d| d < Duration::from_secs(5));
     let followed = followed.map_or("never".to_string(), |d| format!("{:.1}s", d.as_secs_f64()));
     let after_rate = rate(r.accepted - after as u64, r.limited_ms - r.dropped_ms);
     let refused_after = 100.0 * r.refused_after_drop as f64
@@ -353,11 +360,16 @@ pub fn section(options: &Options, table: &mut Table) {
     table.row(
         format!("a limit that drops from {limit}/s to {then}/s after {after} of {n} deliveries"),
         format!(
-            "learned rate at or below {:.0}/s {followed} after the drop; after it: {after_rate:.1}/s = {:.0}% of the new limit, {} refused ({refused_after:.1}% of its requests)",
+            "learned rate at or below {:.0}/s {followed} after the drop; after it: {after_rate:.1}/s = {:.0}% of the new limit, {} refused ({refused_after:.1}% of its requests); target: followed within seconds, ≤ 5% refused: {}",
             then as f64 * 1.1,
             100.0 * after_rate / then as f64,
-            r.refused_after_drop
+            r.refused_after_drop,
+            met_or_not(met && refused_after <= 5.0)
         ),
         &[after_rate, refused_after],
     );
+}
+
+fn met_or_not(met: bool) -> &'static str {
+    if met { "met" } else { "NOT met" }
 }

@@ -3,8 +3,9 @@
 -- 503, a confirm-mode timeout, slow_after silences, slowing answers) to 95%
 -- of what it took in the second before, raised step by step while
 -- deliveries go without one, never above the endpoint's configured rate.
--- NULL: nothing learned. The held-back deliveries of an endpoint keep
--- reserved slots at this rate (reason endpoint_rate).
+-- Only while the endpoint has deliveries waiting (what it took then is
+-- what it can take). NULL: nothing learned. The held-back deliveries of an
+-- endpoint keep reserved slots at this rate (reason endpoint_rate).
 ALTER TABLE endpoint_health ADD COLUMN learned_rate REAL;
 -- What the endpoint took (a second) when it last pushed back.
 ALTER TABLE endpoint_health ADD COLUMN rate_ceiling REAL;
@@ -12,6 +13,9 @@ ALTER TABLE endpoint_health ADD COLUMN rate_ceiling REAL;
 -- timeout, silent, slow_answers.
 ALTER TABLE endpoint_health ADD COLUMN rate_changed_at INTEGER;
 ALTER TABLE endpoint_health ADD COLUMN rate_reason TEXT;
+-- When it was last lowered: signals from attempts started before then are
+-- already counted.
+ALTER TABLE endpoint_health ADD COLUMN rate_decreased_at INTEGER;
 -- Confirm mode: its answer times (ms), recent (smoothed) and the baseline.
 ALTER TABLE endpoint_health ADD COLUMN latency_ms REAL;
 ALTER TABLE endpoint_health ADD COLUMN latency_base_ms REAL;

@@ -61,8 +61,20 @@ impl Candidate {
 /// moves whole (no slot can go while it is open).
 pub(super) fn fresh_since(hold: &Hold, now: i64) -> i64 {
     match hold.rate {
-        Some((_, rate, _)) => now - saturation::slot_grace_ms(rate) as i64,
+        Some(_) => now - hold.slot_grace_ms as i64,
         None => i64::MAX,
+    }
+}
+
+/// Where an endpoint's reserved slots start when they are spaced again:
+/// at their earliest, not before `floor` (a cool-down's end) when given;
+/// `now` when there are none.
+pub(super) fn first_slot(floor: Option<f64>, earliest: Option<f64>, now: i64) -> f64 {
+    match (floor, earliest) {
+        (Some(floor), Some(earliest)) => floor.max(earliest),
+        (Some(floor), None) => floor,
+        (None, Some(earliest)) => earliest,
+        (None, None) => now as f64,
     }
 }
 
@@ -71,13 +83,19 @@ pub(super) fn cap(limits: &EndpointLimits) -> Option<f64> {
     limits.rate.map(|r| r.per_second)
 }
 
-/// The learned state stored in `endpoint_health` (`learned_rate`,
-/// `rate_ceiling`, `rate_changed_at`, `rate_reason`), if any.
+/// The columns of `endpoint_health` that hold what an endpoint learned, in
+/// [`learned`]'s order.
+pub(super) const LEARNED_COLUMNS: &str =
+    "learned_rate, rate_ceiling, rate_changed_at, rate_reason, rate_decreased_at";
+
+/// The learned state stored in `endpoint_health` ([`LEARNED_COLUMNS`]), if
+/// any.
 pub(super) fn learned(
     rate: Option<f64>,
     ceiling: Option<f64>,
     changed_at: Option<i64>,
     reason: Option<String>,
+    decreased_at: Option<i64>,
 ) -> Option<Learned> {
     Some(Learned {
         rate: rate?,
@@ -87,6 +105,7 @@ pub(super) fn learned(
             .as_deref()
             .and_then(RateChange::parse)
             .unwrap_or(RateChange::Increase),
+        decreased_at: decreased_at.unwrap_or(0),
     })
 }
 
@@ -99,9 +118,10 @@ pub(super) fn latency(recent_ms: Option<f64>, base_ms: Option<f64>) -> Option<La
     })
 }
 
-/// The columns of `endpoint_health` a finish reads, in [`Health`]'s order.
+/// The columns of `endpoint_health` a finish reads, in [`Health`]'s order:
+/// the breaker (3), [`LEARNED_COLUMNS`] (5), the answer times (2).
 pub(super) const HEALTH_COLUMNS: &str = "saturated_until, failures, silent, learned_rate, \
-     rate_ceiling, rate_changed_at, rate_reason, latency_ms, latency_base_ms";
+     rate_ceiling, rate_changed_at, rate_reason, rate_decreased_at, latency_ms, latency_base_ms";
 
 /// An endpoint's state as a finish reads it (a healthy endpoint has no row).
 #[derive(Default)]

@@ -8,6 +8,7 @@
 //! Times are Unix epoch milliseconds (`i64`), the unit the schema stores.
 
 mod candidate;
+mod learning;
 mod ordering;
 pub mod postgres;
 mod shared;

@@ -180,6 +180,8 @@ macro_rules! conformance {
                 deliveries_of_a_removed_endpoint_are_parked_restored_or_purged,
                 an_overload_signal_teaches_a_rate_from_what_the_endpoint_took,
                 answers_slowing_down_lower_the_rate_of_an_adaptive_endpoint_only,
+                a_learned_rate_moves_the_slots_it_holds,
+                the_step_that_reaches_the_configured_rate_spaces_every_slot,
             ];
             semantics: [
                 an_expired_delivery_is_never_leased_and_expires_dead_or_discarded,

@@ -387,7 +387,7 @@ fn not_befores(store: &mut dyn Store, why: &str) -> Vec<i64> {
                 reason: Some(why.into()),
                 ..DeliveryFilter::default()
             },
-            100,
+            10_000,
         )
         .unwrap()
         .iter()
@@ -523,4 +523,155 @@ pub fn answers_slowing_down_lower_the_rate_of_an_adaptive_endpoint_only(store: &
     );
     assert!(learned_rate_of(store, "fixed", now + 1).is_none());
     assert!(store.stats(now + 1).unwrap().saturated_endpoints.len() == 1);
+}
+
+/// A 429 (Retry-After 1 s) at `now` for `l`, from an attempt `took_ms` long.
+fn refused_429(l: &Lease, now: i64, limits: EndpointLimits) -> FinishAttempt {
+    FinishAttempt::retry(l, now, now + 1, "HTTP 429".into())
+        .with_answer(Some(429), 5)
+        .with_signal(EndpointSignal::Saturated {
+            retry_after: Some(Duration::from_secs(1)),
+            limits,
+            slows: Some(cronpost::adaptive::RateChange::Http429),
+        })
+}
+
+fn gaps(slots: &[i64]) -> Vec<i64> {
+    slots.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+/// A learned rate moves the slots it holds: a second decrease spaces them
+/// all again from its cool-down's end; a delayed group held by the rate
+/// leaves its account's fresh slots alone; with `adaptive = false` the
+/// stored rate neither holds nor steps; a sweep of an endpoint that was not
+/// sent all it would take teaches nothing.
+pub fn a_learned_rate_moves_the_slots_it_holds(store: &mut dyn Store) {
+    subscribe(store, &[("t", "e")]);
+    store.messages_insert(&vec![message("t", 0); 20]).unwrap();
+    route(store, T0);
+    let mut policy = adaptive_policy();
+    let limits = policy.endpoints["e"];
+    for i in 0..4 {
+        let l = lease_with(store, "a", T0 + i, &policy).unwrap();
+        finish(
+            store,
+            FinishAttempt::delivered(&l, T0 + i, AttemptOutcome::Delivered),
+        );
+    }
+    let refused = lease_with(store, "b", T0 + 10, &policy).unwrap();
+    finish(store, refused_429(&refused, T0 + 20, limits));
+    let until = T0 + 20 + 1_000;
+    let probe = lease_with(store, "p", until, &policy).unwrap();
+    finish(
+        store,
+        FinishAttempt::delivered(&probe, until + 1, AttemptOutcome::Delivered)
+            .with_signal(EndpointSignal::Healthy),
+    );
+    // (A PostgreSQL lease skips an endpoint it held back; the next one
+    // meets the delivery the cool-down held.)
+    assert!(lease_with(store, "h", until + 2, &policy).is_none());
+    assert!(lease_with(store, "i", until + 3, &policy).is_none());
+    let slots = not_befores(store, reason::ENDPOINT_RATE);
+    assert_eq!(slots.len(), 15, "the rest hold slots at 3.8/s: {slots:?}");
+    // The first slot goes; its 429 (it started after the first decrease)
+    // lowers the rate from what the endpoint took (the probe: one), and
+    // every slot moves after the new cool-down, a second apart or more.
+    let first = lease_with(store, "f", slots[0], &policy).unwrap();
+    let second_until = slots[0] + 10 + 1_000;
+    finish(store, refused_429(&first, slots[0] + 10, limits));
+    let lowered = learned_rate_of(store, "e", slots[0] + 10).unwrap().learned;
+    assert_eq!(lowered.ceiling, 1.0, "{lowered:?}");
+    let moved = not_befores(store, reason::ENDPOINT_RATE);
+    assert_eq!(moved.len(), 14);
+    assert!(moved[0] >= second_until, "{moved:?} after {second_until}");
+    assert!(
+        gaps(&moved)
+            .iter()
+            .all(|&g| (g as f64 - 1000.0 / 0.95).abs() <= 1.0),
+        "{moved:?}"
+    );
+
+    // Switched off: the stored rate holds nothing, steps nothing.
+    policy.endpoints.insert("e".into(), endpoint_limits());
+    let later = moved[0] + 5_000;
+    let off = lease_with(store, "o", later, &policy).unwrap();
+    assert_eq!(learned_rate_of(store, "e", later).unwrap().learned, lowered);
+    finish(
+        store,
+        FinishAttempt::delivered(&off, later, AttemptOutcome::Delivered),
+    );
+}
+
+/// The step that reaches the configured rate spaces every slot at it (no
+/// step follows to reach the later ones).
+pub fn the_step_that_reaches_the_configured_rate_spaces_every_slot(store: &mut dyn Store) {
+    subscribe(store, &[("t", "e")]);
+    // Enough held back that a step's few seconds of slots are not all.
+    store
+        .messages_insert(&vec![message("t", 0); 4_000])
+        .unwrap();
+    route(store, T0);
+    let mut policy = adaptive_policy();
+    let cap = 78.0;
+    policy.endpoints.get_mut("e").unwrap().rate = Some(Rate {
+        per_second: cap,
+        burst: 1,
+    });
+    let limits = policy.endpoints["e"];
+    // A hundred go 13 ms apart (under the configured rate), then a 429:
+    // it took 76 in the second before, so 72.2/s is learned.
+    for i in 0..100 {
+        let l = lease_with(store, "a", T0 + i * 13, &policy).unwrap();
+        finish(
+            store,
+            FinishAttempt::delivered(&l, T0 + i * 13, AttemptOutcome::Delivered),
+        );
+    }
+    let now = T0 + 1_300;
+    let refused = lease_with(store, "r", now, &policy).unwrap();
+    finish(store, refused_429(&refused, now, limits));
+    let learned = learned_rate_of(store, "e", now).unwrap().learned;
+    assert_eq!(learned.ceiling, 76.0, "{learned:?}");
+    let until = now + 1_000;
+    let probe = lease_with(store, "p", until, &policy).unwrap();
+    finish(
+        store,
+        FinishAttempt::delivered(&probe, until, AttemptOutcome::Delivered)
+            .with_signal(EndpointSignal::Healthy),
+    );
+    assert!(lease_with(store, "h", until + 1, &policy).is_none());
+    assert!(not_befores(store, reason::ENDPOINT_RATE).len() > 3_800);
+    // Leases five seconds apart, each at a slot: steps of five seconds
+    // climb back to 76/s in six (30 s), then past it to 78/s.
+    let mut at = until;
+    for step in 1.. {
+        at += 5_000;
+        let slot = *not_befores(store, reason::ENDPOINT_RATE)
+            .iter()
+            .find(|&&s| s >= at)
+            .unwrap();
+        // The slots missed meanwhile are queued again first (a PostgreSQL
+        // lease then leaves the endpoint to the next lease).
+        let l = lease_with(store, "s", slot, &policy)
+            .or_else(|| lease_with(store, "t", slot, &policy))
+            .unwrap();
+        finish(
+            store,
+            FinishAttempt::delivered(&l, slot, AttemptOutcome::Delivered),
+        );
+        if learned_rate_of(store, "e", slot).unwrap().learned.rate >= cap {
+            break;
+        }
+        assert!(step < 12, "never reached the configured rate");
+    }
+    // Every slot left at the configured rate, however far out.
+    let slots = not_befores(store, reason::ENDPOINT_RATE);
+    let interval = 1000.0 / cap;
+    for (k, &slot) in slots.iter().enumerate() {
+        let due = slots[0] as f64 + k as f64 * interval;
+        assert!(
+            (slot as f64 - due).abs() <= 2.0,
+            "slot {k} at {slot}, not {due}"
+        );
+    }
 }

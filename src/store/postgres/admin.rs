@@ -3,7 +3,7 @@
 //! (`backup` is pg_dump's job on PostgreSQL.)
 
 use super::*;
-use crate::store::candidate::learned;
+use crate::store::candidate::{LEARNED_COLUMNS, learned};
 
 impl PostgresStore {
     pub(super) fn deliveries_restore_endpoints(
@@ -388,13 +388,21 @@ impl PostgresStore {
                 .collect::<Result<_, ::postgres::Error>>()?;
             stats.learned_rates = c
                 .query_typed(
-                    "SELECT endpoint, learned_rate, rate_ceiling, rate_changed_at, rate_reason
-                     FROM endpoint_health WHERE learned_rate IS NOT NULL ORDER BY endpoint",
+                    &format!(
+                        "SELECT endpoint, {LEARNED_COLUMNS}
+                         FROM endpoint_health WHERE learned_rate IS NOT NULL ORDER BY endpoint"
+                    ),
                     &[],
                 )?
                 .iter()
                 .map(|r| {
-                    let learned = learned(r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?);
+                    let learned = learned(
+                        r.try_get(1)?,
+                        r.try_get(2)?,
+                        r.try_get(3)?,
+                        r.try_get(4)?,
+                        r.try_get(5)?,
+                    );
                     Ok(EndpointRate {
                         endpoint: r.try_get(0)?,
                         learned: learned.expect("learned_rate IS NOT NULL"),

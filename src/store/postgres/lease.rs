@@ -12,16 +12,17 @@
 //! write lock.
 
 use super::*;
-use crate::adaptive::{self, Learned, RateChange};
+use crate::adaptive::{Latency, Learned, RateChange};
 use crate::saturation::{self, Decision, Hold, RateKind};
-use crate::store::candidate::{self, Candidate, HEALTH_COLUMNS, Health};
+use crate::store::candidate::{self, Candidate, HEALTH_COLUMNS, Health, LEARNED_COLUMNS};
+use crate::store::learning::{self, RateOps};
 
 /// The next ready delivery, highest priority first, then oldest, skipping
 /// the endpoints in $1 and those with a probe in flight at $2, expired
 /// deliveries, and rows another transaction holds.
 const PICK_READY_SQL: &str = "\
 SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, coalesce(h.failures, 0),
-       h.learned_rate, h.rate_ceiling, h.rate_changed_at, h.rate_reason
+       h.learned_rate, h.rate_ceiling, h.rate_changed_at, h.rate_reason, h.rate_decreased_at
 FROM deliveries d LEFT JOIN endpoint_health h ON h.endpoint = d.endpoint
 WHERE d.state = 'ready' AND d.endpoint <> ALL($1)
   AND NOT coalesce(h.probe_owner IS NOT NULL AND h.probe_expires_at > $2, false)
@@ -33,7 +34,7 @@ FOR UPDATE OF d SKIP LOCKED";
 /// the longest eligible, skipping as [`PICK_READY_SQL`] does.
 const PICK_DELAYED_SQL: &str = "\
 SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, coalesce(h.failures, 0),
-       h.learned_rate, h.rate_ceiling, h.rate_changed_at, h.rate_reason
+       h.learned_rate, h.rate_ceiling, h.rate_changed_at, h.rate_reason, h.rate_decreased_at
 FROM deliveries d LEFT JOIN endpoint_health h ON h.endpoint = d.endpoint
 WHERE d.state = 'delayed' AND d.not_before <= $2 AND d.endpoint <> ALL($1)
   AND NOT coalesce(h.probe_owner IS NOT NULL AND h.probe_expires_at > $2, false)
@@ -117,9 +118,6 @@ fn lease_step(
     if !lock_and_recheck(tx, p, &mut c)? {
         return Ok(Step::Skipped(c.endpoint));
     }
-    if let Some(step) = c.growth_step(p.policy, p.now) {
-        grow_rate(tx, &mut c, step, p.now)?;
-    }
     let decision = saturation::decide(p.policy, &c.view(), p.now, |kind| {
         tat(tx, kind, c.key(kind))
     })?;
@@ -127,6 +125,10 @@ fn lease_step(
         Decision::Go { probe, charges } => {
             for charge in charges {
                 set_tat(tx, charge.kind, c.key(charge.kind), charge.tat)?;
+            }
+            // Deliveries go: a step up of its learned rate, when due.
+            if let Some(step) = c.growth_step(p.policy, p.now) {
+                learning::grow(&mut Ops(tx), &c.endpoint, step, p.now)?;
             }
             lease_candidate(tx, p, &c, probe).map(Step::Leased)
         }
@@ -160,9 +162,11 @@ fn lock_and_recheck(
     }
     lock_key(tx, RateKind::Endpoint, &c.endpoint)?;
     let health = tx.query_typed_opt(
-        "SELECT saturated_until, failures, probe_owner IS NOT NULL AND probe_expires_at > $2,
-                learned_rate, rate_ceiling, rate_changed_at, rate_reason
-         FROM endpoint_health WHERE endpoint = $1 FOR UPDATE",
+        &format!(
+            "SELECT saturated_until, failures, probe_owner IS NOT NULL AND probe_expires_at > $2,
+                    {LEARNED_COLUMNS}
+             FROM endpoint_health WHERE endpoint = $1 FOR UPDATE"
+        ),
         typed![c.endpoint => TEXT, p.now => INT8],
     )?;
     if let Some(h) = health {
@@ -171,7 +175,13 @@ fn lock_and_recheck(
         }
         c.saturated_until = h.try_get(0)?;
         c.failures = h.try_get::<_, i64>(1)? as u32;
-        c.learned = candidate::learned(h.try_get(3)?, h.try_get(4)?, h.try_get(5)?, h.try_get(6)?);
+        c.learned = candidate::learned(
+            h.try_get(3)?,
+            h.try_get(4)?,
+            h.try_get(5)?,
+            h.try_get(6)?,
+            h.try_get(7)?,
+        );
     } else {
         (c.saturated_until, c.failures, c.learned) = (None, 0, None);
     }
@@ -242,6 +252,7 @@ fn pick(
                     r.try_get(8)?,
                     r.try_get(9)?,
                     r.try_get(10)?,
+                    r.try_get(11)?,
                 ),
                 from: queue,
             })
@@ -291,7 +302,8 @@ macro_rules! reroute_ready_sql {
 /// the ready queue, every ready delivery of its account or endpoint; from
 /// the delayed queue, when its endpoint is held, every delivery of the
 /// endpoint that came due with it (the deliveries a cool-down held come
-/// due together), but those holding a slot still fresh. Rows another
+/// due together), but those holding a slot still fresh (of its rate, or
+/// of their account's budget: charged already). Rows another
 /// transaction holds are being leased or rerouted there: skipped.
 fn reroute(tx: &mut Client, c: &Candidate, hold: &Hold, now: i64) -> Result<(), ::postgres::Error> {
     let reason = hold_reason(hold.reason);
@@ -319,6 +331,7 @@ fn reroute(tx: &mut Client, c: &Candidate, hold: &Hold, now: i64) -> Result<(), 
                    FROM (SELECT id, priority, not_before FROM deliveries
                          WHERE endpoint = $1 AND state = 'delayed' AND not_before <= $5
                            AND NOT (coalesce(reason, '') = 'endpoint_rate' AND not_before >= $6)
+                           AND (coalesce(reason, '') <> 'account_budget' OR id = $7)
                          FOR UPDATE SKIP LOCKED) AS due) AS r
              WHERE deliveries.id = r.id",
             typed![
@@ -328,6 +341,7 @@ fn reroute(tx: &mut Client, c: &Candidate, hold: &Hold, now: i64) -> Result<(), 
                 hold.interval => FLOAT8,
                 now => INT8,
                 candidate::fresh_since(hold, now) => INT8,
+                c.id => INT8,
             ],
         )?,
         Queue::Delayed => tx.execute_typed(
@@ -424,27 +438,19 @@ fn record_signal(tx: &mut Client, f: &FinishAttempt) -> Result<Option<i64>, ::po
             Ok(None)
         }
         EndpointSignal::Answered { answer_ms, limits } if limits.adaptive => {
-            let health = locked_endpoint_health(tx, &f.endpoint)?;
             tx.execute_typed(
                 ENDPOINT_HEALTHY_SQL,
                 typed![f.endpoint => TEXT, f.now => INT8],
             )?;
-            let latency = adaptive::observe(health.latency, answer_ms as f64);
-            tx.execute_typed(
-                "INSERT INTO endpoint_health (endpoint, latency_ms, latency_base_ms, updated_at)
-                 VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (endpoint) DO UPDATE SET latency_ms = excluded.latency_ms,
-                     latency_base_ms = excluded.latency_base_ms, updated_at = excluded.updated_at",
-                typed![
-                    f.endpoint => TEXT,
-                    latency.recent_ms => FLOAT8,
-                    latency.base_ms => FLOAT8,
-                    f.now => INT8,
-                ],
-            )?;
-            if adaptive::slowing(&latency) {
-                slow_down(tx, f, &limits, &health, RateChange::SlowAnswers, f.now)?;
-            }
+            // The answer times without the endpoint's lock (every answer
+            // of every host would wait on it; a lost update of an average
+            // is harmless); lowering the rate takes it, and reads again.
+            let previous = endpoint_health(tx, &f.endpoint, false)?.latency;
+            learning::observe_answer(&mut Ops(tx), f, previous, answer_ms, |ops| {
+                let health = endpoint_health(ops.0, &f.endpoint, true)?;
+                let why = RateChange::SlowAnswers;
+                learning::slow_down(ops, f, &limits, &health, why, f.now)
+            })?;
             Ok(None)
         }
         EndpointSignal::Healthy | EndpointSignal::Answered { .. } => {
@@ -459,25 +465,25 @@ fn record_signal(tx: &mut Client, f: &FinishAttempt) -> Result<Option<i64>, ::po
             limits,
             slows,
         } => {
-            let health = locked_endpoint_health(tx, &f.endpoint)?;
+            let health = endpoint_health(tx, &f.endpoint, true)?;
             let error = f.error.as_deref();
             let until = open_breaker(tx, f, &limits, retry_after, &health, error)?;
             if let Some(why) = slows
-                && limits.adaptive
                 && health.slows_at(f.now)
             {
-                slow_down(tx, f, &limits, &health, why, until)?;
+                learning::slow_down(&mut Ops(tx), f, &limits, &health, why, until)?;
             }
             Ok(Some(until))
         }
         EndpointSignal::Silent { limits } => {
-            let health = locked_endpoint_health(tx, &f.endpoint)?;
+            let health = endpoint_health(tx, &f.endpoint, true)?;
             let slow_after = limits.slow_after.unwrap_or(1);
             if saturation::silence_opens(slow_after, health.failures, health.silent) {
                 let error = saturation::silence_error(slow_after);
                 let until = open_breaker(tx, f, &limits, None, &health, Some(&error))?;
-                if limits.adaptive && health.slows_at(f.now) {
-                    slow_down(tx, f, &limits, &health, RateChange::Silent, until)?;
+                if health.slows_at(f.now) {
+                    let why = RateChange::Silent;
+                    learning::slow_down(&mut Ops(tx), f, &limits, &health, why, until)?;
                 }
                 return Ok(Some(until));
             }
@@ -492,12 +498,20 @@ fn record_signal(tx: &mut Client, f: &FinishAttempt) -> Result<Option<i64>, ::po
     }
 }
 
-/// An endpoint's breaker, learned rate and answer times, locked: children
-/// of every host finishing at once count their signals one after another.
-fn locked_endpoint_health(tx: &mut Client, endpoint: &str) -> Result<Health, ::postgres::Error> {
-    lock_key(tx, RateKind::Endpoint, endpoint)?;
+/// An endpoint's breaker, learned rate and answer times; `locked`, under
+/// its advisory lock and with its row locked: children of every host
+/// finishing at once count their signals one after another.
+fn endpoint_health(
+    tx: &mut Client,
+    endpoint: &str,
+    locked: bool,
+) -> Result<Health, ::postgres::Error> {
+    if locked {
+        lock_key(tx, RateKind::Endpoint, endpoint)?;
+    }
+    let lock = if locked { "FOR UPDATE" } else { "" };
     tx.query_typed_opt(
-        &format!("SELECT {HEALTH_COLUMNS} FROM endpoint_health WHERE endpoint = $1 FOR UPDATE"),
+        &format!("SELECT {HEALTH_COLUMNS} FROM endpoint_health WHERE endpoint = $1 {lock}"),
         typed![endpoint => TEXT],
     )?
     .map(|r| {
@@ -505,8 +519,14 @@ fn locked_endpoint_health(tx: &mut Client, endpoint: &str) -> Result<Health, ::p
             saturated_until: r.try_get(0)?,
             failures: r.try_get::<_, i64>(1)? as u32,
             silent: r.try_get::<_, i64>(2)? as u32,
-            learned: candidate::learned(r.try_get(3)?, r.try_get(4)?, r.try_get(5)?, r.try_get(6)?),
-            latency: candidate::latency(r.try_get(7)?, r.try_get(8)?),
+            learned: candidate::learned(
+                r.try_get(3)?,
+                r.try_get(4)?,
+                r.try_get(5)?,
+                r.try_get(6)?,
+                r.try_get(7)?,
+            ),
+            latency: candidate::latency(r.try_get(8)?, r.try_get(9)?),
         })
     })
     .transpose()
@@ -548,132 +568,131 @@ fn open_breaker(
     Ok(until)
 }
 
-/// Stores what an endpoint has learned of its rate (None: nothing).
-fn set_learned(
-    tx: &mut Client,
-    endpoint: &str,
-    learned: Option<&Learned>,
-    now: i64,
-) -> Result<(), ::postgres::Error> {
-    tx.execute_typed(
-        "INSERT INTO endpoint_health (endpoint, learned_rate, rate_ceiling, rate_changed_at, rate_reason, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6)
-         ON CONFLICT (endpoint) DO UPDATE SET
-             learned_rate = excluded.learned_rate, rate_ceiling = excluded.rate_ceiling,
-             rate_changed_at = excluded.rate_changed_at, rate_reason = excluded.rate_reason,
-             updated_at = excluded.updated_at",
-        typed![
-            endpoint => TEXT,
-            learned.map(|l| l.rate) => FLOAT8,
-            learned.map(|l| l.ceiling) => FLOAT8,
-            learned.map(|l| l.changed_at) => INT8,
-            learned.map(|l| l.reason.as_str()) => TEXT,
-            now => INT8,
-        ],
-    )
-    .map(drop)
-}
+/// The learned-rate operations (`learning`) in a PostgreSQL transaction,
+/// under the endpoint's advisory lock.
+struct Ops<'a>(&'a mut Client);
 
-/// Gives an endpoint's reserved slots (its delayed deliveries held by its
-/// rate), in their order, at most `limit` of them (None: all), slots again
-/// `interval` apart from `start` (or their earliest, if later); returns
-/// the first slot and how many moved. Rows another transaction holds are
-/// being leased: skipped.
-fn respace(
-    tx: &mut Client,
-    endpoint: &str,
-    start: f64,
-    interval: f64,
-    limit: Option<i64>,
-    now: i64,
-) -> Result<(f64, u64), ::postgres::Error> {
-    let first: f64 = tx
-        .query_typed_one(
-            "SELECT greatest($2, coalesce(min(not_before)::float8, $2)) FROM deliveries
-             WHERE endpoint = $1 AND state = 'delayed' AND reason = 'endpoint_rate'",
-            typed![endpoint => TEXT, start => FLOAT8],
-        )?
-        .try_get(0)?;
-    let moved = tx.execute_typed(
-        "UPDATE deliveries SET not_before = CAST(floor($2 + r.k * $3) AS BIGINT) + 1, updated_at = $4
-         FROM (SELECT id, row_number() OVER (ORDER BY not_before, id) - 1 AS k
-               FROM (SELECT id, not_before FROM deliveries
-                     WHERE endpoint = $1 AND state = 'delayed' AND reason = 'endpoint_rate'
-                     ORDER BY not_before, id LIMIT $5
-                     FOR UPDATE SKIP LOCKED) AS held) AS r
-         WHERE deliveries.id = r.id",
-        typed![endpoint => TEXT, first => FLOAT8, interval => FLOAT8, now => INT8, limit => INT8],
-    )?;
-    Ok((first, moved))
-}
+impl RateOps for Ops<'_> {
+    type Error = ::postgres::Error;
 
-/// Applies a step of increase to a candidate's endpoint (under its lock):
-/// its new rate, and its next reserved slots spaced at it (or nothing
-/// learned any more).
-fn grow_rate(
-    tx: &mut Client,
-    c: &mut Candidate,
-    step: adaptive::Step,
-    now: i64,
-) -> Result<(), ::postgres::Error> {
-    c.learned = match step {
-        adaptive::Step::To(l) => {
-            let ahead = adaptive::respace_ahead(l.rate);
-            let interval = 1000.0 / l.rate;
-            let limit = i64::try_from(ahead).unwrap_or(i64::MAX);
-            let (first, moved) = respace(tx, &c.endpoint, now as f64, interval, Some(limit), now)?;
-            if moved > 0 && moved < ahead {
-                // All of them, closer: the rate's next slot follows them.
-                let next = first + moved as f64 * interval;
-                set_tat(tx, RateKind::Endpoint, &c.endpoint, next)?;
-            }
-            Some(l)
-        }
-        adaptive::Step::Forget => None,
-    };
-    set_learned(tx, &c.endpoint, c.learned.as_ref(), now)
-}
+    fn set_learned(
+        &mut self,
+        endpoint: &str,
+        learned: Option<&Learned>,
+        now: i64,
+    ) -> Result<(), ::postgres::Error> {
+        self.0
+            .execute_typed(
+                "INSERT INTO endpoint_health (endpoint, learned_rate, rate_ceiling, rate_changed_at, rate_reason,
+                                              rate_decreased_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (endpoint) DO UPDATE SET
+                     learned_rate = excluded.learned_rate, rate_ceiling = excluded.rate_ceiling,
+                     rate_changed_at = excluded.rate_changed_at, rate_reason = excluded.rate_reason,
+                     rate_decreased_at = excluded.rate_decreased_at, updated_at = excluded.updated_at",
+                typed![
+                    endpoint => TEXT,
+                    learned.map(|l| l.rate) => FLOAT8,
+                    learned.map(|l| l.ceiling) => FLOAT8,
+                    learned.map(|l| l.changed_at) => INT8,
+                    learned.map(|l| l.reason.as_str()) => TEXT,
+                    learned.map(|l| l.decreased_at) => INT8,
+                    now => INT8,
+                ],
+            )
+            .map(drop)
+    }
 
-/// Lowers an endpoint's learned rate on an overload signal `why`, from
-/// what it took in the last second (see `adaptive::slow_down`), and spaces
-/// its reserved slots again at the new rate from `start` (its cool-down's
-/// end), its rate's next slot after them. Under the endpoint's lock.
-fn slow_down(
-    tx: &mut Client,
-    f: &FinishAttempt,
-    limits: &EndpointLimits,
-    health: &Health,
-    why: RateChange,
-    start: i64,
-) -> Result<(), ::postgres::Error> {
-    let took: i64 = tx
-        .query_typed_one(
-            "SELECT count(*) FROM deliveries
-             WHERE state = 'delivered' AND updated_at > $2 - 1000 AND endpoint = $1",
-            typed![f.endpoint => TEXT, f.now => INT8],
-        )?
-        .try_get(0)?;
-    let started = f.now - f.duration_ms;
-    let cap = candidate::cap(limits);
-    let Some(l) = adaptive::slow_down(
-        health.learned.as_ref(),
-        took as u64,
-        started,
-        why,
-        f.now,
-        cap,
-    ) else {
-        return Ok(());
-    };
-    set_learned(tx, &f.endpoint, Some(&l), f.now)?;
-    let interval = 1000.0 / l.rate;
-    let (first, moved) = respace(tx, &f.endpoint, start as f64, interval, None, f.now)?;
-    set_tat(
-        tx,
-        RateKind::Endpoint,
-        &f.endpoint,
-        first + moved as f64 * interval,
-    )
+    fn earliest_slot(&mut self, endpoint: &str) -> Result<Option<f64>, ::postgres::Error> {
+        self.0
+            .query_typed_one(
+                "SELECT min(not_before)::float8 FROM deliveries
+                 WHERE endpoint = $1 AND state = 'delayed' AND reason = 'endpoint_rate'",
+                typed![endpoint => TEXT],
+            )?
+            .try_get(0)
+    }
+
+    fn respace(
+        &mut self,
+        endpoint: &str,
+        first: f64,
+        interval: f64,
+        limit: Option<u64>,
+        now: i64,
+    ) -> Result<u64, ::postgres::Error> {
+        // Rows another transaction holds are being leased: skipped.
+        let limit = limit.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+        self.0.execute_typed(
+            "UPDATE deliveries SET not_before = CAST(floor($2 + r.k * $3) AS BIGINT) + 1, updated_at = $4
+             FROM (SELECT id, row_number() OVER (ORDER BY not_before, id) - 1 AS k
+                   FROM (SELECT id, not_before FROM deliveries
+                         WHERE endpoint = $1 AND state = 'delayed' AND reason = 'endpoint_rate'
+                         ORDER BY not_before, id LIMIT $5
+                         FOR UPDATE SKIP LOCKED) AS held) AS r
+             WHERE deliveries.id = r.id",
+            typed![endpoint => TEXT, first => FLOAT8, interval => FLOAT8, now => INT8, limit => INT8],
+        )
+    }
+
+    fn release_slots(&mut self, endpoint: &str, now: i64) -> Result<(), ::postgres::Error> {
+        self.0
+            .execute_typed(
+                "UPDATE deliveries SET state = 'ready', reason = NULL, not_before = $2, updated_at = $2
+                 WHERE endpoint = $1 AND state = 'delayed' AND reason = 'endpoint_rate'",
+                typed![endpoint => TEXT, now => INT8],
+            )
+            .map(drop)
+    }
+
+    fn set_tat(&mut self, endpoint: &str, tat: f64) -> Result<(), ::postgres::Error> {
+        set_tat(self.0, RateKind::Endpoint, endpoint, tat)
+    }
+
+    fn took_last_second(&mut self, endpoint: &str, now: i64) -> Result<u64, ::postgres::Error> {
+        self.0
+            .query_typed_one(
+                "SELECT count(*) FROM deliveries
+                 WHERE state = 'delivered' AND updated_at > $2 - 1000 AND endpoint = $1",
+                typed![endpoint => TEXT, now => INT8],
+            )?
+            .try_get::<_, i64>(0)
+            .map(|n| n as u64)
+    }
+
+    fn has_backlog(&mut self, endpoint: &str) -> Result<bool, ::postgres::Error> {
+        self.0
+            .query_typed_one(
+                "SELECT EXISTS (SELECT 1 FROM deliveries WHERE endpoint = $1 AND state = 'ready')
+                     OR EXISTS (SELECT 1 FROM deliveries
+                                WHERE endpoint = $1 AND state = 'delayed'
+                                  AND reason IN ('endpoint_rate', 'endpoint_saturated'))",
+                typed![endpoint => TEXT],
+            )?
+            .try_get(0)
+    }
+
+    fn set_latency(
+        &mut self,
+        endpoint: &str,
+        latency: &Latency,
+        now: i64,
+    ) -> Result<(), ::postgres::Error> {
+        self.0
+            .execute_typed(
+                "INSERT INTO endpoint_health (endpoint, latency_ms, latency_base_ms, updated_at)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (endpoint) DO UPDATE SET latency_ms = excluded.latency_ms,
+                     latency_base_ms = excluded.latency_base_ms, updated_at = excluded.updated_at",
+                typed![
+                    endpoint => TEXT,
+                    latency.recent_ms => FLOAT8,
+                    latency.base_ms => FLOAT8,
+                    now => INT8,
+                ],
+            )
+            .map(drop)
+    }
 }
 
 impl PostgresStore {

@@ -6,7 +6,7 @@ use rusqlite::types::Value;
 use rusqlite::{OptionalExtension, params, params_from_iter};
 
 use super::*;
-use crate::store::candidate::learned;
+use crate::store::candidate::{LEARNED_COLUMNS, learned};
 
 impl SqliteStore {
     /// Writes a consistent copy of the database into `target`, an empty
@@ -403,12 +403,12 @@ impl SqliteStore {
                 })?
                 .collect::<rusqlite::Result<_>>()?;
             stats.learned_rates = conn
-                .prepare(
-                    "SELECT endpoint, learned_rate, rate_ceiling, rate_changed_at, rate_reason
-                     FROM endpoint_health WHERE learned_rate IS NOT NULL ORDER BY endpoint",
-                )?
+                .prepare(&format!(
+                    "SELECT endpoint, {LEARNED_COLUMNS}
+                     FROM endpoint_health WHERE learned_rate IS NOT NULL ORDER BY endpoint"
+                ))?
                 .query_map([], |r| {
-                    let learned = learned(r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
+                    let learned = learned(r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?);
                     Ok(EndpointRate {
                         endpoint: r.get(0)?,
                         learned: learned.expect("learned_rate IS NOT NULL"),

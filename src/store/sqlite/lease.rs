@@ -9,9 +9,10 @@ use std::collections::HashMap;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::*;
-use crate::adaptive::{self, Learned, RateChange};
+use crate::adaptive::{Latency, Learned, RateChange};
 use crate::saturation::{self, Decision, Hold, RateKind};
 use crate::store::candidate::{self, Candidate, HEALTH_COLUMNS, Health};
+use crate::store::learning::{self, RateOps};
 
 /// Picks the next ready delivery: a seek on `deliveries_queue`
 /// (state, priority DESC, id), highest priority first, then oldest,
@@ -20,7 +21,7 @@ use crate::store::candidate::{self, Candidate, HEALTH_COLUMNS, Health};
 /// were three: each child compiles every statement it runs).
 const PICK_READY_SQL: &str = "\
 SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, coalesce(h.failures, 0),
-       h.learned_rate, h.rate_ceiling, h.rate_changed_at, h.rate_reason
+       h.learned_rate, h.rate_ceiling, h.rate_changed_at, h.rate_reason, h.rate_decreased_at
 FROM deliveries d LEFT JOIN endpoint_health h ON h.endpoint = d.endpoint
 WHERE d.state = 'ready' AND d.endpoint NOT IN (SELECT value FROM json_each(?1))
   AND NOT coalesce(h.probe_owner IS NOT NULL AND h.probe_expires_at > ?2, 0)
@@ -33,7 +34,7 @@ ORDER BY d.priority DESC, d.id LIMIT 1";
 /// every delayed delivery of the top priority by not_before.
 const PICK_DELAYED_SQL: &str = "\
 SELECT d.id, d.endpoint, d.account, d.reason, d.not_before, h.saturated_until, coalesce(h.failures, 0),
-       h.learned_rate, h.rate_ceiling, h.rate_changed_at, h.rate_reason
+       h.learned_rate, h.rate_ceiling, h.rate_changed_at, h.rate_reason, h.rate_decreased_at
 FROM deliveries d INDEXED BY deliveries_delayed LEFT JOIN endpoint_health h ON h.endpoint = d.endpoint
 WHERE d.state = 'delayed' AND d.not_before <= ?2 AND d.endpoint NOT IN (SELECT value FROM json_each(?1))
   AND NOT coalesce(h.probe_owner IS NOT NULL AND h.probe_expires_at > ?2, 0)
@@ -59,6 +60,11 @@ UPDATE endpoint_health
 SET failures = 0, saturated_until = NULL, probe_owner = NULL, probe_expires_at = NULL, silent = 0,
     updated_at = ?2
 WHERE endpoint = ?1 AND (failures > 0 OR probe_owner IS NOT NULL OR silent > 0)";
+
+const SET_LATENCY_SQL: &str = "\
+INSERT INTO endpoint_health (endpoint, latency_ms, latency_base_ms, updated_at) VALUES (?1, ?2, ?3, ?4)
+ON CONFLICT (endpoint) DO UPDATE SET latency_ms = excluded.latency_ms,
+    latency_base_ms = excluded.latency_base_ms, updated_at = excluded.updated_at";
 
 const FINISH_DELIVERY_SQL: &str = "\
 UPDATE deliveries
@@ -140,18 +146,19 @@ fn lease_next(
                 break;
             }
         }
-        let Some(mut c) = candidate else {
+        let Some(c) = candidate else {
             return Ok(None);
         };
-        if let Some(step) = c.growth_step(p.policy, p.now) {
-            grow_rate(tx, &mut c, step, p.now)?;
-        }
         match saturation::decide(p.policy, &c.view(), p.now, |kind| {
             tat(tx, kind, c.key(kind))
         })? {
             Decision::Go { probe, charges } => {
                 for charge in charges {
                     set_tat(tx, charge.kind, c.key(charge.kind), charge.tat)?;
+                }
+                // Deliveries go: a step up of its learned rate, when due.
+                if let Some(step) = c.growth_step(p.policy, p.now) {
+                    learning::grow(&mut Ops(tx), &c.endpoint, step, p.now)?;
                 }
                 return lease_candidate(tx, p, &c, probe).map(Some);
             }
@@ -200,7 +207,7 @@ fn pick(
             not_before: r.get(4)?,
             saturated_until: r.get(5)?,
             failures: r.get(6)?,
-            learned: candidate::learned(r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?),
+            learned: candidate::learned(r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?),
             from: queue,
         })
     };
@@ -230,105 +237,133 @@ fn set_tat(tx: &Connection, kind: RateKind, key: &str, tat: f64) -> rusqlite::Re
     .map(drop)
 }
 
+/// An endpoint's breaker, learned rate and answer times (a healthy
+/// endpoint has no row).
+static ENDPOINT_HEALTH_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!("SELECT {HEALTH_COLUMNS} FROM endpoint_health WHERE endpoint = ?1")
+});
+
 /// An endpoint's breaker, learned rate and answer times.
 fn endpoint_health(tx: &Connection, endpoint: &str) -> rusqlite::Result<Health> {
-    tx.prepare_cached(&format!(
-        "SELECT {HEALTH_COLUMNS} FROM endpoint_health WHERE endpoint = ?1"
-    ))?
-    .query_row([endpoint], |r| {
-        Ok(Health {
-            saturated_until: r.get(0)?,
-            failures: r.get(1)?,
-            silent: r.get(2)?,
-            learned: candidate::learned(r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?),
-            latency: candidate::latency(r.get(7)?, r.get(8)?),
+    tx.prepare_cached(&ENDPOINT_HEALTH_SQL)?
+        .query_row([endpoint], |r| {
+            Ok(Health {
+                saturated_until: r.get(0)?,
+                failures: r.get(1)?,
+                silent: r.get(2)?,
+                learned: candidate::learned(r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?),
+                latency: candidate::latency(r.get(8)?, r.get(9)?),
+            })
         })
-    })
-    .optional()
-    .map(Option::unwrap_or_default)
+        .optional()
+        .map(Option::unwrap_or_default)
 }
 
-/// Stores what an endpoint has learned of its rate (None: nothing).
-fn set_learned(
-    tx: &Connection,
-    endpoint: &str,
-    learned: Option<&Learned>,
-    now: i64,
-) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "INSERT INTO endpoint_health (endpoint, learned_rate, rate_ceiling, rate_changed_at, rate_reason, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (endpoint) DO UPDATE SET
-             learned_rate = excluded.learned_rate, rate_ceiling = excluded.rate_ceiling,
-             rate_changed_at = excluded.rate_changed_at, rate_reason = excluded.rate_reason,
-             updated_at = excluded.updated_at",
-    )?
-    .execute(params![
-        endpoint,
-        learned.map(|l| l.rate),
-        learned.map(|l| l.ceiling),
-        learned.map(|l| l.changed_at),
-        learned.map(|l| l.reason.as_str()),
-        now
-    ])
-    .map(drop)
-}
+/// The learned-rate operations (`learning`) in a SQLite transaction.
+struct Ops<'a>(&'a Connection);
 
-/// Gives an endpoint's reserved slots (its delayed deliveries held by its
-/// rate), in their order, at most `limit` of them (-1: all), slots again
-/// `interval` apart from `start` (or their earliest, if later); returns
-/// the first slot and how many moved.
-fn respace(
-    tx: &Connection,
-    endpoint: &str,
-    start: f64,
-    interval: f64,
-    limit: i64,
-    now: i64,
-) -> rusqlite::Result<(f64, u64)> {
-    let first: f64 = tx
-        .prepare_cached(
-            "SELECT max(?2, coalesce(min(not_before), ?2)) FROM deliveries INDEXED BY deliveries_held_endpoint
-             WHERE endpoint = ?1 AND state = 'delayed' AND reason = 'endpoint_rate'",
-        )?
-        .query_row(params![endpoint, start], |r| r.get(0))?;
-    let moved = tx
-        .prepare_cached(
-            "UPDATE deliveries SET not_before = CAST(?2 + r.k * ?3 AS INTEGER) + 1, updated_at = ?4
-             FROM (SELECT id, row_number() OVER (ORDER BY not_before, id) - 1 AS k
-                   FROM deliveries INDEXED BY deliveries_held_endpoint
-                   WHERE endpoint = ?1 AND state = 'delayed' AND reason = 'endpoint_rate'
-                   ORDER BY not_before, id LIMIT ?5) AS r
-             WHERE deliveries.id = r.id",
-        )?
-        .execute(params![endpoint, first, interval, now, limit])?;
-    Ok((first, moved as u64))
-}
+impl RateOps for Ops<'_> {
+    type Error = rusqlite::Error;
 
-/// Applies a step of increase to a candidate's endpoint: its new rate,
-/// and its next reserved slots spaced at it (or nothing learned any more).
-fn grow_rate(
-    tx: &Connection,
-    c: &mut Candidate,
-    step: adaptive::Step,
-    now: i64,
-) -> rusqlite::Result<()> {
-    c.learned = match step {
-        adaptive::Step::To(l) => {
-            let ahead = adaptive::respace_ahead(l.rate);
-            let interval = 1000.0 / l.rate;
-            let limit = i64::try_from(ahead).unwrap_or(i64::MAX);
-            let (first, moved) = respace(tx, &c.endpoint, now as f64, interval, limit, now)?;
-            if moved > 0 && moved < ahead {
-                // All of them, closer: the rate's next slot follows them.
-                let next = first + moved as f64 * interval;
-                set_tat(tx, RateKind::Endpoint, &c.endpoint, next)?;
-            }
-            Some(l)
-        }
-        adaptive::Step::Forget => None,
-    };
-    set_learned(tx, &c.endpoint, c.learned.as_ref(), now)
+    fn set_learned(
+        &mut self,
+        endpoint: &str,
+        learned: Option<&Learned>,
+        now: i64,
+    ) -> rusqlite::Result<()> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO endpoint_health (endpoint, learned_rate, rate_ceiling, rate_changed_at, rate_reason,
+                                              rate_decreased_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (endpoint) DO UPDATE SET
+                     learned_rate = excluded.learned_rate, rate_ceiling = excluded.rate_ceiling,
+                     rate_changed_at = excluded.rate_changed_at, rate_reason = excluded.rate_reason,
+                     rate_decreased_at = excluded.rate_decreased_at, updated_at = excluded.updated_at",
+            )?
+            .execute(params![
+                endpoint,
+                learned.map(|l| l.rate),
+                learned.map(|l| l.ceiling),
+                learned.map(|l| l.changed_at),
+                learned.map(|l| l.reason.as_str()),
+                learned.map(|l| l.decreased_at),
+                now
+            ])
+            .map(drop)
+    }
+
+    fn earliest_slot(&mut self, endpoint: &str) -> rusqlite::Result<Option<f64>> {
+        self.0
+            .prepare_cached(
+                "SELECT min(not_before) FROM deliveries INDEXED BY deliveries_held_endpoint
+                 WHERE endpoint = ?1 AND state = 'delayed' AND reason = 'endpoint_rate'",
+            )?
+            .query_row([endpoint], |r| r.get(0))
+    }
+
+    fn respace(
+        &mut self,
+        endpoint: &str,
+        first: f64,
+        interval: f64,
+        limit: Option<u64>,
+        now: i64,
+    ) -> rusqlite::Result<u64> {
+        let limit = limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+        self.0
+            .prepare_cached(
+                "UPDATE deliveries SET not_before = CAST(?2 + r.k * ?3 AS INTEGER) + 1, updated_at = ?4
+                 FROM (SELECT id, row_number() OVER (ORDER BY not_before, id) - 1 AS k
+                       FROM deliveries INDEXED BY deliveries_held_endpoint
+                       WHERE endpoint = ?1 AND state = 'delayed' AND reason = 'endpoint_rate'
+                       ORDER BY not_before, id LIMIT ?5) AS r
+                 WHERE deliveries.id = r.id",
+            )?
+            .execute(params![endpoint, first, interval, now, limit])
+            .map(|n| n as u64)
+    }
+
+    fn release_slots(&mut self, endpoint: &str, now: i64) -> rusqlite::Result<()> {
+        self.0
+            .prepare_cached(
+                "UPDATE deliveries SET state = 'ready', reason = NULL, not_before = ?2, updated_at = ?2
+                 WHERE endpoint = ?1 AND state = 'delayed' AND reason = 'endpoint_rate'",
+            )?
+            .execute(params![endpoint, now])
+            .map(drop)
+    }
+
+    fn set_tat(&mut self, endpoint: &str, tat: f64) -> rusqlite::Result<()> {
+        set_tat(self.0, RateKind::Endpoint, endpoint, tat)
+    }
+
+    fn took_last_second(&mut self, endpoint: &str, now: i64) -> rusqlite::Result<u64> {
+        self.0
+            .prepare_cached(
+                "SELECT count(*) FROM deliveries INDEXED BY deliveries_delivered
+                 WHERE state = 'delivered' AND updated_at > ?2 - 1000 AND endpoint = ?1",
+            )?
+            .query_row(params![endpoint, now], |r| r.get(0))
+    }
+
+    fn has_backlog(&mut self, endpoint: &str) -> rusqlite::Result<bool> {
+        self.0
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM deliveries WHERE endpoint = ?1 AND state = 'ready')
+                     OR EXISTS (SELECT 1 FROM deliveries INDEXED BY deliveries_held_endpoint
+                                WHERE endpoint = ?1 AND state = 'delayed'
+                                  AND reason IN ('endpoint_rate', 'endpoint_saturated'))",
+            )?
+            .query_row([endpoint], |r| r.get(0))
+    }
+
+    fn set_latency(&mut self, endpoint: &str, latency: &Latency, now: i64) -> rusqlite::Result<()> {
+        self.0
+            .prepare_cached(SET_LATENCY_SQL)?
+            .execute(params![endpoint, latency.recent_ms, latency.base_ms, now])
+            .map(drop)
+    }
 }
 
 /// Reroutes every ready delivery whose `$column` is ?1 to the delayed queue
@@ -353,7 +388,8 @@ macro_rules! reroute_ready_sql {
 /// the ready queue, every ready delivery of its account or endpoint; from
 /// the delayed queue, when its endpoint is held, every delivery of the
 /// endpoint that came due with it (the deliveries a cool-down held come
-/// due together), but those holding a slot still fresh.
+/// due together), but those holding a slot still fresh (of its rate, or
+/// of their account's budget: charged already).
 fn reroute(tx: &Connection, c: &Candidate, hold: &Hold, now: i64) -> rusqlite::Result<()> {
     let reason = hold_reason(hold.reason);
     let moved = match c.from {
@@ -377,7 +413,8 @@ fn reroute(tx: &Connection, c: &Candidate, hold: &Hold, now: i64) -> rusqlite::R
                  FROM (SELECT id, row_number() OVER (ORDER BY priority DESC, not_before, id) - 1 AS k
                        FROM deliveries INDEXED BY deliveries_held_endpoint
                        WHERE endpoint = ?1 AND state = 'delayed' AND not_before <= ?5
-                         AND NOT (coalesce(reason, '') = 'endpoint_rate' AND not_before >= ?6)) AS r
+                         AND NOT (coalesce(reason, '') = 'endpoint_rate' AND not_before >= ?6)
+                         AND (coalesce(reason, '') <> 'account_budget' OR id = ?7)) AS r
                  WHERE deliveries.id = r.id",
             )?
             .execute(params![
@@ -386,7 +423,8 @@ fn reroute(tx: &Connection, c: &Candidate, hold: &Hold, now: i64) -> rusqlite::R
                 hold.first,
                 hold.interval,
                 now,
-                candidate::fresh_since(hold, now)
+                candidate::fresh_since(hold, now),
+                c.id
             ])?,
         Queue::Delayed => tx
             .prepare_cached(
@@ -446,22 +484,10 @@ fn record_signal(tx: &Connection, f: &FinishAttempt) -> rusqlite::Result<Option<
             tx.prepare_cached(ENDPOINT_HEALTHY_SQL)?
                 .execute(params![f.endpoint, f.now])?;
             let health = endpoint_health(tx, &f.endpoint)?;
-            let latency = adaptive::observe(health.latency, answer_ms as f64);
-            tx.prepare_cached(
-                "INSERT INTO endpoint_health (endpoint, latency_ms, latency_base_ms, updated_at)
-                 VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (endpoint) DO UPDATE SET latency_ms = excluded.latency_ms,
-                     latency_base_ms = excluded.latency_base_ms, updated_at = excluded.updated_at",
-            )?
-            .execute(params![
-                f.endpoint,
-                latency.recent_ms,
-                latency.base_ms,
-                f.now
-            ])?;
-            if adaptive::slowing(&latency) {
-                slow_down(tx, f, &limits, &health, RateChange::SlowAnswers, f.now)?;
-            }
+            learning::observe_answer(&mut Ops(tx), f, health.latency, answer_ms, |ops| {
+                let why = RateChange::SlowAnswers;
+                learning::slow_down(ops, f, &limits, &health, why, f.now)
+            })?;
             Ok(None)
         }
         EndpointSignal::Healthy | EndpointSignal::Answered { .. } => {
@@ -478,10 +504,9 @@ fn record_signal(tx: &Connection, f: &FinishAttempt) -> rusqlite::Result<Option<
             let error = f.error.as_deref();
             let until = open_breaker(tx, f, &limits, retry_after, &health, error)?;
             if let Some(why) = slows
-                && limits.adaptive
                 && health.slows_at(f.now)
             {
-                slow_down(tx, f, &limits, &health, why, until)?;
+                learning::slow_down(&mut Ops(tx), f, &limits, &health, why, until)?;
             }
             Ok(Some(until))
         }
@@ -491,8 +516,9 @@ fn record_signal(tx: &Connection, f: &FinishAttempt) -> rusqlite::Result<Option<
             if saturation::silence_opens(slow_after, health.failures, health.silent) {
                 let error = saturation::silence_error(slow_after);
                 let until = open_breaker(tx, f, &limits, None, &health, Some(&error))?;
-                if limits.adaptive && health.slows_at(f.now) {
-                    slow_down(tx, f, &limits, &health, RateChange::Silent, until)?;
+                if health.slows_at(f.now) {
+                    let why = RateChange::Silent;
+                    learning::slow_down(&mut Ops(tx), f, &limits, &health, why, until)?;
                 }
                 return Ok(Some(until));
             }
@@ -504,41 +530,6 @@ fn record_signal(tx: &Connection, f: &FinishAttempt) -> rusqlite::Result<Option<
             Ok(None)
         }
     }
-}
-
-/// Lowers an endpoint's learned rate on an overload signal `why`, from
-/// what it took in the last second (see `adaptive::slow_down`), and spaces
-/// its reserved slots again at the new rate from `start` (its cool-down's
-/// end), its rate's next slot after them.
-fn slow_down(
-    tx: &Connection,
-    f: &FinishAttempt,
-    limits: &EndpointLimits,
-    health: &Health,
-    why: RateChange,
-    start: i64,
-) -> rusqlite::Result<()> {
-    let took: u64 = tx
-        .prepare_cached(
-            "SELECT count(*) FROM deliveries INDEXED BY deliveries_delivered
-             WHERE state = 'delivered' AND updated_at > ?2 - 1000 AND endpoint = ?1",
-        )?
-        .query_row(params![f.endpoint, f.now], |r| r.get(0))?;
-    let started = f.now - f.duration_ms;
-    let cap = candidate::cap(limits);
-    let Some(l) = adaptive::slow_down(health.learned.as_ref(), took, started, why, f.now, cap)
-    else {
-        return Ok(());
-    };
-    set_learned(tx, &f.endpoint, Some(&l), f.now)?;
-    let interval = 1000.0 / l.rate;
-    let (first, moved) = respace(tx, &f.endpoint, start as f64, interval, -1, f.now)?;
-    set_tat(
-        tx,
-        RateKind::Endpoint,
-        &f.endpoint,
-        first + moved as f64 * interval,
-    )
 }
 
 /// Opens (or keeps open) an endpoint's breaker on a saturation signal, from
@@ -741,6 +732,9 @@ impl SqliteStore {
         self.prepare_ahead(&FINISH_STATEMENTS)?;
         if f.releases_key().is_some() {
             self.prepare_ahead(&[&super::RELEASE_KEY_SQL])?;
+        }
+        if matches!(f.signal, EndpointSignal::Answered { .. }) {
+            self.prepare_ahead(&[&ENDPOINT_HEALTH_SQL, SET_LATENCY_SQL])?;
         }
         self.write(|tx| {
             // A child that lost its lease says nothing about the endpoint any

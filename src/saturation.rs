@@ -305,7 +305,7 @@ pub fn slot_grace_ms(rate: Rate, learned: bool) -> f64 {
 }
 
 /// See [`slot_grace_ms`].
-pub const LEARNED_SLOT_GRACE_MS: f64 = 1_000.0;
+pub const LEARNED_SLOT_GRACE_MS: f64 = 200.0;
 
 /// The decision for `c` at `now` under `policy`, reading the TAT of the
 /// candidate's key of each kind through `tat`. Both rates are checked

@@ -1,7 +1,8 @@
 //! The adaptive-rate section (`--only adaptive`): a receiver whose
-//! /limited path answers 429 (`Retry-After: 1`) to a request that would be
-//! its limit-plus-first accepted in the last second (a sliding window), and
-//! whose /healthy path answers 200, both at once, drained by a live daemon
+//! /limited path answers 429 (`Retry-After: 1`) to a request over its limit
+//! in the last second (a sliding window, counting what it accepted, or
+//! every request as many limiters do), and whose /healthy path answers 200,
+//! both at once, drained by a live daemon
 //! (8 children): how close to the limit the limited endpoint is driven,
 //! how many requests it refuses, what the healthy one drains in with and
 //! without it; a limit that drops halfway (100/s to 20/s): how soon the
@@ -20,7 +21,10 @@ struct Limiter {
     limit: usize,
     /// After this many accepted, the limit becomes `then` (a drop).
     drop_after: Option<(u64, usize)>,
-    /// When each of the last second's accepted requests came.
+    /// Whether refused requests count against the limit too (as many
+    /// limiters count every request), or only accepted ones.
+    count_refused: bool,
+    /// When each of the last second's counted requests came.
     window: VecDeque<Instant>,
     accepted: u64,
     refused: u64,
@@ -53,6 +57,9 @@ impl Limiter {
             self.window.pop_front();
         }
         if self.window.len() >= self.limit {
+            if self.count_refused {
+                self.window.push_back(now);
+            }
             self.refused += 1;
             if self.dropped_at.is_some() {
                 self.refused_after_drop += 1;
@@ -97,15 +104,16 @@ impl Limiter {
     }
 }
 
-/// The limited receiver role: `limited-receive LIMIT [AFTER THEN]`. Prints
-/// its URL, then a report line (see [`Limiter::report`]) whenever stdin
-/// gets a line.
+/// The limited receiver role: `limited-receive LIMIT accepted|all [AFTER
+/// THEN]` (what counts against the limit). Prints its URL, then a report
+/// line (see [`Limiter::report`]) whenever stdin gets a line.
 pub fn limited_receive(args: &[String]) {
     let limiter = Arc::new(Mutex::new(Limiter {
         limit: args[0].parse().unwrap(),
+        count_refused: args[1] == "all",
         drop_after: args
-            .get(1)
-            .map(|after| (after.parse().unwrap(), args[2].parse().unwrap())),
+            .get(2)
+            .map(|after| (after.parse().unwrap(), args[3].parse().unwrap())),
         ..Limiter::default()
     }));
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -126,6 +134,31 @@ pub fn limited_receive(args: &[String]) {
     println!("http://{}", listener.local_addr().unwrap());
     for _ in std::io::stdin().lock().lines() {
         println!("{}", limiter.lock().unwrap().report());
+    }
+}
+
+/// What a limited receiver counts against its limit.
+#[derive(Clone, Copy)]
+enum Counts {
+    /// The requests it accepted in the last second.
+    Accepted,
+    /// Every request in the last second, refused ones too.
+    All,
+}
+
+impl Counts {
+    fn arg(self) -> &'static str {
+        match self {
+            Counts::Accepted => "accepted",
+            Counts::All => "all",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Counts::Accepted => "counting what it accepted in the last second",
+            Counts::All => "counting every request of the last second, refused ones too",
+        }
     }
 }
 
@@ -150,8 +183,12 @@ struct Report {
 }
 
 impl Limited {
-    fn start(limit: usize, drop: Option<(usize, usize)>) -> Limited {
-        let mut args = vec!["limited-receive".to_string(), limit.to_string()];
+    fn start(limit: usize, counts: Counts, drop: Option<(usize, usize)>) -> Limited {
+        let mut args = vec![
+            "limited-receive".to_string(),
+            limit.to_string(),
+            counts.arg().to_string(),
+        ];
         if let Some((after, then)) = drop {
             args.extend([after.to_string(), then.to_string()]);
         }
@@ -200,7 +237,7 @@ impl Drop for Limited {
 }
 
 /// A scratch queue: `limited` and `healthy` messages to the endpoints of
-/// those names (8 children, a daemon running every second); `adaptive`
+/// those names (8 children, a daemon on the example schedule, every 5 s); `adaptive`
 /// for the limited one. Returns the config's path.
 fn queue(
     dir: &Path,
@@ -217,7 +254,7 @@ fn queue(
     std::fs::write(
         &config,
         format!(
-            "database = \"adaptive.db\"\nschedule = \"* * * * * *\"\n[run]\nmax_children = 8\nmax_messages = 10000000\nmax_runtime = \"1h\"\n\
+            "database = \"adaptive.db\"\nschedule = \"*/5 * * * * *\"\n[run]\nmax_children = 8\nmax_messages = 10000000\nmax_runtime = \"1h\"\n\
              [endpoints.limited]\nurl = \"{url}/limited\"\ntopics = [\"l\"]\nsecret = \"{SECRET}\"\nadaptive = {adaptive}\n\
              [endpoints.healthy]\nurl = \"{url}/healthy\"\ntopics = [\"h\"]\nsecret = \"{SECRET}\"\n"
         ),
@@ -299,38 +336,55 @@ pub fn section(options: &Options, table: &mut Table) {
     let limit = 100;
     let rate = |count: u64, ms: u64| count as f64 * 1000.0 / ms.max(1) as f64;
 
-    for adaptive in [true, false] {
-        let mut rx = Limited::start(limit, None);
-        let r = drain(&mut rx, dir.path(), (n, n), adaptive, |_, _| {});
-        let limited_rate = rate(r.accepted, r.limited_ms);
-        let refused = 100.0 * r.refused as f64 / (r.accepted + r.refused) as f64;
-        let learned = match r.learned {
-            (Some(first), Some(last)) => {
-                format!(" (learned {first:.1}/s at the first 429, {last:.1}/s at the end)")
+    for counts in [Counts::Accepted, Counts::All] {
+        for adaptive in [true, false] {
+            let mut runs = Vec::new();
+            for _ in 0..options.repeats {
+                let mut rx = Limited::start(limit, counts, None);
+                runs.push(drain(&mut rx, dir.path(), (n, n), adaptive, |_, _| {}));
             }
-            _ => String::new(),
-        };
-        let target = if adaptive {
-            let met = limited_rate >= 0.9 * limit as f64 && refused <= 2.0;
-            format!("; target ≥ 90% and ≤ 2% refused: {}", met_or_not(met))
-        } else {
-            String::new()
-        };
-        table.row(
-            format!(
-                "adaptive = {adaptive}: {n} deliveries to an endpoint answering 429 above {limit}/s, {n} to a healthy one beside it (daemon, 8 children)"
-            ),
-            format!(
-                "limited: {limited_rate:.0}/s = {:.0}% of its limit{learned}, {} refused ({refused:.1}% of its requests); healthy: {n} in {:.1}s{target}",
-                limited_rate,
-                r.refused,
-                r.healthy_ms as f64 / 1000.0
-            ),
-            &[limited_rate, refused],
-        );
+            let rates: Vec<f64> = runs
+                .iter()
+                .map(|r| rate(r.accepted, r.limited_ms))
+                .collect();
+            let refusals: Vec<f64> = runs
+                .iter()
+                .map(|r| 100.0 * r.refused as f64 / (r.accepted + r.refused) as f64)
+                .collect();
+            let (limited_rate, refused) = (median(rates.clone()), median(refusals.clone()));
+            let healthy_s = median(runs.iter().map(|r| r.healthy_ms as f64 / 1000.0).collect());
+            let learned = match runs.last().map(|r| r.learned) {
+                Some((Some(first), Some(last))) => {
+                    format!(
+                        " (last run: learned {first:.1}/s at the first 429, {last:.1}/s at the end)"
+                    )
+                }
+                _ => String::new(),
+            };
+            let target = if adaptive {
+                let met = limited_rate >= 0.9 * limit as f64 && refused <= 2.0;
+                format!("; target ≥ 90% and ≤ 2% refused: {}", met_or_not(met))
+            } else {
+                String::new()
+            };
+            let mut readings = rates;
+            readings.extend(refusals);
+            table.row(
+                format!(
+                    "adaptive = {adaptive}: {n} deliveries to an endpoint answering 429 above {limit}/s ({}), {n} to a healthy one beside it (daemon, 8 children; median of {})",
+                    counts.describe(),
+                    options.repeats
+                ),
+                format!(
+                    "limited: {limited_rate:.0}/s = {:.0}% of its limit{learned}, {refused:.1}% of its requests refused; healthy: {n} in {healthy_s:.1}s{target}",
+                    100.0 * limited_rate / limit as f64
+                ),
+                &readings,
+            );
+        }
     }
 
-    let mut rx = Limited::start(limit, None);
+    let mut rx = Limited::start(limit, Counts::Accepted, None);
     let alone = drain(&mut rx, dir.path(), (0, n), true, |_, _| {});
     table.row(
         format!("the healthy endpoint alone: {n} deliveries"),
@@ -340,7 +394,7 @@ pub fn section(options: &Options, table: &mut Table) {
 
     // The limit drops to 20/s after half the deliveries.
     let (after, then) = (n / 2, 20);
-    let mut rx = Limited::start(limit, Some((after, then)));
+    let mut rx = Limited::start(limit, Counts::Accepted, Some((after, then)));
     let mut dropped_seen: Option<Instant> = None;
     let mut followed: Option<Duration> = None;
     let r = drain(&mut rx, dir.path(), (n, 0), true, |db, report| {

@@ -48,7 +48,10 @@ fn chaos_loses_nothing() {
     let rx = Receiver::start();
     rx.set_default("/flaky", Reply::Flaky(30));
     rx.set_default("/slow", Reply::Delayed(Duration::from_millis(300), 200));
-    rx.set_default("/limited", Reply::Every429(7));
+    // A rate limit, learned by the endpoint as it goes (a receiver that
+    // refused every n-th request whatever the rate would drive its learned
+    // rate down to the floor, and the drain after it would take minutes).
+    rx.set_default("/limited", Reply::Limited(40));
     // "down" refuses connections until its receiver starts on this port.
     let down_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

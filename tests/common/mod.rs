@@ -32,8 +32,6 @@ pub enum Reply {
     /// Answer 500 to about this percentage of requests (a fixed pseudo-random
     /// sequence), else 200.
     Flaky(u64),
-    /// Answer 429 with `Retry-After: 1` to every n-th request, else 200.
-    Every429(u64),
     /// A rate limit: 200 while fewer than n requests to the path were
     /// answered 200 in the last second (a sliding window), else 429 with
     /// `Retry-After: 1`.
@@ -189,16 +187,10 @@ impl Receiver {
                             let roll = (index as u64).wrapping_mul(2_654_435_761) % 100;
                             Some(if roll < percent { 500 } else { 200 })
                         }
-                        Reply::Every429(n) => {
-                            Some(if index as u64 % n == n - 1 { 429 } else { 200 })
-                        }
                     };
                     received.lock().unwrap()[index].status = status;
                     match reply {
-                        Reply::Flaky(_)
-                        | Reply::Every429(_)
-                        | Reply::Limited(_)
-                        | Reply::SlowerAbove(_) => {
+                        Reply::Flaky(_) | Reply::Limited(_) | Reply::SlowerAbove(_) => {
                             let code = status.unwrap();
                             let mut response = tiny_http::Response::empty(code);
                             if code == 429 {

@@ -11,7 +11,8 @@
 //! - Additive increase: while deliveries go without a signal, the rate
 //!   climbs back linearly to what the endpoint took, in [`RECOVERY_MS`], a
 //!   step at a time (at most one a second, each worth at most
-//!   [`MAX_STEP_MS`] of climbing, so a quiet endpoint does not grow); past
+//!   [`MAX_STEP_MS`] of climbing, so a quiet endpoint does not grow; the
+//!   store takes steps only while deliveries wait for the endpoint); past
 //!   it, the climb speeds up (the excess doubles each `RECOVERY_MS`, as
 //!   CUBIC probes past its last maximum), so a limit that was raised is
 //!   found within minutes. A receiver limiting per second is crossed now
@@ -202,7 +203,7 @@ pub fn slow_down(
 }
 
 /// An endpoint's confirm-mode answer times, smoothed twice: `recent`
-/// follows them closely (the last few answers), `base` slowly (the last
+/// follows them closely (the last ten or so), `base` slowly (the last
 /// hundred or so), as Netflix's Gradient2 limiter compares a short and a
 /// long average: a receiver whose answers merely vary keeps the two close,
 /// one that slows down under load pulls `recent` away; a lasting change
@@ -215,19 +216,30 @@ pub struct Latency {
     pub base_ms: f64,
 }
 
-/// The answer times after one more answer that took `sample_ms`.
+/// The answer times after one more answer that took `sample_ms`. An
+/// answer counts as at most [`OUTLIER_FACTOR`] times the baseline (or
+/// three times [`SLOWER_BY_MS`] over it, for fast receivers): one slow
+/// answer (a new connection's handshake, a pause) is not a slowdown; it
+/// takes about five in a row to make a signal.
 pub fn observe(previous: Option<Latency>, sample_ms: f64) -> Latency {
     match previous {
         None => Latency {
             recent_ms: sample_ms,
             base_ms: sample_ms,
         },
-        Some(l) => Latency {
-            recent_ms: l.recent_ms + (sample_ms - l.recent_ms) * 0.2,
-            base_ms: l.base_ms + (sample_ms - l.base_ms) * 0.01,
-        },
+        Some(l) => {
+            let clip = (OUTLIER_FACTOR * l.base_ms).max(l.base_ms + 3.0 * SLOWER_BY_MS);
+            let sample = sample_ms.min(clip);
+            Latency {
+                recent_ms: l.recent_ms + (sample - l.recent_ms) * 0.1,
+                base_ms: l.base_ms + (sample - l.base_ms) * 0.01,
+            }
+        }
     }
 }
+
+/// See [`observe`].
+pub const OUTLIER_FACTOR: f64 = 3.0;
 
 /// Whether answers have slowed down enough to be an overload signal: the
 /// recent answer time over twice the baseline, and by more than
@@ -358,6 +370,10 @@ mod tests {
             l = observe(Some(l), 10.0);
         }
         assert!(!slowing(&l));
+        // One slow answer, even a very slow one, is not a signal; a few in
+        // a row are.
+        let once = observe(Some(l), 500.0);
+        assert!(!slowing(&once), "{once:?}");
         for _ in 0..5 {
             l = observe(Some(l), 80.0);
         }

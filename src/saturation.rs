@@ -290,7 +290,7 @@ pub fn holds_fresh_slot(c: &Candidate, reason: HoldReason, grace_ms: f64, now: f
 }
 
 /// How late a reserved slot of `rate` may be taken before it counts as
-/// missed: its burst window; for a learned rate (no burst), a second. A
+/// missed: its burst window; for a learned rate (no burst), 200 ms. A
 /// learned rate's slots are most of its endpoint's traffic, and one a
 /// moment late because every child was busy would otherwise be queued at
 /// the end and its time lost: a rate learned at 95% of a limit would

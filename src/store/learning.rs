@@ -27,7 +27,8 @@ pub(super) trait RateOps {
 
     /// Gives the first `limit` (None: all) reserved slots of `endpoint`, in
     /// their order, slots again `interval` apart from `first`; returns how
-    /// many moved.
+    /// many slots the numbering covered (a row a lease holds meanwhile keeps
+    /// its slot and counts).
     fn respace(
         &mut self,
         endpoint: &str,
@@ -60,34 +61,39 @@ pub(super) trait RateOps {
     ) -> Result<(), Self::Error>;
 }
 
-/// Applies a step of increase to `endpoint` (a lease of it went): its new
-/// rate, and its next reserved slots spaced at it, from the earliest (a
-/// due slot a child was forked for stays due). The next few seconds' worth
-/// of slots, since the next step reaches the rest; all of them at the last
-/// step (the configured rate reached). Forgotten, its slots go to the ready
-/// queue: nothing holds them any more.
+/// Applies a step of increase to `endpoint` (a lease of it went), while
+/// deliveries wait for it (an endpoint sent all it gets shows nothing of
+/// what it could take): its new rate, and its next reserved slots spaced
+/// at it, from the earliest (a due slot a child was forked for stays due).
+/// The next few seconds' worth of slots, since the next step reaches the
+/// rest; all of them at the last step (the configured rate reached).
+/// Forgotten, its slots go to the ready queue: nothing holds them any
+/// more.
 pub(super) fn grow<O: RateOps>(
     ops: &mut O,
     endpoint: &str,
     step: Step,
     now: i64,
-) -> Result<Option<Learned>, O::Error> {
+) -> Result<(), O::Error> {
+    if !ops.has_backlog(endpoint)? {
+        return Ok(());
+    }
     let Step::To { learned, last } = step else {
         ops.release_slots(endpoint, now)?;
-        ops.set_learned(endpoint, None, now)?;
-        return Ok(None);
+        return ops.set_learned(endpoint, None, now);
     };
     if let Some(earliest) = ops.earliest_slot(endpoint)? {
         let interval = 1000.0 / learned.rate;
         let limit = (!last).then(|| adaptive::respace_ahead(learned.rate));
         let moved = ops.respace(endpoint, earliest, interval, limit, now)?;
         if limit.is_none_or(|limit| moved < limit) {
-            // All of them, closer: the rate's next slot follows them.
-            ops.set_tat(endpoint, earliest + moved as f64 * interval)?;
+            // All of them, closer: the rate's next slot follows them, and
+            // the one going now.
+            let next = (earliest + moved as f64 * interval).max(now as f64 + interval);
+            ops.set_tat(endpoint, next)?;
         }
     }
-    ops.set_learned(endpoint, Some(&learned), now)?;
-    Ok(Some(learned))
+    ops.set_learned(endpoint, Some(&learned), now)
 }
 
 /// Lowers the learned rate of `f`'s endpoint on an overload signal `why`
@@ -120,20 +126,28 @@ pub(super) fn slow_down<O: RateOps>(
     ops.set_tat(&f.endpoint, first + moved as f64 * interval)
 }
 
-/// Records a confirm-mode answer's time; answers slowing down lower the
-/// rate (`slow_down`, through `lower`, which a backend runs under the
-/// endpoint's lock with the state read again).
+/// Records a confirm-mode answer's time, from the answer times before it
+/// (`previous`, read without a lock); answers slowing down lower the rate
+/// (`slow_down`), from the endpoint's state as `lock` reads it again under
+/// the endpoint's lock, taken before any write of its row (the order
+/// leases take them in).
 pub(super) fn observe_answer<O: RateOps>(
     ops: &mut O,
     f: &FinishAttempt,
+    limits: &EndpointLimits,
     previous: Option<Latency>,
     answer_ms: i64,
-    lower: impl FnOnce(&mut O) -> Result<(), O::Error>,
+    lock: impl FnOnce(&mut O) -> Result<Health, O::Error>,
 ) -> Result<(), O::Error> {
     let latency = adaptive::observe(previous, answer_ms as f64);
+    let locked = if adaptive::slowing(&latency) {
+        Some(lock(ops)?)
+    } else {
+        None
+    };
     ops.set_latency(&f.endpoint, &latency, f.now)?;
-    if adaptive::slowing(&latency) {
-        lower(ops)?;
+    match locked {
+        Some(health) => slow_down(ops, f, limits, &health, RateChange::SlowAnswers, f.now),
+        None => Ok(()),
     }
-    Ok(())
 }

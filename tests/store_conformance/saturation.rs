@@ -541,10 +541,9 @@ fn gaps(slots: &[i64]) -> Vec<i64> {
 }
 
 /// A learned rate moves the slots it holds: a second decrease spaces them
-/// all again from its cool-down's end; a delayed group held by the rate
-/// leaves its account's fresh slots alone; with `adaptive = false` the
-/// stored rate neither holds nor steps; a sweep of an endpoint that was not
-/// sent all it would take teaches nothing.
+/// all again from its cool-down's end; with `adaptive = false` the stored
+/// rate neither holds (a lease goes) nor steps; a 429 from an endpoint
+/// with nothing waiting for it teaches nothing.
 pub fn a_learned_rate_moves_the_slots_it_holds(store: &mut dyn Store) {
     subscribe(store, &[("t", "e")]);
     store.messages_insert(&vec![message("t", 0); 20]).unwrap();
@@ -600,6 +599,30 @@ pub fn a_learned_rate_moves_the_slots_it_holds(store: &mut dyn Store) {
         store,
         FinishAttempt::delivered(&off, later, AttemptOutcome::Delivered),
     );
+
+    // Another endpoint, sent all it gets: two delivered, then a 429 with
+    // nothing left waiting for it. Its breaker opens; it learns nothing
+    // (what it took was its traffic).
+    subscribe(store, &[("t", "e"), ("u", "quiet")]);
+    policy.endpoints.insert("quiet".into(), limits);
+    store.messages_insert(&vec![message("u", 0); 3]).unwrap();
+    route(store, later);
+    let mut quiet = 0;
+    let last = loop {
+        let l = lease_with(store, "q", later + 1, &policy).unwrap();
+        if l.endpoint == "quiet" {
+            quiet += 1;
+            if quiet == 3 {
+                break l;
+            }
+        }
+        finish(
+            store,
+            FinishAttempt::delivered(&l, later + 1, AttemptOutcome::Delivered),
+        );
+    };
+    finish(store, refused_429(&last, later + 2, limits));
+    assert!(learned_rate_of(store, "quiet", later + 2).is_none());
 }
 
 /// The step that reaches the configured rate spaces every slot at it (no

@@ -302,8 +302,8 @@ macro_rules! reroute_ready_sql {
 /// the ready queue, every ready delivery of its account or endpoint; from
 /// the delayed queue, when its endpoint is held, every delivery of the
 /// endpoint that came due with it (the deliveries a cool-down held come
-/// due together), but those holding a slot still fresh (of its rate, or
-/// of their account's budget: charged already). Rows another
+/// due together), but those holding a slot still fresh (of its rate, or,
+/// held by its rate, of their account's budget: charged already). Rows another
 /// transaction holds are being leased or rerouted there: skipped.
 fn reroute(tx: &mut Client, c: &Candidate, hold: &Hold, now: i64) -> Result<(), ::postgres::Error> {
     let reason = hold_reason(hold.reason);
@@ -331,7 +331,7 @@ fn reroute(tx: &mut Client, c: &Candidate, hold: &Hold, now: i64) -> Result<(), 
                    FROM (SELECT id, priority, not_before FROM deliveries
                          WHERE endpoint = $1 AND state = 'delayed' AND not_before <= $5
                            AND NOT (coalesce(reason, '') = 'endpoint_rate' AND not_before >= $6)
-                           AND (coalesce(reason, '') <> 'account_budget' OR id = $7)
+                           AND ($8 OR coalesce(reason, '') <> 'account_budget' OR id = $7)
                          FOR UPDATE SKIP LOCKED) AS due) AS r
              WHERE deliveries.id = r.id",
             typed![
@@ -342,6 +342,7 @@ fn reroute(tx: &mut Client, c: &Candidate, hold: &Hold, now: i64) -> Result<(), 
                 now => INT8,
                 candidate::fresh_since(hold, now) => INT8,
                 c.id => INT8,
+                hold.rate.is_none() => BOOL,
             ],
         )?,
         Queue::Delayed => tx.execute_typed(
@@ -438,19 +439,17 @@ fn record_signal(tx: &mut Client, f: &FinishAttempt) -> Result<Option<i64>, ::po
             Ok(None)
         }
         EndpointSignal::Answered { answer_ms, limits } if limits.adaptive => {
-            tx.execute_typed(
-                ENDPOINT_HEALTHY_SQL,
-                typed![f.endpoint => TEXT, f.now => INT8],
-            )?;
             // The answer times without the endpoint's lock (every answer
             // of every host would wait on it; a lost update of an average
             // is harmless); lowering the rate takes it, and reads again.
             let previous = endpoint_health(tx, &f.endpoint, false)?.latency;
-            learning::observe_answer(&mut Ops(tx), f, previous, answer_ms, |ops| {
-                let health = endpoint_health(ops.0, &f.endpoint, true)?;
-                let why = RateChange::SlowAnswers;
-                learning::slow_down(ops, f, &limits, &health, why, f.now)
+            learning::observe_answer(&mut Ops(tx), f, &limits, previous, answer_ms, |ops| {
+                endpoint_health(ops.0, &f.endpoint, true)
             })?;
+            tx.execute_typed(
+                ENDPOINT_HEALTHY_SQL,
+                typed![f.endpoint => TEXT, f.now => INT8],
+            )?;
             Ok(None)
         }
         EndpointSignal::Healthy | EndpointSignal::Answered { .. } => {
@@ -621,25 +620,38 @@ impl RateOps for Ops<'_> {
         limit: Option<u64>,
         now: i64,
     ) -> Result<u64, ::postgres::Error> {
-        // Rows another transaction holds are being leased: skipped.
+        // Rows another transaction holds are being leased: they keep
+        // their slots, and count in the numbering of the others (which
+        // would otherwise take the same slots).
         let limit = limit.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
-        self.0.execute_typed(
-            "UPDATE deliveries SET not_before = CAST(floor($2 + r.k * $3) AS BIGINT) + 1, updated_at = $4
+        let last = self.0.query_typed_one(
+            "WITH moved AS (
+             UPDATE deliveries SET not_before = CAST(floor($2 + r.k * $3) AS BIGINT) + 1, updated_at = $4
              FROM (SELECT id, row_number() OVER (ORDER BY not_before, id) - 1 AS k
-                   FROM (SELECT id, not_before FROM deliveries
-                         WHERE endpoint = $1 AND state = 'delayed' AND reason = 'endpoint_rate'
-                         ORDER BY not_before, id LIMIT $5
-                         FOR UPDATE SKIP LOCKED) AS held) AS r
-             WHERE deliveries.id = r.id",
+                   FROM deliveries
+                   WHERE endpoint = $1 AND state = 'delayed' AND reason = 'endpoint_rate'
+                   ORDER BY not_before, id LIMIT $5) AS r
+             WHERE deliveries.id = r.id
+               AND deliveries.id IN (SELECT id FROM deliveries
+                                     WHERE endpoint = $1 AND state = 'delayed' AND reason = 'endpoint_rate'
+                                     FOR UPDATE SKIP LOCKED)
+             RETURNING r.k)
+             SELECT max(k) FROM moved",
             typed![endpoint => TEXT, first => FLOAT8, interval => FLOAT8, now => INT8, limit => INT8],
-        )
+        )?;
+        // How many slots the numbering covered (up to the last moved).
+        Ok(last
+            .try_get::<_, Option<i64>>(0)?
+            .map_or(0, |k| k as u64 + 1))
     }
 
     fn release_slots(&mut self, endpoint: &str, now: i64) -> Result<(), ::postgres::Error> {
         self.0
             .execute_typed(
                 "UPDATE deliveries SET state = 'ready', reason = NULL, not_before = $2, updated_at = $2
-                 WHERE endpoint = $1 AND state = 'delayed' AND reason = 'endpoint_rate'",
+                 WHERE id IN (SELECT id FROM deliveries
+                              WHERE endpoint = $1 AND state = 'delayed' AND reason = 'endpoint_rate'
+                              FOR UPDATE SKIP LOCKED)",
                 typed![endpoint => TEXT, now => INT8],
             )
             .map(drop)

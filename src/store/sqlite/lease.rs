@@ -388,8 +388,8 @@ macro_rules! reroute_ready_sql {
 /// the ready queue, every ready delivery of its account or endpoint; from
 /// the delayed queue, when its endpoint is held, every delivery of the
 /// endpoint that came due with it (the deliveries a cool-down held come
-/// due together), but those holding a slot still fresh (of its rate, or
-/// of their account's budget: charged already).
+/// due together), but those holding a slot still fresh (of its rate, or,
+/// held by its rate, of their account's budget: charged already).
 fn reroute(tx: &Connection, c: &Candidate, hold: &Hold, now: i64) -> rusqlite::Result<()> {
     let reason = hold_reason(hold.reason);
     let moved = match c.from {
@@ -414,7 +414,7 @@ fn reroute(tx: &Connection, c: &Candidate, hold: &Hold, now: i64) -> rusqlite::R
                        FROM deliveries INDEXED BY deliveries_held_endpoint
                        WHERE endpoint = ?1 AND state = 'delayed' AND not_before <= ?5
                          AND NOT (coalesce(reason, '') = 'endpoint_rate' AND not_before >= ?6)
-                         AND (coalesce(reason, '') <> 'account_budget' OR id = ?7)) AS r
+                         AND (?8 OR coalesce(reason, '') <> 'account_budget' OR id = ?7)) AS r
                  WHERE deliveries.id = r.id",
             )?
             .execute(params![
@@ -424,7 +424,8 @@ fn reroute(tx: &Connection, c: &Candidate, hold: &Hold, now: i64) -> rusqlite::R
                 hold.interval,
                 now,
                 candidate::fresh_since(hold, now),
-                c.id
+                c.id,
+                hold.rate.is_none()
             ])?,
         Queue::Delayed => tx
             .prepare_cached(
@@ -484,9 +485,8 @@ fn record_signal(tx: &Connection, f: &FinishAttempt) -> rusqlite::Result<Option<
             tx.prepare_cached(ENDPOINT_HEALTHY_SQL)?
                 .execute(params![f.endpoint, f.now])?;
             let health = endpoint_health(tx, &f.endpoint)?;
-            learning::observe_answer(&mut Ops(tx), f, health.latency, answer_ms, |ops| {
-                let why = RateChange::SlowAnswers;
-                learning::slow_down(ops, f, &limits, &health, why, f.now)
+            learning::observe_answer(&mut Ops(tx), f, &limits, health.latency, answer_ms, |_| {
+                Ok(health)
             })?;
             Ok(None)
         }

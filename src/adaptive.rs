@@ -17,7 +17,7 @@
 //!   CUBIC probes past its last maximum), so a limit that was raised is
 //!   found within minutes. A receiver limiting per second is crossed now
 //!   and then (one 429, and its Retry-After's pause): over 2,000 deliveries
-//!   the median drain was 94–95% of the limit (BENCHMARKS.md). A rate
+//!   the median drain was 88–95% of the limit (BENCHMARKS.md). A rate
 //!   grown to [`FORGET_FACTOR`] times what the endpoint took is forgotten:
 //!   nothing is learned any more.
 //!

@@ -274,14 +274,17 @@ fn a_down_endpoint_is_probed_once_per_cool_down_and_drains_when_back(backend: Ba
         .map(|r| (r[0].parse().unwrap(), r[1].parse().unwrap()))
         .collect();
     assert_eq!(attempts.len(), rx.received_on("/down").len());
-    // The first wave was leased before the first 503 came back (at most one
-    // per child); after it, the first probe starts a full cool-down after
-    // the answer that opened the breaker (the wave's others may be recorded
-    // later, under load: they only lengthen it), each next one a full
-    // cool-down after the previous probe's answer.
+    // The first wave was leased before the first 503's breaker was seen
+    // (its finish is timed before its commit, so a lease up to a moment
+    // after that time may still have read the breaker closed); after it,
+    // the first probe starts a full cool-down after the answer that opened
+    // the breaker (the wave's others, recorded later under load, only
+    // lengthen it), each next one a full cool-down after the previous
+    // probe's answer.
     let opened = attempts.iter().map(|a| a.1).min().unwrap();
-    let (wave, probes): (Vec<&(i64, i64)>, Vec<_>) = attempts.iter().partition(|a| a.0 < opened);
-    assert!(wave.len() <= 4, "first wave: {wave:?}");
+    let (wave, probes): (Vec<&(i64, i64)>, Vec<_>) =
+        attempts.iter().partition(|a| a.0 < opened + 50);
+    assert!(wave.len() <= 8, "first wave: {wave:?}");
     assert!(probes.len() >= 3, "{attempts:?}");
     let mut last_answer = opened;
     for &(started, finished) in probes {

@@ -110,12 +110,17 @@ pub(super) fn slow_down<O: RateOps>(
     why: RateChange,
     start: i64,
 ) -> Result<(), O::Error> {
-    if !limits.adaptive || !ops.has_backlog(&f.endpoint)? {
+    if !limits.adaptive {
         return Ok(());
     }
     let took = ops.took_last_second(&f.endpoint, f.now)?;
-    let started = f.now - f.duration_ms;
     let current = health.learned.as_ref();
+    // Nothing learned and nothing taken: nothing to learn (and nothing
+    // more to read before the breaker's commit).
+    if (current.is_none() && took == 0) || !ops.has_backlog(&f.endpoint)? {
+        return Ok(());
+    }
+    let started = f.now - f.duration_ms;
     let Some(l) = adaptive::slow_down(current, took, started, why, f.now, cap(limits)) else {
         return Ok(());
     };

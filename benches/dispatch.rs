@@ -149,8 +149,15 @@ struct Receiver {
 
 impl Receiver {
     fn start() -> Receiver {
+        Receiver::start_role(&["receive".to_string()])
+    }
+
+    /// A receiver role of this executable (`args`: the role and its
+    /// arguments), which prints its URL first, then a line whenever stdin
+    /// gets one.
+    fn start_role(args: &[String]) -> Receiver {
         let mut process = Command::new(std::env::current_exe().unwrap())
-            .arg("receive")
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -165,11 +172,16 @@ impl Receiver {
         }
     }
 
-    fn count(&mut self) -> u64 {
+    /// The line it prints when asked.
+    fn ask(&mut self) -> String {
         writeln!(self.process.stdin.as_mut().unwrap()).unwrap();
         let mut line = String::new();
         self.lines.read_line(&mut line).unwrap();
-        line.trim().parse().unwrap()
+        line
+    }
+
+    fn count(&mut self) -> u64 {
+        self.ask().trim().parse().unwrap()
     }
 }
 

@@ -163,11 +163,7 @@ impl Counts {
 }
 
 /// A limited receiver process.
-struct Limited {
-    process: Child,
-    url: String,
-    lines: BufReader<std::process::ChildStdout>,
-}
+struct Limited(Receiver);
 
 /// What a limited receiver reported.
 struct Report {
@@ -192,27 +188,17 @@ impl Limited {
         if let Some((after, then)) = drop {
             args.extend([after.to_string(), then.to_string()]);
         }
-        let mut process = Command::new(std::env::current_exe().unwrap())
-            .args(&args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the limited receiver");
-        let mut lines = BufReader::new(process.stdout.take().unwrap());
-        let mut url = String::new();
-        lines.read_line(&mut url).unwrap();
-        Limited {
-            process,
-            url: url.trim().to_string(),
-            lines,
-        }
+        Limited(Receiver::start_role(&args))
+    }
+
+    fn url(&self) -> &str {
+        &self.0.url
     }
 
     fn report(&mut self) -> Report {
-        writeln!(self.process.stdin.as_mut().unwrap()).unwrap();
-        let mut line = String::new();
-        self.lines.read_line(&mut line).unwrap();
-        let n: Vec<u64> = line
+        let n: Vec<u64> = self
+            .0
+            .ask()
             .split_whitespace()
             .map(|x| x.parse().unwrap())
             .collect();
@@ -226,13 +212,6 @@ impl Limited {
             dropped_ms: n[6],
             learned: (None, None),
         }
-    }
-}
-
-impl Drop for Limited {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
     }
 }
 
@@ -290,7 +269,7 @@ fn drain(
     adaptive: bool,
     mut watch: impl FnMut(&Path, &Report),
 ) -> Report {
-    let (config, db) = queue(dir, &rx.url, limited, healthy, adaptive);
+    let (config, db) = queue(dir, rx.url(), limited, healthy, adaptive);
     let daemon = start_cronpost(&config, &["daemon"], "daemon started");
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut first_learned = None;

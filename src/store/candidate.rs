@@ -66,18 +66,6 @@ pub(super) fn fresh_since(hold: &Hold, now: i64) -> i64 {
     }
 }
 
-/// Where an endpoint's reserved slots start when they are spaced again:
-/// at their earliest, not before `floor` (a cool-down's end) when given;
-/// `now` when there are none.
-pub(super) fn first_slot(floor: Option<f64>, earliest: Option<f64>, now: i64) -> f64 {
-    match (floor, earliest) {
-        (Some(floor), Some(earliest)) => floor.max(earliest),
-        (Some(floor), None) => floor,
-        (None, Some(earliest)) => earliest,
-        (None, None) => now as f64,
-    }
-}
-
 /// The configured rate a learned one never exceeds.
 pub(super) fn cap(limits: &EndpointLimits) -> Option<f64> {
     limits.rate.map(|r| r.per_second)

@@ -3,7 +3,7 @@
 //! operations each backend provides ([`RateOps`]). The decisions are pure
 //! (`adaptive`); these say which rows they move.
 
-use super::candidate::{Health, cap, first_slot};
+use super::candidate::{Health, cap};
 use super::{EndpointLimits, FinishAttempt};
 use crate::adaptive::{self, Latency, Learned, RateChange, Step};
 
@@ -126,7 +126,11 @@ pub(super) fn slow_down<O: RateOps>(
     };
     ops.set_learned(&f.endpoint, Some(&l), f.now)?;
     let interval = 1000.0 / l.rate;
-    let first = first_slot(Some(start as f64), ops.earliest_slot(&f.endpoint)?, f.now);
+    // From the cool-down's end, or the earliest slot if later.
+    let start = start as f64;
+    let first = ops
+        .earliest_slot(&f.endpoint)?
+        .map_or(start, |e| e.max(start));
     let moved = ops.respace(&f.endpoint, first, interval, None, f.now)?;
     ops.set_tat(&f.endpoint, first + moved as f64 * interval)
 }

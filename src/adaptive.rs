@@ -8,18 +8,22 @@
 //!   rate in force, if lower): a limit of 100/s is learned from one 429 as
 //!   95/s, not halved. The decrease starts from what was measured, not from
 //!   what was sent, so it needs no deep cut to land below the limit.
-//! - Additive increase: while deliveries go without a signal, the rate
-//!   climbs back linearly to what the endpoint took, in [`RECOVERY_MS`], a
-//!   step at a time (at most one a second, each worth at most
-//!   [`MAX_STEP_MS`] of climbing, so a quiet endpoint does not grow; the
-//!   store takes steps only while deliveries wait for the endpoint); past
-//!   it, the climb speeds up (the excess doubles each `RECOVERY_MS`, as
-//!   CUBIC probes past its last maximum), so a limit that was raised is
-//!   found within minutes. A receiver limiting per second is crossed now
-//!   and then (one 429, and its Retry-After's pause): over 2,000 deliveries
-//!   the median drain was 88–95% of the limit (BENCHMARKS.md). A rate
-//!   grown to [`FORGET_FACTOR`] times what the endpoint took is forgotten:
-//!   nothing is learned any more.
+//! - Hold, then additive increase: the rate a decrease set holds for
+//!   [`HOLD_MS`] (what the endpoint just took is the likeliest limit, and
+//!   sending at 95% of it is as close as the sending's own jitter allows:
+//!   a climb to 97–98% crossed a limit counted per second again, each
+//!   crossing costing a Retry-After's pause; CUBIC likewise dwells by its
+//!   last maximum). Then, while deliveries go without a signal, it climbs
+//!   back linearly to what the endpoint took, in [`RECOVERY_MS`], a step
+//!   at a time (at most one a second, each worth at most [`MAX_STEP_MS`]
+//!   of climbing, so a quiet endpoint does not grow; the store takes
+//!   steps only while deliveries wait for the endpoint); past it, the
+//!   climb speeds up (the excess doubles each `RECOVERY_MS`, as CUBIC
+//!   probes past its last maximum), so a limit that was raised is found
+//!   within minutes. A fixed limit is crossed again about once a minute
+//!   (BENCHMARKS.md, "Learned rates"). A rate grown to [`FORGET_FACTOR`]
+//!   times what the endpoint took is forgotten: nothing is learned any
+//!   more.
 //!
 //! Never above a configured `rate`. The store keeps the state (shared by
 //! overlapping runs and hosts) and applies these in its transactions.
@@ -102,6 +106,8 @@ pub struct Learned {
 
 /// The factor of a decrease.
 pub const BACKOFF: f64 = 0.95;
+/// How long the rate a decrease set holds before it climbs (ms).
+pub const HOLD_MS: i64 = 30_000;
 /// How long the climb back to the ceiling takes (ms).
 pub const RECOVERY_MS: f64 = 30_000.0;
 /// Steps of increase are at least this far apart (ms).
@@ -131,9 +137,10 @@ pub enum Step {
 }
 
 /// The step of additive increase due at `now`, if one is: at least
-/// [`STEP_MS`] after the last change, never above `cap` (a configured rate).
+/// [`STEP_MS`] after the last change and after the [`HOLD_MS`] that
+/// follows a decrease, never above `cap` (a configured rate).
 pub fn grow(l: &Learned, now: i64, cap: Option<f64>) -> Option<Step> {
-    let elapsed = now - l.changed_at;
+    let elapsed = now - l.changed_at.max(l.decreased_at + HOLD_MS);
     if elapsed < STEP_MS {
         return None;
     }
@@ -295,9 +302,9 @@ mod tests {
             slow_down(Some(&l), 100, 900, RateChange::Http429, 1_010, None),
             None
         );
-        let stepped = step(&l, 2_000, None);
+        let stepped = step(&l, 1_000 + HOLD_MS + 1_000, None);
         assert_eq!(
-            slow_down(Some(&stepped), 100, 900, RateChange::Timeout, 30_000, None),
+            slow_down(Some(&stepped), 100, 900, RateChange::Timeout, 60_000, None),
             None
         );
         // A later one: from the lower of the rate and what it took.
@@ -323,15 +330,15 @@ mod tests {
     }
 
     #[test]
-    fn the_rate_climbs_back_in_thirty_seconds_then_probes_faster() {
+    fn the_rate_holds_then_climbs_back_in_thirty_seconds_then_probes_faster() {
         let mut l = learned(95.0, 100.0, 0, RateChange::Http429);
-        assert_eq!(grow(&l, 999, None), None, "a step a second at most");
-        let mut now = 0;
+        assert_eq!(grow(&l, HOLD_MS + 999, None), None, "it holds first");
+        let mut now = HOLD_MS;
         while l.rate < 100.0 - 1e-9 {
             now += 1_000;
             l = step(&l, now, None);
         }
-        assert_eq!(now, 30_000);
+        assert_eq!(now, HOLD_MS + 30_000);
         assert_eq!(l.decreased_at, 0, "steps keep when it was lowered");
         // Past the ceiling, each second climbs more than the one before.
         let steps: Vec<f64> = (0..40)
@@ -352,15 +359,15 @@ mod tests {
     #[test]
     fn a_cap_ends_the_climb_and_a_rate_far_past_its_ceiling_is_forgotten() {
         let l = learned(49.45, 50.0, 0, RateChange::Http429);
-        match grow(&l, 5_000, Some(49.5)) {
+        match grow(&l, HOLD_MS + 5_000, Some(49.5)) {
             Some(Step::To { learned, last }) => {
                 assert_eq!((learned.rate, last), (49.5, true));
-                assert_eq!(grow(&learned, 10_000, Some(49.5)), None);
+                assert_eq!(grow(&learned, HOLD_MS + 10_000, Some(49.5)), None);
             }
             other => panic!("{other:?}"),
         }
         let far = learned(390.0, 50.0, 0, RateChange::Increase);
-        assert_eq!(grow(&far, 5_000, None), Some(Step::Forget));
+        assert_eq!(grow(&far, HOLD_MS + 5_000, None), Some(Step::Forget));
     }
 
     #[test]

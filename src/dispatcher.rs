@@ -33,6 +33,9 @@ const RETENTION_BATCHES_PER_RUN: usize = 5;
 /// How long to wait before forking again when the counted work was all held
 /// back, or every slot was taken by another process's children.
 const HELD_BACK_PAUSE: Duration = Duration::from_millis(50);
+/// The shortest such wait, when a delivery comes due sooner: each look
+/// costs a child, which may find nothing again.
+const HELD_BACK_MIN_PAUSE: Duration = Duration::from_millis(10);
 
 /// Children that fail in a row (exit 70: a database error, a bug) before
 /// the run stops forking: the cause is likely shared, and forking on would
@@ -393,8 +396,7 @@ impl Parent<'_> {
                     return Err(e);
                 }
                 if may_fork && self.empty_at.take().is_some() {
-                    // Do not spin on work another run is holding.
-                    self.signals.wait(HELD_BACK_PAUSE);
+                    self.pause_held_back()?;
                 }
                 if !may_fork {
                     return Ok(());
@@ -440,6 +442,26 @@ impl Parent<'_> {
         if let Some(keeper) = self.keeper {
             keeper.take_wake();
         }
+        Ok(())
+    }
+
+    /// After a child found nothing although work was counted: waits
+    /// [`HELD_BACK_PAUSE`] (not to spin on work held by an in-flight cap or
+    /// a probe, maybe of another run), or less when a delivery comes due
+    /// sooner, down to [`HELD_BACK_MIN_PAUSE`]. Work held by a rate was
+    /// given reserved slots, and a pause past them would send the slots
+    /// missed meanwhile together, a burst on top of the rate (after a
+    /// breaker's probe, such a burst crossed a receiver's limit again).
+    fn pause_held_back(&mut self) -> Result<()> {
+        let mut store = crate::store::open(self.config)?;
+        let now = now_ms();
+        let due = store.deliveries_next_due(now)?;
+        drop(store);
+        let pause = due.map_or(HELD_BACK_PAUSE, |at| {
+            Duration::from_millis((at - now).max(0) as u64)
+                .clamp(HELD_BACK_MIN_PAUSE, HELD_BACK_PAUSE)
+        });
+        self.signals.wait(pause);
         Ok(())
     }
 

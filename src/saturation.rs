@@ -10,7 +10,8 @@
 //! - Endpoint health is a circuit breaker: a saturation signal (429, 503,
 //!   timeout, refused connection) opens it for a cool-down (Retry-After when
 //!   given, else doubling per repeat up to a cap); when the cool-down ends one
-//!   half-open probe may go; any unsaturated answer closes it.
+//!   half-open probe may go; its unsaturated answer closes it (answers to
+//!   requests sent before it opened close nothing).
 
 use std::time::Duration;
 
@@ -290,11 +291,14 @@ pub fn holds_fresh_slot(c: &Candidate, reason: HoldReason, grace_ms: f64, now: f
 }
 
 /// How late a reserved slot of `rate` may be taken before it counts as
-/// missed: its burst window; for a learned rate (no burst), 200 ms. A
-/// learned rate's slots are most of its endpoint's traffic, and one a
-/// moment late because every child was busy would otherwise be queued at
-/// the end and its time lost: a rate learned at 95% of a limit would
-/// deliver less.
+/// missed: its burst window; for a learned rate (no burst),
+/// [`LEARNED_SLOT_GRACE_MS`]. A learned rate's slots are most of its
+/// endpoint's traffic, and one a moment late because every child was busy
+/// would otherwise be queued at the end and its time lost; but slots taken
+/// late go together, and a learned rate (95% of a limit) leaves 5% of a
+/// second for such a burst: with 200 ms, the slots that came due while a
+/// breaker's probe was out went at once after it and crossed the limit
+/// again.
 pub fn slot_grace_ms(rate: Rate, learned: bool) -> f64 {
     let window = rate.tolerance_ms() + rate.interval_ms();
     if learned {
@@ -304,8 +308,9 @@ pub fn slot_grace_ms(rate: Rate, learned: bool) -> f64 {
     }
 }
 
-/// See [`slot_grace_ms`].
-pub const LEARNED_SLOT_GRACE_MS: f64 = 200.0;
+/// See [`slot_grace_ms`]: the `1 - BACKOFF` share of a second that a
+/// learned rate leaves below the limit it was learned from.
+pub const LEARNED_SLOT_GRACE_MS: f64 = 50.0;
 
 /// The decision for `c` at `now` under `policy`, reading the TAT of the
 /// candidate's key of each kind through `tat`. Both rates are checked

@@ -229,7 +229,8 @@ fn max_in_flight_holds_across_two_concurrent_runs() {
     assert!(max <= 3, "the receiver saw {max} requests at once");
     assert!(max >= 2, "runs did post concurrently ({max})");
     // Work held back by the cap costs at most one child that finds nothing
-    // per look (a look after each 50 ms pause, and a few on wake-ups), not
+    // per look (a look after each 50 ms pause, shorter only when a delayed
+    // delivery comes due sooner, none here; and a few on wake-ups), not
     // max_children each time: bounded by the run's length, whatever the
     // machine's speed (pauses only get longer under load).
     let runs = env

@@ -7,7 +7,8 @@
 //! how many requests it refuses, what the healthy one drains in with and
 //! without it; a limit that drops halfway (100/s to 20/s): how soon the
 //! learned rate follows, and the refusals after the drop; the same drain
-//! with `adaptive = false`, as before the learned rates.
+//! with `adaptive = false`, as before the learned rates; a long drain:
+//! how often a limit once learned is crossed again.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -30,6 +31,10 @@ struct Limiter {
     refused: u64,
     /// Refused since the drop.
     refused_after_drop: u64,
+    /// Times the limit was crossed: refusals more than a second after the
+    /// last one.
+    crossings: u64,
+    last_refused: Option<Instant>,
     healthy: u64,
     /// When the first and last accepted /limited and /healthy requests came.
     first: [Option<Instant>; 2],
@@ -61,6 +66,13 @@ impl Limiter {
                 self.window.push_back(now);
             }
             self.refused += 1;
+            if self
+                .last_refused
+                .is_none_or(|t| now.duration_since(t) > Duration::from_secs(1))
+            {
+                self.crossings += 1;
+            }
+            self.last_refused = Some(now);
             if self.dropped_at.is_some() {
                 self.refused_after_drop += 1;
             }
@@ -82,7 +94,7 @@ impl Limiter {
     /// The counts as the orchestrator reads them: accepted, refused,
     /// refused after the drop, healthy, and the ms from the first to the
     /// last accepted of /limited and of /healthy, and from the first
-    /// /limited to the drop.
+    /// /limited to the drop; the crossings.
     fn report(&self) -> String {
         let span = |i: usize| match (self.first[i], self.last[i]) {
             (Some(a), Some(b)) => b.duration_since(a).as_millis(),
@@ -93,13 +105,14 @@ impl Limiter {
             _ => 0,
         };
         format!(
-            "{} {} {} {} {} {} {dropped}",
+            "{} {} {} {} {} {} {dropped} {}",
             self.accepted,
             self.refused,
             self.refused_after_drop,
             self.healthy,
             span(0),
-            span(1)
+            span(1),
+            self.crossings
         )
     }
 }
@@ -174,6 +187,7 @@ struct Report {
     limited_ms: u64,
     healthy_ms: u64,
     dropped_ms: u64,
+    crossings: u64,
     /// The limited endpoint's learned rate, first and last.
     learned: (Option<f64>, Option<f64>),
 }
@@ -210,6 +224,7 @@ impl Limited {
             limited_ms: n[4],
             healthy_ms: n[5],
             dropped_ms: n[6],
+            crossings: n[7],
             learned: (None, None),
         }
     }
@@ -332,13 +347,15 @@ pub fn section(options: &Options, table: &mut Table) {
                 .collect();
             let (limited_rate, refused) = (median(rates.clone()), median(refusals.clone()));
             let healthy_s = median(runs.iter().map(|r| r.healthy_ms as f64 / 1000.0).collect());
+            let crossings: Vec<String> = runs.iter().map(|r| r.crossings.to_string()).collect();
             let learned = match runs.last().map(|r| r.learned) {
                 Some((Some(first), Some(last))) => {
                     format!(
-                        " (last run: learned {first:.1}/s at the first 429, {last:.1}/s at the end)"
+                        " (last run: learned {first:.1}/s at the first 429, {last:.1}/s at the end; limit crossed {} times)",
+                        crossings.join(", ")
                     )
                 }
-                _ => String::new(),
+                _ => format!(" (limit crossed {} times)", crossings.join(", ")),
             };
             let target = if adaptive {
                 let met = limited_rate >= 0.9 * limit as f64 && refused <= 2.0;
@@ -362,6 +379,26 @@ pub fn section(options: &Options, table: &mut Table) {
             );
         }
     }
+
+    // A long drain: how often a fixed limit is crossed again once learned.
+    let long = if options.quick { 3_000 } else { 10_000 };
+    let mut rx = Limited::start(limit, Counts::Accepted, None);
+    let r = drain(&mut rx, dir.path(), (long, 0), true, |_, _| {});
+    let long_rate = rate(r.accepted, r.limited_ms);
+    let long_refused = 100.0 * r.refused as f64 / (r.accepted + r.refused) as f64;
+    let minutes = r.limited_ms as f64 / 60_000.0;
+    table.row(
+        format!(
+            "adaptive = true: {long} deliveries to an endpoint answering 429 above {limit}/s ({}), alone (one drain)",
+            Counts::Accepted.describe()
+        ),
+        format!(
+            "{long_rate:.0}/s = {:.0}% of its limit, {long_refused:.2}% of its requests refused; limit crossed {} times in {minutes:.1} min",
+            100.0 * long_rate / limit as f64,
+            r.crossings
+        ),
+        &[long_rate, long_refused, r.crossings as f64],
+    );
 
     let mut rx = Limited::start(limit, Counts::Accepted, None);
     let alone = drain(&mut rx, dir.path(), (0, n), true, |_, _| {});

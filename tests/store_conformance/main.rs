@@ -174,6 +174,7 @@ macro_rules! conformance {
             saturation: [
                 an_account_over_budget_is_rerouted_with_one_reserved_slot_per_delivery,
                 a_saturated_endpoint_is_held_for_its_cool_down_then_probed_once,
+                a_good_answer_sent_before_the_breaker_opened_does_not_close_it,
                 an_endpoint_at_its_in_flight_cap_is_skipped_until_a_lease_ends,
                 silent_answers_in_a_row_open_the_breaker_and_an_answer_resets_them,
                 an_endpoint_over_its_rate_reroutes_with_reserved_slots,

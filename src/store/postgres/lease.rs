@@ -56,11 +56,16 @@ macro_rules! finish_delivery_sql {
     };
 }
 
+/// A good answer: it closes the endpoint's breaker when it answers the
+/// breaker's probe (`$3`, the owner), and ends a row of silences. An
+/// answer to a request sent before the breaker opened closes nothing: under
+/// a flood, children in flight answered after the 429 and closed the
+/// breaker it had just opened, and the flood went on.
 const ENDPOINT_HEALTHY_SQL: &str = "\
 UPDATE endpoint_health
 SET failures = 0, saturated_until = NULL, probe_owner = NULL, probe_expires_at = NULL, silent = 0,
     updated_at = $2
-WHERE endpoint = $1 AND (failures > 0 OR probe_owner IS NOT NULL OR silent > 0)";
+WHERE endpoint = $1 AND (probe_owner = $3 OR (failures = 0 AND silent > 0))";
 
 /// How many candidates one lease may reroute or skip before it gives up
 /// (the next child goes on where it stopped).
@@ -448,14 +453,14 @@ fn record_signal(tx: &mut Client, f: &FinishAttempt) -> Result<Option<i64>, ::po
             })?;
             tx.execute_typed(
                 ENDPOINT_HEALTHY_SQL,
-                typed![f.endpoint => TEXT, f.now => INT8],
+                typed![f.endpoint => TEXT, f.now => INT8, f.owner => TEXT],
             )?;
             Ok(None)
         }
         EndpointSignal::Healthy | EndpointSignal::Answered { .. } => {
             tx.execute_typed(
                 ENDPOINT_HEALTHY_SQL,
-                typed![f.endpoint => TEXT, f.now => INT8],
+                typed![f.endpoint => TEXT, f.now => INT8, f.owner => TEXT],
             )?;
             Ok(None)
         }
@@ -943,7 +948,7 @@ impl PostgresStore {
                    UPDATE endpoint_health
                    SET failures = 0, saturated_until = NULL, probe_owner = NULL, probe_expires_at = NULL,
                        silent = 0, updated_at = $8
-                   WHERE $9 AND endpoint = $10 AND (failures > 0 OR probe_owner IS NOT NULL OR silent > 0)
+                   WHERE $9 AND endpoint = $10 AND (probe_owner = $2 OR (failures = 0 AND silent > 0))
                      AND EXISTS (SELECT 1 FROM moved)),
                  released AS (
                    UPDATE endpoint_health SET probe_owner = NULL

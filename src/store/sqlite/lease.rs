@@ -55,11 +55,16 @@ VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 const MESSAGE_OF_LEASE_SQL: &str =
     "SELECT uid, topic, account, payload, ordering_key FROM messages WHERE id = ?1";
 
+/// A good answer: it closes the endpoint's breaker when it answers the
+/// breaker's probe (`?3`, the owner), and ends a row of silences. An
+/// answer to a request sent before the breaker opened closes nothing: under
+/// a flood, children in flight answered after the 429 and closed the
+/// breaker it had just opened, and the flood went on.
 const ENDPOINT_HEALTHY_SQL: &str = "\
 UPDATE endpoint_health
 SET failures = 0, saturated_until = NULL, probe_owner = NULL, probe_expires_at = NULL, silent = 0,
     updated_at = ?2
-WHERE endpoint = ?1 AND (failures > 0 OR probe_owner IS NOT NULL OR silent > 0)";
+WHERE endpoint = ?1 AND (probe_owner = ?3 OR (failures = 0 AND silent > 0))";
 
 const SET_LATENCY_SQL: &str = "\
 INSERT INTO endpoint_health (endpoint, latency_ms, latency_base_ms, updated_at) VALUES (?1, ?2, ?3, ?4)
@@ -483,7 +488,7 @@ fn record_signal(tx: &Connection, f: &FinishAttempt) -> rusqlite::Result<Option<
         }
         EndpointSignal::Answered { answer_ms, limits } if limits.adaptive => {
             tx.prepare_cached(ENDPOINT_HEALTHY_SQL)?
-                .execute(params![f.endpoint, f.now])?;
+                .execute(params![f.endpoint, f.now, f.owner])?;
             let health = endpoint_health(tx, &f.endpoint)?;
             learning::observe_answer(&mut Ops(tx), f, &limits, health.latency, answer_ms, |_| {
                 Ok(health)
@@ -492,7 +497,7 @@ fn record_signal(tx: &Connection, f: &FinishAttempt) -> rusqlite::Result<Option<
         }
         EndpointSignal::Healthy | EndpointSignal::Answered { .. } => {
             tx.prepare_cached(ENDPOINT_HEALTHY_SQL)?
-                .execute(params![f.endpoint, f.now])?;
+                .execute(params![f.endpoint, f.now, f.owner])?;
             Ok(None)
         }
         EndpointSignal::Saturated {

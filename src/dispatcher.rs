@@ -30,8 +30,9 @@ use crate::store::{ExpireParams, Queue, ReclaimParams, RunRecord, Store, now_ms}
 
 /// Retention batches (of `retention::PURGE_BATCH`) at the end of each run.
 const RETENTION_BATCHES_PER_RUN: usize = 5;
-/// How long to wait before forking again when the counted work was all held
-/// back, or every slot was taken by another process's children.
+/// How long to wait before forking again when every slot was taken by
+/// another process's children, and at most when the counted work was all
+/// held back (see `pause_held_back`).
 const HELD_BACK_PAUSE: Duration = Duration::from_millis(50);
 /// The shortest such wait, when a delivery comes due sooner: each look
 /// costs a child, which may find nothing again.
@@ -396,7 +397,7 @@ impl Parent<'_> {
                     return Err(e);
                 }
                 if may_fork && self.empty_at.take().is_some() {
-                    self.pause_held_back()?;
+                    self.pause_held_back();
                 }
                 if !may_fork {
                     return Ok(());
@@ -452,17 +453,20 @@ impl Parent<'_> {
     /// given reserved slots, and a pause past them would send the slots
     /// missed meanwhile together, a burst on top of the rate (after a
     /// breaker's probe, such a burst crossed a receiver's limit again).
-    fn pause_held_back(&mut self) -> Result<()> {
-        let mut store = crate::store::open(self.config)?;
-        let now = now_ms();
-        let due = store.deliveries_next_due(now)?;
-        drop(store);
-        let pause = due.map_or(HELD_BACK_PAUSE, |at| {
-            Duration::from_millis((at - now).max(0) as u64)
-                .clamp(HELD_BACK_MIN_PAUSE, HELD_BACK_PAUSE)
+    /// A store that cannot be read only loses the shorter pause (the
+    /// count that follows reports it).
+    fn pause_held_back(&mut self) {
+        let until_due = crate::store::open(self.config)
+            .and_then(|mut store| {
+                let now = now_ms();
+                Ok(store.deliveries_next_due(now)?.map(|at| at - now))
+            })
+            .ok()
+            .flatten();
+        let pause = until_due.map_or(HELD_BACK_PAUSE, |ms| {
+            Duration::from_millis(ms.max(0) as u64).clamp(HELD_BACK_MIN_PAUSE, HELD_BACK_PAUSE)
         });
         self.signals.wait(pause);
-        Ok(())
     }
 
     /// Logs a bookkeeping error as it happens (the run ends with it once

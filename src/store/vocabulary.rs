@@ -141,7 +141,9 @@ pub enum Queue {
 pub enum EndpointSignal {
     /// Nothing either way (a broken connection, a dead child).
     Unknown,
-    /// It answered without saturation: close its circuit breaker.
+    /// It answered without saturation: close its circuit breaker, if this
+    /// was the breaker's probe (an answer to a request sent before the
+    /// breaker opened closes nothing), and end a row of silences.
     Healthy,
     /// It answered 2xx in confirm mode, and learns its rate: healthy, and
     /// the answer's time feeds its answer times (answers slowing down lower

@@ -191,7 +191,17 @@ pub fn a_good_answer_sent_before_the_breaker_opened_does_not_close_it(store: &mu
         FinishAttempt::delivered(l, now, AttemptOutcome::Delivered)
             .with_signal(EndpointSignal::Healthy)
     };
-    assert!(store.attempt_finish(&good(&in_flight, T0 + 12)).unwrap());
+    // (A confirm-mode answer of an adaptive endpoint: its answer time is
+    // recorded, the breaker left alone.)
+    let answered = FinishAttempt::delivered(&in_flight, T0 + 12, AttemptOutcome::Delivered)
+        .with_signal(EndpointSignal::Answered {
+            answer_ms: 2,
+            limits: EndpointLimits {
+                adaptive: true,
+                ..endpoint_limits()
+            },
+        });
+    assert!(store.attempt_finish(&answered).unwrap());
     let open = |store: &mut dyn Store, now| -> Vec<_> {
         (store.stats(now).unwrap().saturated_endpoints)
             .into_iter()
@@ -206,6 +216,13 @@ pub fn a_good_answer_sent_before_the_breaker_opened_does_not_close_it(store: &mu
     // Everything held is due: one probe goes; a child in flight since
     // before the 429 answering now leaves it the only one.
     let probe = lease(store, "e", T0 + 2_011).unwrap();
+    let due = |store: &mut dyn Store| {
+        (4..=5).all(|id| {
+            let d = state(store, id);
+            d.state == DeliveryState::Delayed && d.not_before <= T0 + 2_012
+        })
+    };
+    assert!(due(store), "the others are due too");
     assert!(store.attempt_finish(&good(&late, T0 + 2_012)).unwrap());
     assert!(lease(store, "f", T0 + 2_012).is_none(), "one probe");
     assert_eq!(open(store, T0 + 2_012).len(), 1);
@@ -269,7 +286,7 @@ pub fn silent_answers_in_a_row_open_the_breaker_and_an_answer_resets_them(store:
         (health[0].saturated_until, health[0].failures),
         (Some(T0 + 3_004), 2)
     );
-    // An answer closes it.
+    // The probe's answer closes it.
     handed_over(store, "g", T0 + 3_005, EndpointSignal::Healthy);
     assert!(
         store

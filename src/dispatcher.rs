@@ -431,10 +431,7 @@ impl Parent<'_> {
     /// cool-down's end) or lease comes due, a signal, or `until`; at most a
     /// second, so the heartbeat beats.
     fn wait_for_work(&mut self, until: Instant) -> Result<()> {
-        let now = now_ms();
-        let due = crate::store::open(self.config)?
-            .deliveries_next_due(now)?
-            .map(|at| Instant::now() + Duration::from_millis((at - now).max(0) as u64));
+        let due = self.next_due_in()?.map(|left| Instant::now() + left);
         let wake_at = due.map_or(until, |due| due.min(until));
         let left = wake_at
             .saturating_duration_since(Instant::now())
@@ -456,17 +453,25 @@ impl Parent<'_> {
     /// A store that cannot be read only loses the shorter pause (the
     /// count that follows reports it).
     fn pause_held_back(&mut self) {
-        let until_due = crate::store::open(self.config)
-            .and_then(|mut store| {
-                let now = now_ms();
-                Ok(store.deliveries_next_due(now)?.map(|at| at - now))
-            })
+        let pause = self
+            .next_due_in()
             .ok()
-            .flatten();
-        let pause = until_due.map_or(HELD_BACK_PAUSE, |ms| {
-            Duration::from_millis(ms.max(0) as u64).clamp(HELD_BACK_MIN_PAUSE, HELD_BACK_PAUSE)
-        });
+            .flatten()
+            .map_or(HELD_BACK_PAUSE, |left| {
+                left.clamp(HELD_BACK_MIN_PAUSE, HELD_BACK_PAUSE)
+            });
         self.signals.wait(pause);
+    }
+
+    /// How long until the next delayed delivery or lease comes due
+    /// (`Store::deliveries_next_due`), timed from after the store's open;
+    /// None: nothing will.
+    fn next_due_in(&self) -> Result<Option<Duration>> {
+        let mut store = crate::store::open(self.config)?;
+        let now = now_ms();
+        Ok(store
+            .deliveries_next_due(now)?
+            .map(|at| Duration::from_millis((at - now).max(0) as u64)))
     }
 
     /// Logs a bookkeeping error as it happens (the run ends with it once

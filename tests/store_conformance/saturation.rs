@@ -216,13 +216,13 @@ pub fn a_good_answer_sent_before_the_breaker_opened_does_not_close_it(store: &mu
     // Everything held is due: one probe goes; a child in flight since
     // before the 429 answering now leaves it the only one.
     let probe = lease(store, "e", T0 + 2_011).unwrap();
-    let due = |store: &mut dyn Store| {
-        (4..=5).all(|id| {
-            let d = state(store, id);
-            d.state == DeliveryState::Delayed && d.not_before <= T0 + 2_012
-        })
-    };
-    assert!(due(store), "the others are due too");
+    for id in 4..=5 {
+        let d = state(store, id);
+        assert!(
+            d.state == DeliveryState::Delayed && d.not_before <= T0 + 2_012,
+            "the others are due too: {d:?}"
+        );
+    }
     assert!(store.attempt_finish(&good(&late, T0 + 2_012)).unwrap());
     assert!(lease(store, "f", T0 + 2_012).is_none(), "one probe");
     assert_eq!(open(store, T0 + 2_012).len(), 1);
